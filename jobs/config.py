@@ -1,0 +1,296 @@
+"""Typed configuration of every stage and of the whole pipeline.
+
+One pydantic model per stage; `PipelineConfig` holds them all. Defaults are the papers'
+reference run (SAR on ImageNet 256, KL-VAE latents, 16x16 tokens); the source of each
+non-obvious value is in the comment beside it. Unknown keys are errors everywhere.
+
+The key names `run_dir`, `data.source`, `encode.encoder`, `encode.image_size`,
+`pretrain.steps`, `pretrain.checkpoint_every`, `refine.gamma`, `sample.output` and
+`fid.inception_weights` are fixed: scripts, schedules and the cluster manifests use them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+GROUPINGS = ("next-token", "next-row", "next-layer", "next-neighbour", "next-scale")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the field and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images come from."""
+
+    source: str = "data/imagenet"  # folder or URL (s3://bucket/imagenet) in the ImageNet layout
+    split: Literal["train", "val"] = "train"
+    classes: int | None = Field(None, ge=1)  # first N classes only (smoke runs)
+    per_class: int | None = Field(None, ge=1)  # at most M images per class (smoke runs)
+    # fsspec options for `source` and every output (endpoint, key, profile, anon). Values
+    # are never logged or written into outputs; prefer the standard AWS environment.
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EncodeConfig(_Section):
+    """Images to multi-scale, grouped latents in Parquet (pipelines/encode)."""
+
+    encoder: Literal["raw", "kl-vae", "wan"] = "kl-vae"  # paper's main space: KL-VAE, Table 3
+    weights: str | None = None  # diffusers folder or LDM .ckpt/.safetensors; local or object store
+    image_size: int = Field(256, ge=8)
+    # Patch size over the encoder's output grid. None picks the paper's (Table 3): raw 16,
+    # kl-vae (stride 16) 1, wan (stride 8) 2, so every space gives 16x16 tokens at 256 px.
+    patch: int | None = Field(None, ge=1)
+    # Latent scale; None takes it from the VAE's own config (MAR's kl16: 0.2325).
+    scale_factor: float | None = None
+    output: str | None = None  # default {run_dir}/latents
+    shard_rows: int = Field(1024, ge=1)
+    storage_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    batch_size: int = Field(64, ge=1)  # images per encoder call
+    num_actors: int = Field(1, ge=1)  # encoder actor-pool size
+    gpus_per_actor: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
+    read_parallelism: int = Field(-1, description="-1: Ray Data decides")
+
+
+class ModelConfig(_Section):
+    """The self-token-prediction transformer (models/)."""
+
+    preset: str = "sar-b"  # models.PRESETS: tiny, sar-b, sar-l, sar-h
+    grouping: Literal[GROUPINGS] = "next-neighbour"  # Agg_AVG, 31 steps: paper Table 1 / Table 4
+    scales: list[int] | None = None  # next-scale schedule, e.g. [1, 2, 4, 8, 16]
+    overrides: dict[str, Any] = Field(default_factory=dict)  # any models.SARConfig field
+
+
+class OptimConfig(_Section):
+    """AdamW and its schedule."""
+
+    lr: float = 8e-4  # MAR: base lr 1e-4 x (batch 2048 / 256)
+    betas: tuple[float, float] = (0.9, 0.95)  # MAR and the refinement paper (Sec. 5)
+    weight_decay: float = 0.02  # MAR
+    warmup_steps: int = Field(62_500, ge=0)  # MAR: 100 epochs at batch 2048 on 1.28M images
+    schedule: Literal["constant", "cosine"] = "constant"  # MAR keeps lr constant after warm-up
+    grad_clip: float = Field(3.0, gt=0)  # MAR
+
+
+class TrainConfig(_Section):
+    """What pretrain and refine share: Ray Train, batch, checkpoints, precision."""
+
+    steps: int = Field(250_000, ge=1)  # MAR: 400 epochs at batch 2048
+    global_batch: int = Field(2048, ge=1)  # MAR
+    micro_batch: int = Field(64, ge=1)  # per worker per forward; accumulation fills global_batch
+    checkpoint_every: int = Field(5000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(50, ge=1)
+    ema_decay: float = Field(0.9999, ge=0, lt=1)  # MAR
+    seed: int = 0
+    precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU runs fp32
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp (FSDP2 fully_shard) for SAR-L/H
+    compile: bool = False
+    num_workers: int = Field(1, ge=0)  # Ray Train workers; 0 = local mode in this process
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(3, ge=-1)
+    output: str | None = None
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+
+
+class PretrainConfig(TrainConfig):
+    """Self-token pretraining (jobs/pretrain)."""
+
+
+def _refine_optim() -> OptimConfig:
+    # Refinement paper, Sec. 5: AdamW 0.9/0.95, weight decay 0.05, lr 1e-4, no warm-up.
+    return OptimConfig(lr=1e-4, weight_decay=0.05, warmup_steps=0, schedule="constant")
+
+
+class RefineConfig(TrainConfig):
+    """Self-autoregressive refinement (jobs/refine)."""
+
+    steps: int = Field(3125, ge=1)  # ~10 epochs at batch 4096 (paper: last ~5% of the budget)
+    optim: OptimConfig = Field(default_factory=_refine_optim)
+    gamma: float = Field(1.0, ge=0)  # L = L_TF + gamma * L_CSF (eq. 11)
+    init: str | None = None  # pretrain checkpoint; default: latest under {run_dir}/pretrain
+    init_weights: Literal["ema", "raw"] = "ema"
+    sample_mode: Literal["deterministic", "stochastic", "cfg"] = "deterministic"  # Table 5
+    target: Literal["teacher", "ground_truth"] = "teacher"  # eq. 10 vs Algorithm 1
+    group: int | None = None  # CSFL on one group only; None = all groups
+
+
+class GuidanceConfig(_Section):
+    """Guidance at sampling time (paper Table 2: x-CFG 1.25 + z-CFG 2.7 is best)."""
+
+    kind: Literal["none", "cfg", "z_cfg", "x_cfg", "xz_cfg"] = "xz_cfg"
+    cfg: float = 3.5  # Table 2, standard CFG
+    w_x: float = 1.25  # Table 2
+    w_z: float = 2.7  # Table 2
+    ramp: bool = False
+
+
+class SampleConfig(_Section):
+    """Generation of the evaluation set (jobs/sample)."""
+
+    output: str | None = None  # default {run_dir}/samples
+    checkpoint: str | None = None  # default: latest refine, else latest pretrain
+    weights: Literal["ema", "raw"] = "ema"
+    per_class: int = Field(50, ge=1)  # 50 x 1000 classes = 50,000 (ADM protocol)
+    num_classes: int | None = Field(None, ge=1)  # None: all classes of the dataset
+    seed: int = 0
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    flow_steps: int = Field(50, ge=1)
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(1.0, ge=0)
+    format: Literal["png", "npz"] = "png"
+    npz_shard: int = Field(1000, ge=1)
+
+
+class FidConfig(_Section):
+    """Scoring with torch-fidelity (jobs/fid)."""
+
+    output: str | None = None  # default {run_dir}/eval
+    samples: str | None = None  # default: sample.output
+    # Statistics file (ADM's VIRTUAL_imagenet256_labeled.npz mu/sigma) or a reference folder.
+    reference: str | None = None
+    inception_weights: str | None = None  # local or object-store path; None: torch-fidelity's download
+    isc: bool = True
+    prc: bool = True
+    batch_size: int = Field(64, ge=1)
+    grid_classes: int = Field(10, ge=1)
+    grid_per_class: int = Field(8, ge=1)
+
+
+class ClusterConfig(_Section):
+    """Where the Ray program runs."""
+
+    address: str | None = None  # None: RAY_ADDRESS or a local Ray
+    num_cpus: int | None = None  # local Ray only
+    object_store_memory: int | None = None  # bytes, local Ray only
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline; each stage's output defaults to a folder of `run_dir`."""
+
+    run_dir: str = "runs/default"
+    data: DataConfig = Field(default_factory=DataConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    fid: FidConfig = Field(default_factory=FidConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @field_validator("run_dir")
+    @classmethod
+    def _no_trailing_slash(cls, v: str) -> str:
+        return v.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _check_scales(self) -> "PipelineConfig":
+        if self.model.grouping == "next-scale" and not self.model.scales:
+            raise ValueError("model.scales: next-scale needs a scale schedule, e.g. [1, 2, 4, 8, 16]")
+        return self
+
+    # Stage outputs ----------------------------------------------------------------------
+    def _under_run_dir(self, explicit: str | None, name: str) -> str:
+        return explicit if explicit else f"{self.run_dir}/{name}"
+
+    @property
+    def latents_dir(self) -> str:
+        return self._under_run_dir(self.encode.output, "latents")
+
+    @property
+    def pretrain_dir(self) -> str:
+        return self._under_run_dir(self.pretrain.output, "pretrain")
+
+    @property
+    def refine_dir(self) -> str:
+        return self._under_run_dir(self.refine.output, "refine")
+
+    @property
+    def samples_dir(self) -> str:
+        return self._under_run_dir(self.sample.output, "samples")
+
+    @property
+    def eval_dir(self) -> str:
+        return self._under_run_dir(self.fid.output, "eval")
+
+    def public_dict(self) -> dict[str, Any]:
+        """The resolved config as saved with outputs: storage options are redacted."""
+        d = self.model_dump(mode="json")
+        d["data"]["storage_options"] = {k: "<redacted>" for k in d["data"]["storage_options"]}
+        return d
+
+
+# Loading ---------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    """An override's value as YAML (numbers, booleans, lists, null), else the plain string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Set `dotted.key=value` in a nested dict (the value is parsed as YAML)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    parts = key.strip().split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = _parse_value(value)
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {loc!r}"
+    value = first.get("input")
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"invalid value for {loc!r}: {shown} ({msg})" if loc else msg
+
+
+def config_from_dict(tree: dict[str, Any]) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping, got {type(tree).__name__}")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    return config_from_dict(tree)
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.public_dict(), sort_keys=False)

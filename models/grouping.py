@@ -1,0 +1,164 @@
+"""Token groupings G_1..G_T and their dependency injections h(G_<t) (paper Fig. 8, DESIGN 3)."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+GROUPINGS = ("next-token", "next-row", "next-layer", "next-neighbour", "next-scale")
+SHIFT_ALIGNED = ("next-token", "next-row", "next-scale")  # paper eq. 12: single stream, cost 1x
+
+
+class Grouping:
+    """An ordered partition of an h x w grid (or a scale pyramid) plus its injection h."""
+
+    def __init__(self, name, height, width, scales=None):
+        if name not in GROUPINGS:
+            raise ValueError(f"unknown grouping {name!r}; choose from {GROUPINGS}")
+        self.name, self.height, self.width = name, height, width
+        self.shift_aligned = name in SHIFT_ALIGNED
+        if name == "next-scale":
+            scales = tuple(scales or _default_scales(height))
+            if height != width or scales[-1] != height or list(scales) != sorted(scales):
+                raise ValueError(f"next-scale needs a square grid and increasing scales ending at {height}")
+            self.scales = scales
+            self._build_scales()
+        else:
+            self.scales = None
+            self._build_grid()
+        self.group_sizes = torch.bincount(self.group_index).tolist()
+        self.num_groups = len(self.group_sizes)
+        self.seq_len = int(self.group_index.numel())
+        self.group_starts = [0] + torch.tensor(self.group_sizes).cumsum(0).tolist()
+        self._sparsify(self._injection_matrix)
+        del self._injection_matrix
+
+    # ---- construction -------------------------------------------------------------------
+    def _build_grid(self):
+        """Group id per grid cell, the sequence order, and h as a dense (L, L) matrix."""
+        h, w = self.height, self.width
+        i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        i, j = i.flatten(), j.flatten()
+        # Ring distance from the centre: for even sides the centre 2x2 is ring 0, so a 16x16
+        # grid has max(h, w) / 2 = 8 rings (paper Table in Fig. 8).
+        di = (i.double() - (h - 1) / 2).abs().floor().long()
+        dj = (j.double() - (w - 1) / 2).abs().floor().long()
+        cell_group = {
+            "next-token": i * w + j,
+            "next-row": i,
+            "next-layer": torch.maximum(di, dj),
+            "next-neighbour": i + j,
+        }[self.name]
+        cell_group = torch.unique(cell_group, return_inverse=True)[1]  # dense ids 0..T-1
+        # Sequence is grouped in order; within a group, raster order.
+        order = torch.argsort(cell_group * (h * w) + i * w + j)
+        self.order = order                                   # (L,) flat grid index of each position
+        self.inverse_order = torch.argsort(order)            # (L,) position of each grid cell
+        self.group_index = cell_group[order]
+        self.row, self.col = i[order], j[order]
+        self.coords = torch.stack([(self.row + 0.5) / h, (self.col + 0.5) / w], -1).float()
+        self.scale_index = torch.zeros(h * w, dtype=torch.long)
+
+        L = h * w
+        pos = self.inverse_order.view(h, w)                  # grid cell -> sequence position
+        m = torch.zeros(L, L)
+        for p in range(L):
+            r, c, g = self.row[p].item(), self.col[p].item(), self.group_index[p].item()
+            if g == 0:
+                continue                                     # first group: learned start token
+            if self.name == "next-token":                    # h = G_{t-1}: the previous token
+                m[p, p - 1] = 1.0
+            elif self.name == "next-row":                    # h = G_{t-1}: row above, same column
+                m[p, pos[r - 1, c]] = 1.0
+            elif self.name == "next-layer":                  # Agg_NN: nearest cell of the inner ring
+                lo_i, hi_i = _ring_box(h, g - 1)
+                lo_j, hi_j = _ring_box(w, g - 1)
+                m[p, pos[min(max(r, lo_i), hi_i), min(max(c, lo_j), hi_j)]] = 1.0
+            else:                                            # Agg_AVG: mean of made up/left neighbours
+                made = [pos[a, b] for a, b in ((r - 1, c), (r, c - 1)) if a >= 0 and b >= 0]
+                for q in made:
+                    m[p, q] = 1.0 / len(made)
+        self._injection_matrix = m
+
+    def _build_scales(self):
+        """Scale maps s_1..s_K in sequence; h = bicubic upsample of the previous scale (VAR)."""
+        sizes = [s * s for s in self.scales]
+        self.order = None
+        self.group_index = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
+        rows, cols, coords = [], [], []
+        for s in self.scales:
+            i, j = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+            rows.append(i.flatten()), cols.append(j.flatten())
+            coords.append(torch.stack([(i.flatten() + 0.5) / s, (j.flatten() + 0.5) / s], -1))
+        self.row, self.col = torch.cat(rows), torch.cat(cols)
+        self.coords = torch.cat(coords).float()
+        self.scale_index = self.group_index.clone()
+        L = sum(sizes)
+        starts = [0] + torch.tensor(sizes).cumsum(0).tolist()
+        m = torch.zeros(L, L)
+        for k in range(1, len(self.scales)):
+            a, b = self.scales[k - 1], self.scales[k]
+            basis = torch.eye(a * a).view(a * a, 1, a, a)    # upsampling is linear: image of a basis
+            up = F.interpolate(basis, size=(b, b), mode="bicubic", align_corners=False)
+            m[starts[k]:starts[k + 1], starts[k - 1]:starts[k]] = up.view(a * a, b * b).T
+        self._injection_matrix = m
+
+    def _sparsify(self, m):
+        """Store h as (L, K) source indices and weights: h(x)_p = sum_k w[p, k] x[idx[p, k]]."""
+        k = max(int((m != 0).sum(1).max()), 1)
+        w, idx = m.abs().topk(k, dim=1)
+        self.inject_index = idx
+        self.inject_weight = torch.gather(m, 1, idx)
+
+    # ---- public API ---------------------------------------------------------------------
+    def to_sequence(self, grid):
+        """(B, h, w, D) grid -> (B, L, D) tokens in group order (next-scale: the area pyramid)."""
+        B, h, w, D = grid.shape
+        if self.scales is None:
+            return grid.reshape(B, h * w, D)[:, self.order.to(grid.device)]
+        x = grid.permute(0, 3, 1, 2)                                        # (B, D, h, w)
+        maps = [F.interpolate(x, size=(s, s), mode="area") if s != h else x for s in self.scales]
+        return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # (B, L, D)
+
+    def to_grid(self, seq):
+        """(B, L, D) sequence -> (B, h, w, D) grid (next-scale: the last, full scale)."""
+        B, L, D = seq.shape
+        if self.scales is None:
+            return seq[:, self.inverse_order.to(seq.device)].reshape(B, self.height, self.width, D)
+        return seq[:, -self.height * self.width:].reshape(B, self.height, self.width, D)
+
+    def dependency_injection(self, x, positions=None):
+        """h(G_<t) at the given sequence positions from tokens x (B, L, D); zero on the first group."""
+        idx, w = self.inject_index.to(x.device), self.inject_weight.to(x.device, x.dtype)
+        if positions is not None:
+            idx, w = idx[positions], w[positions]
+        return torch.einsum("bpkd,pk->bpd", x[:, idx], w)                  # (B, P, D)
+
+    def group_slice(self, t):
+        """Sequence positions of group t."""
+        return slice(self.group_starts[t], self.group_starts[t + 1])
+
+    def __repr__(self):
+        return f"Grouping({self.name}, {self.height}x{self.width}, T={self.num_groups}, L={self.seq_len})"
+
+
+def _default_scales(side):
+    """Powers of two up to the side, e.g. 16 -> (1, 2, 4, 8, 16) (VAR/FlexVAR style)."""
+    return tuple(sorted({min(2 ** k, side) for k in range(int(math.ceil(math.log2(side))) + 1)}))
+
+
+def _ring_box(n, r):
+    """Index range [lo, hi] along an axis of length n whose centre distance floor(|i-(n-1)/2|) <= r."""
+    idx = [i for i in range(n) if math.floor(abs(i - (n - 1) / 2)) <= r]
+    return idx[0], idx[-1]
+
+
+_CACHE = {}
+
+
+def make_grouping(name, height, width, scales=None):
+    """Build (and memoise) the grouping `name` for an h x w grid."""
+    key = (name, height, width, tuple(scales) if scales else None)
+    if key not in _CACHE:
+        with torch.device("cpu"):
+            _CACHE[key] = Grouping(name, height, width, scales)
+    return _CACHE[key]

@@ -1,0 +1,105 @@
+import subprocess
+import sys
+
+import pytest
+
+from jobs.cli import main
+from jobs.config import ConfigError, PipelineConfig, load_config
+from tests.conftest import DEMO_CONFIG, REPO
+
+
+def test_defaults_are_the_reference_run():
+    cfg = load_config()
+    assert cfg.encode.encoder == "kl-vae" and cfg.encode.image_size == 256
+    assert cfg.model.grouping == "next-neighbour"
+    assert cfg.refine.optim.lr == 1e-4 and cfg.refine.optim.weight_decay == 0.05
+    assert cfg.refine.optim.warmup_steps == 0 and cfg.refine.optim.betas == (0.9, 0.95)
+    assert (cfg.sample.guidance.w_x, cfg.sample.guidance.w_z) == (1.25, 2.7)
+    assert cfg.sample.per_class == 50
+
+
+def test_stage_outputs_default_under_run_dir():
+    cfg = load_config(None, ["run_dir=s3://b/run/"])
+    assert cfg.latents_dir == "s3://b/run/latents"
+    assert cfg.pretrain_dir == "s3://b/run/pretrain"
+    assert cfg.refine_dir == "s3://b/run/refine"
+    assert cfg.samples_dir == "s3://b/run/samples"
+    assert cfg.eval_dir == "s3://b/run/eval"
+    cfg = load_config(None, ["run_dir=/r", "sample.output=/elsewhere"])
+    assert cfg.samples_dir == "/elsewhere"
+
+
+def test_fixed_key_names_resolve():
+    keys = ["run_dir=/x", "data.source=s3://b/imnet", "encode.encoder=wan", "encode.image_size=512",
+            "pretrain.steps=7", "pretrain.checkpoint_every=3", "refine.gamma=0.5",
+            "sample.output=/s", "fid.inception_weights=/w.pth"]
+    cfg = load_config(None, keys)
+    assert (cfg.run_dir, cfg.data.source, cfg.encode.encoder, cfg.encode.image_size) == ("/x", "s3://b/imnet", "wan", 512)
+    assert (cfg.pretrain.steps, cfg.pretrain.checkpoint_every, cfg.refine.gamma) == (7, 3, 0.5)
+    assert (cfg.sample.output, cfg.fid.inception_weights) == ("/s", "/w.pth")
+
+
+def test_overrides_apply_after_file_and_parse_types():
+    cfg = load_config(DEMO_CONFIG, ["pretrain.steps=11", "model.scales=[1,2,4]", "sample.guidance.kind=cfg",
+                                     "pretrain.use_gpu=false", "data.classes=null"])
+    assert cfg.pretrain.steps == 11 and cfg.model.scales == [1, 2, 4]
+    assert cfg.sample.guidance.kind == "cfg" and cfg.pretrain.use_gpu is False
+    assert cfg.encode.encoder == "raw"  # from the file
+
+
+@pytest.mark.parametrize(
+    "override, field, value",
+    [
+        ("pretrain.stepz=5", "pretrain.stepz", None),
+        ("encode.encoder=foo", "encode.encoder", '"foo"'),
+        ("pretrain.steps=-1", "pretrain.steps", "-1"),
+        ("refine.gamma=abc", "refine.gamma", '"abc"'),
+        ("nosuch=1", "nosuch", None),
+    ],
+)
+def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsys):
+    rc = main(["config", "show", "--config", DEMO_CONFIG, "--set", override])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert repr(field) in err
+    if value is not None:
+        assert value in err
+
+
+def test_next_scale_needs_a_schedule():
+    with pytest.raises(ConfigError, match="model.scales"):
+        load_config(None, ["model.grouping=next-scale"])
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_public_dict_redacts_storage_options():
+    cfg = load_config(None, ["data.storage_options={key: AKIA123, secret: hunter2}"])
+    dumped = str(cfg.public_dict())
+    assert "hunter2" not in dumped and "AKIA123" not in dumped
+    assert cfg.data.storage_options["secret"] == "hunter2"
+
+
+@pytest.mark.parametrize("name", ["demo", "imagenet256-sar-b-klvae", "imagenet256-sar-l-klvae",
+                                  "imagenet256-sar-h-klvae", "imagenet256-sar-b-raw"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(f"{REPO}/configs/{name}.yaml")
+    assert isinstance(cfg, PipelineConfig)
+
+
+def test_sar_console_script_config_show():
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "show", "--config", DEMO_CONFIG,
+                          "--set", "pretrain.steps=3"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "steps: 3" in out.stdout and "encoder: raw" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "show", "--set", "encode.encoder=x"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "encode.encoder" in out.stderr
