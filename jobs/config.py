@@ -93,13 +93,14 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.9999, ge=0, lt=1)  # MAR
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU runs fp32
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # fsdp (FSDP2 fully_shard) for SAR-L/H
+    strategy: Literal["ddp"] = "ddp"
     compile: bool = False
     num_workers: int = Field(1, ge=0)  # Ray Train workers; 0 = local mode in this process
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(3, ge=-1)
     output: str | None = None
+    allow_config_change: bool = False  # let a run directory continue under a changed config
     optim: OptimConfig = Field(default_factory=OptimConfig)
 
 
@@ -120,7 +121,13 @@ class RefineConfig(TrainConfig):
     gamma: float = Field(1.0, ge=0)  # L = L_TF + gamma * L_CSF (eq. 11)
     init: str | None = None  # pretrain checkpoint; default: latest under {run_dir}/pretrain
     init_weights: Literal["ema", "raw"] = "ema"
-    sample_mode: Literal["deterministic", "stochastic", "cfg"] = "deterministic"  # Table 5
+    # The sample step between the passes (refinement paper Table 5: CFG sampling is best, FID 2.89).
+    # deterministic: the head's conditional mean (one evaluation from e = 0), the argmax analogue;
+    # stochastic: the Euler ODE from fresh noise; cfg: that ODE with x-CFG (head-level guidance,
+    # so the step still costs exactly one extra backbone pass).
+    sample_mode: Literal["deterministic", "stochastic", "cfg"] = "cfg"
+    sample_steps: int = Field(10, ge=1)  # Euler steps of the sample step's ODE
+    cfg_scale: float = 2.5  # Table 5's CFG scale
     target: Literal["teacher", "ground_truth"] = "teacher"  # eq. 10 vs Algorithm 1
     group: int | None = None  # CSFL on one group only; None = all groups
 

@@ -1,0 +1,195 @@
+"""Plain-function tests of the shared training loop and the two objectives (no Ray)."""
+
+import copy
+
+import pytest
+import torch
+
+from jobs.config import load_config
+from jobs.pretrain import PretrainObjective
+from jobs.refine import RefineObjective
+from jobs.train import (bind_run_dir, group_buckets, make_ema, make_optimizer, make_scheduler,
+                        tokens_from_batch)
+from models import build_model
+from pipelines.errors import SarError
+from tests.conftest import DEMO_CONFIG
+
+
+def tiny(grouping="next-neighbour", **kw):
+    torch.manual_seed(0)
+    return build_model("tiny", token_dim=6, height=4, width=4, num_classes=3, grouping=grouping, **kw)
+
+
+def refine_cfg(**overrides):
+    return load_config(DEMO_CONFIG, [f"refine.{k}={v}" for k, v in overrides.items()]).refine
+
+
+def batch(n=4, seed=0, d=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 16, d, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def test_tokens_from_batch_flips_and_samples_the_posterior():
+    g = make_grouping_for_grid()
+    mean = torch.arange(2 * 4 * 4 * 3, dtype=torch.float32).view(2, 4, 4, 3)
+    rows = {"mean": mean, "mean_flip": mean.flip(2), "label": torch.tensor([1, 2])}
+    flips = set()
+    for seed in range(12):
+        x, labels = tokens_from_batch(rows, g, torch.Generator().manual_seed(seed), torch.device("cpu"))
+        grid = g.to_grid(x)
+        for i in range(2):
+            assert torch.equal(grid[i], mean[i]) or torch.equal(grid[i], mean[i].flip(1))
+            flips.add(torch.equal(grid[i], mean[i]))
+        assert labels.tolist() == [1, 2]
+    assert flips == {True, False}  # both the image and its flip are drawn
+    rows = {**rows, "mean_flip": mean, "logvar": torch.full_like(mean, -2.0), "logvar_flip": torch.full_like(mean, -2.0)}
+    xs = torch.stack([tokens_from_batch(rows, g, torch.Generator().manual_seed(s), torch.device("cpu"))[0]
+                      for s in range(200)])
+    spread = (xs - xs.mean(0)).std()
+    assert 0.3 < spread < 0.45  # exp(0.5 * -2) = 0.37: samples, not the mean
+
+
+def make_grouping_for_grid():
+    from models import make_grouping
+
+    return make_grouping("next-neighbour", 4, 4)
+
+
+def test_scheduler_warms_up_then_holds():
+    cfg = load_config(None, ["pretrain.steps=20", "pretrain.optim.warmup_steps=4", "pretrain.optim.lr=0.1"]).pretrain
+    model = tiny()
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(8):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.025) and lrs[3] == pytest.approx(0.08125) and lrs[4] == pytest.approx(0.1) and lrs[7] == pytest.approx(0.1)
+    assert lrs == sorted(lrs)
+    # Norms and biases are not decayed.
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
+
+
+def test_ema_tracks_the_model():
+    model = tiny()
+    ema = make_ema(model, 0.5)
+    ema.update_parameters(model)  # the first update starts the average at the model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    p0, pe = next(iter(model.parameters())), next(iter(ema.module.parameters()))
+    assert torch.allclose(pe, p0 - 0.5)
+
+
+def test_group_buckets_partition_the_groups():
+    g = make_grouping_for_grid()
+    b = group_buckets(g.group_index, g.num_groups)
+    total = sum(m.long() for m in b.values())
+    assert torch.equal(total, torch.ones_like(total))
+    assert b["early"][0] and b["late"][-1]
+
+
+def test_run_dir_refuses_another_config(tmp_path):
+    cfg = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}"])
+    bind_run_dir(cfg, "pretrain", f"{tmp_path}/pretrain")
+    bind_run_dir(cfg.model_copy(update={}), "pretrain", f"{tmp_path}/pretrain")  # same config: fine
+    more_steps = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", "pretrain.steps=999"])
+    bind_run_dir(more_steps, "pretrain", f"{tmp_path}/pretrain")  # a longer budget resumes
+    other = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", "pretrain.optim.lr=0.5"])
+    with pytest.raises(SarError, match=r"pretrain.optim.lr: run has 0.001, config has 0.5"):
+        bind_run_dir(other, "pretrain", f"{tmp_path}/pretrain")
+    allowed = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", "pretrain.optim.lr=0.5",
+                                        "pretrain.allow_config_change=true"])
+    bind_run_dir(allowed, "pretrain", f"{tmp_path}/pretrain")
+
+
+# Refinement ------------------------------------------------------------------------------------
+def count_backbone_calls(model):
+    calls = []
+    model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic", "cfg"])
+def test_refine_step_is_exactly_two_backbone_passes(mode):
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=3))
+    calls = count_backbone_calls(model)
+    x, y = batch()
+    loss, _, _ = obj(x, y, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert len(calls) == 2
+
+
+def test_refine_loss_is_tf_plus_gamma_csf_and_teacher_targets_have_no_grad():
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(gamma=0.37, sample_mode="deterministic")).eval()
+    x, y = batch()
+    targets = []
+    orig = model.flow_loss
+
+    def spy(z, target):
+        targets.append(target)
+        return orig(z, target)
+
+    model.flow_loss = spy
+    torch.manual_seed(1)
+    loss, _, m = obj(x, y)
+    assert loss.item() == pytest.approx(m["loss_tf"].item() + 0.37 * m["loss_csf"].item(), rel=1e-6)
+    # CSFL's target is the detached teacher prediction, not the ground truth.
+    assert not targets[1].requires_grad and targets[1].grad_fn is None
+    assert not torch.allclose(targets[1], x)
+
+
+def test_pass_two_sees_ground_truth_only_through_predictions():
+    model = tiny().eval()
+    obj = RefineObjective(model, refine_cfg(sample_mode="deterministic")).eval()
+    fixed = torch.randn(4, 16, 6)
+    obj.rollout_tokens = lambda z, g: fixed  # the predictions, held fixed
+    outputs = []
+    model.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach().clone()))
+    x1, y = batch(seed=1)
+    x2, _ = batch(seed=2)
+    obj(x1, y)
+    obj(x2, y)
+    z_teacher_1, z_student_1, z_teacher_2, z_student_2 = outputs
+    assert not torch.allclose(z_teacher_1, z_teacher_2)  # pass 1 reads the ground truth
+    assert torch.equal(z_student_1, z_student_2)  # pass 2 does not
+
+
+@pytest.mark.parametrize("grouping", ["next-row", "next-scale"])
+def test_refine_runs_for_shift_aligned_groupings(grouping):
+    model = tiny(grouping=grouping, **({"scales": (1, 2, 4)} if grouping == "next-scale" else {}))
+    obj = RefineObjective(model, refine_cfg(sample_mode="stochastic", sample_steps=2))
+    x = torch.randn(2, model.grouping.seq_len, 6)
+    loss, _, m = obj(x, torch.tensor([0, 1]), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and m["loss_csf"] > 0
+
+
+def test_gamma_zero_gives_the_pretraining_update():
+    x, y = batch()
+    updated = []
+    for make in (lambda m: PretrainObjective(m), lambda m: RefineObjective(m, refine_cfg(gamma=0.0))):
+        model = tiny()
+        obj = make(model).train()
+        cfg = load_config(None, ["pretrain.optim.warmup_steps=0"]).pretrain
+        opt = make_optimizer(obj, cfg)
+        torch.manual_seed(123)
+        loss, _, _ = obj(x, y, torch.Generator().manual_seed(5))
+        loss.backward()
+        opt.step()
+        updated.append(copy.deepcopy(model.state_dict()))
+    for k in updated[0]:
+        torch.testing.assert_close(updated[0][k], updated[1][k], rtol=0, atol=1e-7, msg=k)
+
+
+def test_csf_on_one_group_only():
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(group=3))
+    assert obj.csf_mask.sum() == (model.grouping.group_index == 3).sum()
+    with pytest.raises(SarError, match="refine.group"):
+        RefineObjective(model, refine_cfg(group=99))
