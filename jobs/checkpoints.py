@@ -31,7 +31,7 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # The manifest fields a model's token space is defined by; saved with every checkpoint so a
 # checkpoint can be decoded (sample) and checked against a dataset (refine) on its own.
 TOKEN_SPACE_FIELDS = ("encoder", "weights", "weights_sha256", "scale_factor", "image_size", "grid",
-                      "channels", "patch", "token_dim", "grouping", "scales", "num_classes", "schema_version")
+                      "channels", "patch", "token_dim", "grouping", "scales", "num_classes", "schema_version", "columns")
 
 
 def step_dir_name(step: int) -> str:

@@ -38,6 +38,7 @@ from pipelines.errors import DatasetMismatch, SarError
 log = logging.getLogger("sar.train")
 
 RUN_CONFIG = "run_config.json"
+TRAIN_COLUMNS = ("label", "mean", "mean_flip", "logvar", "logvar_flip")
 METRICS = "metrics.jsonl"
 # Fields that may change between launches of one run without changing what is trained.
 RESUMABLE_FIELDS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
@@ -332,6 +333,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                 window, t_window, wait_window, n_window, img_window = {}, time.perf_counter(), 0.0, 0, 0
             if st.step % train.checkpoint_every == 0 or st.step == train.steps:
                 save()
+            failure_drill(loop_cfg.get("failure_drill"), st.step, rank, world)
         if exhausted:
             if st.batch_in_epoch == 0:
                 raise SarError(f"the dataset gives no full batch: micro_batch {train.micro_batch} x accumulation "
@@ -340,6 +342,18 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             st.batch_in_epoch = 0
     if rank == 0 and loop_cfg.get("plot", True):
         plot_loss_curve(st.history, storage.join(stage_dir, "loss.png"), so)
+
+
+def failure_drill(drill: tuple[str, str] | None, step: int, rank: int, world: int) -> None:
+    """With SAR_FAIL_AT_STEP=N and SAR_FAIL_MARKER=FILE set at launch, the last worker exits hard
+    once after step N, so an operator (or a test) can watch FailureConfig restart the group."""
+    if not drill:
+        return
+    at, marker = drill
+    if step == int(at) and rank == world - 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        log.warning("failure drill: worker %d exits after step %d", rank, step)
+        os._exit(1)
 
 
 class _nullcontext:
@@ -403,6 +417,10 @@ def run_training(cfg: PipelineConfig, stage: str, stage_dir: str,
     loop_cfg = {"config": cfg.model_dump(mode="json"), "stage": stage, "stage_dir": stage_dir,
                 "use_gpu": use_gpu, "accum": train.global_batch // per_step, "make_objective": make_objective,
                 "model_config": model_config, "token_space": token_space, **(extra or {})}
+    if os.environ.get("SAR_FAIL_AT_STEP") and os.environ.get("SAR_FAIL_MARKER"):
+        loop_cfg["failure_drill"] = (os.environ["SAR_FAIL_AT_STEP"], os.environ["SAR_FAIL_MARKER"])
+    columns = [c for c in TRAIN_COLUMNS if c in token_space.get("columns", TRAIN_COLUMNS)]
+    dataset = dataset.select_columns(columns)  # the source key and token-order copies stay on disk
     fs, path = storage.pyarrow_filesystem(stage_dir, cfg.data.storage_options)
     trainer = TorchTrainer(
         train_loop,

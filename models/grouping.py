@@ -31,6 +31,7 @@ class Grouping:
         self.group_starts = [0] + torch.tensor(self.group_sizes).cumsum(0).tolist()
         self._sparsify(self._injection_matrix)
         del self._injection_matrix
+        self._device_tensors = {}
 
     # ---- construction -------------------------------------------------------------------
     def _build_grid(self):
@@ -82,7 +83,7 @@ class Grouping:
     def _build_scales(self):
         """Scale maps s_1..s_K in sequence; h = bicubic upsample of the previous scale (VAR)."""
         sizes = [s * s for s in self.scales]
-        self.order = None
+        self.order = self.inverse_order = None
         self.group_index = torch.cat([torch.full((n,), k) for k, n in enumerate(sizes)])
         rows, cols, coords = [], [], []
         for s in self.scales:
@@ -105,7 +106,7 @@ class Grouping:
     def _sparsify(self, m):
         """Store h as (L, K) source indices and weights: h(x)_p = sum_k w[p, k] x[idx[p, k]]."""
         k = max(int((m != 0).sum(1).max()), 1)
-        w, idx = m.abs().topk(k, dim=1)
+        idx = m.abs().topk(k, dim=1).indices
         self.inject_index = idx
         self.inject_weight = torch.gather(m, 1, idx)
 
@@ -114,7 +115,7 @@ class Grouping:
         """(B, h, w, D) grid -> (B, L, D) tokens in group order (next-scale: the area pyramid)."""
         B, h, w, D = grid.shape
         if self.scales is None:
-            return grid.reshape(B, h * w, D)[:, self.order.to(grid.device)]
+            return grid.reshape(B, h * w, D)[:, self.tensors(grid.device)["order"]]
         x = grid.permute(0, 3, 1, 2)                                        # (B, D, h, w)
         maps = [F.interpolate(x, size=(s, s), mode="area") if s != h else x for s in self.scales]
         return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)  # (B, L, D)
@@ -123,15 +124,25 @@ class Grouping:
         """(B, L, D) sequence -> (B, h, w, D) grid (next-scale: the last, full scale)."""
         B, L, D = seq.shape
         if self.scales is None:
-            return seq[:, self.inverse_order.to(seq.device)].reshape(B, self.height, self.width, D)
+            return seq[:, self.tensors(seq.device)["inverse_order"]].reshape(B, self.height, self.width, D)
         return seq[:, -self.height * self.width:].reshape(B, self.height, self.width, D)
 
     def dependency_injection(self, x, positions=None):
         """h(G_<t) at the given sequence positions from tokens x (B, L, D); zero on the first group."""
-        idx, w = self.inject_index.to(x.device), self.inject_weight.to(x.device, x.dtype)
+        dev = self.tensors(x.device)
+        idx, w = dev["inject_index"], dev["inject_weight"].to(x.dtype)
         if positions is not None:
             idx, w = idx[positions], w[positions]
         return torch.einsum("bpkd,pk->bpd", x[:, idx], w)                  # (B, P, D)
+
+    def tensors(self, device):
+        """The index tensors on `device` (copied once per device)."""
+        device = torch.device(device)
+        if device not in self._device_tensors:
+            names = ("group_index", "scale_index", "inject_index", "inject_weight", "order", "inverse_order")
+            self._device_tensors[device] = {n: getattr(self, n).to(device) for n in names
+                                            if getattr(self, n) is not None}
+        return self._device_tensors[device]
 
     def group_slice(self, t):
         """Sequence positions of group t."""

@@ -1,0 +1,248 @@
+"""SAR model: group-causal mask, one-pass vs cached decoding, flow head, guidance, presets."""
+import pytest
+import torch
+
+from models import (GROUPINGS, PRESETS, Guidance, SARConfig, build_model, count_parameters,
+                    make_grouping)
+
+CLASSES = 10
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
+    thread hand-offs under contention cost more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(name, **overrides):
+    """A tiny random model in eval() on a 4x4 grid (next-scale: (1, 2, 4)), perturbed so that
+    the zero-initialised head and AdaLN layers are not trivially zero."""
+    torch.manual_seed(0)
+    model = build_model("tiny", grouping=name, height=4, width=4, num_classes=CLASSES,
+                        scales=(1, 2, 4) if name == "next-scale" else None, **overrides)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def data(model, batch=2):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, model.grouping.seq_len, model.config.token_dim, generator=g)
+    return x, torch.arange(batch) % CLASSES
+
+
+def brute_force_mask(grouping, single_stream):
+    """DESIGN 3's rules, written out position by position."""
+    L, gi = grouping.seq_len, grouping.group_index.tolist()
+    tokens = [("cond", -1)]
+    if not single_stream:
+        tokens += [("context", gi[p]) for p in range(L)]
+    tokens += [("generation", gi[p]) for p in range(L)]
+    S = len(tokens)
+    mask = torch.zeros(S, S, dtype=torch.bool)
+    for a, (qs, qg) in enumerate(tokens):
+        for b, (ks, kg) in enumerate(tokens):
+            if qs == "cond":
+                ok = ks == "cond"
+            elif qs == "context":
+                ok = ks == "cond" or (ks == "context" and kg <= qg)
+            elif single_stream:
+                ok = ks == "cond" or (ks == "generation" and kg <= qg)
+            else:
+                ok = ks == "cond" or (ks == "context" and kg < qg) or (ks == "generation" and kg == qg)
+            mask[a, b] = ok
+    return mask
+
+
+@pytest.mark.parametrize("name", GROUPINGS)
+def test_causal_attention_mask_matches_rules(name):
+    model = tiny(name)
+    assert model.single_stream == (name in ("next-token", "next-row", "next-scale"))
+    assert torch.equal(model.attention_mask("cpu", "sdpa"), brute_force_mask(model.grouping, model.single_stream))
+
+
+@pytest.mark.parametrize("name", GROUPINGS)
+def test_causal_forward_and_cache(name):
+    """Changing ground truth of groups >= t leaves z of group t unchanged (one-pass and cached),
+    and changing group t-1 does change it."""
+    model = tiny(name)
+    g = model.grouping
+    x, labels = data(model)
+    with torch.no_grad():
+        z, z_cached = model(x, labels), model.decode_teacher_forced(x, labels)
+        for t in range(g.num_groups):
+            at_t = g.group_index == t
+            x2 = x.clone()
+            x2[:, g.group_index >= t] += torch.randn_like(x2[:, g.group_index >= t])
+            assert torch.allclose(model(x2, labels)[:, at_t], z[:, at_t], atol=1e-5)
+            assert torch.allclose(model.decode_teacher_forced(x2, labels)[:, at_t], z_cached[:, at_t], atol=1e-5)
+            if t > 0:
+                x3 = x.clone()
+                x3[:, g.group_index == t - 1] += 1.0
+                assert not torch.allclose(model(x3, labels)[:, at_t], z[:, at_t], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", GROUPINGS)
+def test_cache_teacher_forced_equals_forward(name):
+    model = tiny(name)
+    x, labels = data(model, batch=3)
+    with torch.no_grad():
+        z = model(x, labels)
+        assert z.shape == (3, model.grouping.seq_len, model.config.width_dim)
+        assert torch.allclose(model.decode_teacher_forced(x, labels), z, atol=1e-4)
+        t = model.grouping.num_groups - 1                             # naive per-group forward
+        assert torch.allclose(model.forward_group(x, labels, t), z[:, model.grouping.group_index == t], atol=1e-4)
+
+
+def test_backbone_called_once_per_forward():
+    model = tiny("next-neighbour")
+    calls = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    x, labels = data(model)
+    model(x, labels)
+    assert len(calls) == 1 and calls[0][1] == 1 + 2 * 16                 # [cond] + 2 streams
+    calls.clear()
+    model.generate(labels, seeds=[0, 1], flow_steps=2)
+    assert len(calls) == model.grouping.num_groups and calls[0][0] == 2
+    calls.clear()
+    model.generate(labels, seeds=[0, 1], flow_steps=2, guidance=Guidance("x_cfg", w_x=1.5))
+    assert len(calls) == model.grouping.num_groups and calls[0][0] == 2  # x-CFG: C + 2c
+    calls.clear()
+    model.generate(labels, seeds=[0, 1], flow_steps=2, guidance=Guidance("cfg", cfg=2.0))
+    assert len(calls) == model.grouping.num_groups and calls[0][0] == 4  # CFG: 2C + 2c
+
+
+@pytest.mark.parametrize("name", ["next-row", "next-neighbour"])
+def test_cache_generate_equals_recompute(name):
+    model = tiny(name)
+    labels = torch.tensor([1, 7])
+    a = model.generate(labels, seeds=[3, 4], flow_steps=3)
+    b = model.generate(labels, seeds=[3, 4], flow_steps=3, use_cache=False)
+    assert a.shape == (2, model.grouping.seq_len, model.config.token_dim)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_guidance_unit_weights_equal_unguided():
+    model = tiny("next-neighbour")
+    labels = torch.tensor([2, 5])
+    plain = model.generate(labels, seeds=[7, 8], flow_steps=3)
+    for kind in ["cfg", "z_cfg", "x_cfg", "xz_cfg"]:
+        guided = model.generate(labels, seeds=[7, 8], flow_steps=3, guidance=Guidance(kind, ramp=True))
+        assert torch.allclose(guided, plain, atol=1e-4), kind
+    strong = model.generate(labels, seeds=[7, 8], flow_steps=3, guidance=Guidance("xz_cfg", w_x=1.5, w_z=3.0))
+    assert not torch.allclose(strong, plain, atol=1e-3)
+    assert Guidance("cfg", cfg=3.0, ramp=True).weights(0, 4)[0] == 1.5
+    assert Guidance("cfg", cfg=3.0, ramp=True).weights(3, 4)[0] == 3.0
+
+
+def test_per_sample_seeds_independent_of_batch():
+    model = tiny("next-scale")
+    guidance = Guidance("cfg", cfg=2.0)
+    batch = model.generate(torch.tensor([3, 1, 4]), seeds=[10, 11, 12], flow_steps=3, guidance=guidance)
+    alone = model.generate(torch.tensor([1]), seeds=torch.tensor([11]), flow_steps=3, guidance=guidance)
+    assert torch.allclose(batch[1:2], alone, atol=1e-5)
+    assert not torch.allclose(batch[0], batch[2], atol=1e-3)
+
+
+def test_sample_from_z_modes():
+    model = tiny("next-row")
+    x, labels = data(model)
+    with torch.no_grad():
+        z = model(x, labels)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    a = model.sample_from_z(z, generator=gens, steps=4)
+    b = model.sample_from_z(z, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], steps=4)
+    assert a.shape == x.shape and torch.equal(a, b)
+    e = torch.randn_like(x)
+    one = model.sample_from_z(z, noise=e, mode="one_step")
+    v = model.head(e.flatten(0, 1), torch.zeros(e.shape[0] * e.shape[1]), z.flatten(0, 1))
+    assert torch.allclose(one, e + v.view_as(e), atol=1e-5)
+    assert not torch.allclose(model.sample_from_z(z, noise=e, x_cfg=2.0, steps=2),
+                              model.sample_from_z(z, noise=e, steps=2), atol=1e-4)
+
+
+def test_time_schedules():
+    for schedule in ["uniform", "shifted"]:
+        t = tiny("next-row", time_schedule=schedule).time_grid(8, "cpu")
+        assert t[0] == 0 and abs(t[-1] - 1) < 1e-6 and (t.diff() > 0).all()
+    shifted = tiny("next-row", time_schedule="shifted").time_grid(8, "cpu")
+    assert shifted[1] < 1 / 8                                         # finer steps near the noise
+
+
+def test_training_step_dropout_checkpointing_bf16():
+    model = tiny("next-neighbour").train()
+    x, labels = data(model)
+    drop = torch.tensor([True, False])
+    z = model(x, labels, drop_labels=drop)
+    null = torch.tensor([CLASSES, labels[1]])
+    assert torch.allclose(z, model(x, null, drop_labels=torch.zeros(2, dtype=torch.bool)), atol=1e-6)
+    loss = model.flow_loss(z, x)
+    assert loss.shape == (2, 16)
+    loss.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    grads = [p.grad.clone() for p in model.backbone.parameters()]
+    ckpt = tiny("next-neighbour", grad_checkpointing=True).train()
+    model.zero_grad()
+    for m in (model, ckpt):
+        torch.manual_seed(5)
+        m.flow_loss(m(x, labels, drop_labels=drop), x).mean().backward()
+    for p, q in zip(model.backbone.parameters(), ckpt.backbone.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5)
+    assert len(grads) == len(list(ckpt.backbone.parameters()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.flow_loss(model(x, labels), x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.mean().backward()
+
+
+def test_flow_head_learns_gaussian_mixture():
+    """The head alone (z fixed at 0) fits a 4-mode 2-D mixture: samples land near modes, balanced."""
+    torch.manual_seed(0)
+    model = build_model("tiny", token_dim=2, height=1, width=1, grouping="next-token", num_classes=1,
+                        head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0)
+    modes = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
+    opt = torch.optim.Adam(model.head.parameters(), lr=3e-3)
+    z = torch.zeros(256, 1, model.config.width_dim)
+    for _ in range(300):
+        x = modes[torch.randint(4, (256,))] + 0.1 * torch.randn(256, 2)
+        loss = model.flow_loss(z, x[:, None]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    samples = model.sample_from_z(torch.zeros(1000, 1, 64), generator=torch.Generator().manual_seed(0), steps=20)[:, 0]
+    dist = torch.cdist(samples, modes)
+    near = dist.min(1).values < 0.5
+    assert near.float().mean() > 0.75
+    share = torch.bincount(dist.argmin(1)[near], minlength=4).float() / near.sum()
+    assert share.min() > 0.15 and share.max() < 0.35
+
+
+@pytest.mark.parametrize("preset,target", [("sar-b", 141e6), ("sar-l", 714e6), ("sar-h", 1.3e9)])
+def test_preset_parameter_counts(preset, target):
+    with torch.device("meta"):
+        model = build_model(preset)
+    assert abs(count_parameters(model) / target - 1) < 0.05
+    assert model.config.height == 16 and model.config.token_dim == 16
+
+
+def test_build_model_rejects_unknown():
+    assert set(PRESETS) >= {"tiny", "sar-b", "sar-l", "sar-h"}
+    with pytest.raises(ValueError):
+        build_model("tiny", not_a_field=1)
+    with pytest.raises(ValueError):
+        Guidance("bogus")
+    assert SARConfig().grouping == "next-neighbour" and make_grouping("next-row", 2, 2).num_groups == 2
+
+
+def test_flex_equals_sdpa_cpu():
+    """FlexAttention (compiled on CPU, inference only there) agrees with masked SDPA."""
+    sdpa, flex = tiny("next-neighbour", attention="sdpa"), tiny("next-neighbour", attention="flex")
+    x, labels = data(sdpa)
+    with torch.no_grad():
+        assert torch.allclose(flex(x, labels), sdpa(x, labels), atol=1e-4)
