@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import uuid
 from typing import Any, Iterator
@@ -222,5 +223,11 @@ def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> str:
             fs.get(path.rstrip("/") + "/", dst + "/", recursive=True)
         else:
             fs.get_file(path, dst)
-        os.replace(dst, target)
+        try:
+            os.replace(dst, target)
+        except OSError:  # another process on this node finished the same copy first
+            if not os.path.exists(target):
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target

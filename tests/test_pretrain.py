@@ -1,6 +1,5 @@
 """Pretraining end to end on Ray: local mode, 2 DDP workers with a worker failure, object storage."""
 
-import argparse
 import json
 import os
 
@@ -16,19 +15,8 @@ TRAIN = ["pretrain.global_batch=8", "pretrain.micro_batch=8", "pretrain.log_ever
          "pretrain.optim.lr=2e-3", "pretrain.optim.warmup_steps=5", "pretrain.ema_decay=0.9"]
 
 
-@pytest.fixture(scope="module")
-def latents(tmp_path_factory, synth_root, ray_local):
-    """Raw-pixel latents of the session's synthetic ImageNet: 16 px, patch 4 -> 4x4 tokens of 48 dims."""
-    from jobs import encode
-
-    out = str(tmp_path_factory.mktemp("latents"))
-    cfg = load_config(DEMO_CONFIG, [f"run_dir={out}", f"data.source={synth_root}", "encode.image_size=16",
-                                    "encode.patch=4", f"encode.output={out}/latents"])
-    assert encode.main(cfg, argparse.Namespace(force=False)) == 0
-    return f"{out}/latents"
-
-
 def config(tmp_path, latents, *extra):
+    """The demo config training on `latents` at test scale."""
     return load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", f"encode.output={latents}", *TRAIN, *extra])
 
 
@@ -41,10 +29,10 @@ def mean_loss(rows):
     return sum(r["loss"] for r in rows) / len(rows)
 
 
-def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, latents, capsys):
+def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsys):
     from jobs import pretrain
 
-    cfg = config(tmp_path, latents, "pretrain.steps=40", "pretrain.checkpoint_every=20")
+    cfg = config(tmp_path, raw_latents, "pretrain.steps=40", "pretrain.checkpoint_every=20")
     assert pretrain.main(cfg) == 0
     rows = history(cfg.pretrain_dir)
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
@@ -56,7 +44,7 @@ def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, latents, capsys):
 
     # Re-launching with a larger budget continues from the newest checkpoint.
     capsys.readouterr()
-    longer = config(tmp_path, latents, "pretrain.steps=50", "pretrain.checkpoint_every=20")
+    longer = config(tmp_path, raw_latents, "pretrain.steps=50", "pretrain.checkpoint_every=20")
     assert pretrain.main(longer) == 0
     assert "resumed from step 40" in capsys.readouterr().out
     steps = [r["step"] for r in history(cfg.pretrain_dir)]
@@ -75,22 +63,22 @@ def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, latents, capsys):
     assert out.shape == (2, 16, 48) and torch.isfinite(out).all()
 
 
-def test_mismatched_dataset_is_refused_before_workers_start(tmp_path, latents):
+def test_mismatched_dataset_is_refused_before_workers_start(tmp_path, raw_latents):
     from jobs import pretrain
 
-    cfg = config(tmp_path, latents, "model.grouping=next-row")
+    cfg = config(tmp_path, raw_latents, "model.grouping=next-row")
     with pytest.raises(DatasetMismatch, match=r"grouping: dataset has next-neighbour, model expects next-row"):
         pretrain.main(cfg)
-    cfg = config(tmp_path, latents, "model.overrides={token_dim: 16}")
+    cfg = config(tmp_path, raw_latents, "model.overrides={token_dim: 16}")
     with pytest.raises(DatasetMismatch, match=r"token_dim: dataset has 48, model expects 16"):
         pretrain.main(cfg)
     assert not os.path.exists(cfg.pretrain_dir)  # nothing started
 
 
-def test_checkpoints_to_object_storage(tmp_path, latents, s3_bucket):
+def test_checkpoints_to_object_storage(tmp_path, raw_latents, s3_bucket):
     from jobs import pretrain
 
-    cfg = config(tmp_path, latents, "pretrain.steps=10", "pretrain.checkpoint_every=5",
+    cfg = config(tmp_path, raw_latents, "pretrain.steps=10", "pretrain.checkpoint_every=5",
                  f"pretrain.output={s3_bucket}/run/pretrain")
     assert pretrain.main(cfg) == 0
     assert checkpoints.list_steps(cfg.pretrain_dir) == [5, 10]
@@ -101,14 +89,14 @@ def test_checkpoints_to_object_storage(tmp_path, latents, s3_bucket):
 
 
 @pytest.mark.slow
-def test_two_workers_ddp_survive_a_worker_failure(tmp_path, latents, monkeypatch):
+def test_two_workers_ddp_survive_a_worker_failure(tmp_path, raw_latents, monkeypatch):
     """2 gloo workers; the last one exits hard after step 12; FailureConfig restarts the group."""
     from jobs import pretrain
 
     marker = tmp_path / "failed-once"
     monkeypatch.setenv("SAR_FAIL_AT_STEP", "12")
     monkeypatch.setenv("SAR_FAIL_MARKER", str(marker))
-    cfg = config(tmp_path, latents, "pretrain.steps=20", "pretrain.checkpoint_every=10", "pretrain.num_workers=2",
+    cfg = config(tmp_path, raw_latents, "pretrain.steps=20", "pretrain.checkpoint_every=10", "pretrain.num_workers=2",
                  "pretrain.global_batch=16", "pretrain.max_failures=2", "pretrain.log_every=2")
     assert pretrain.main(cfg) == 0
     assert marker.exists()  # the failure happened

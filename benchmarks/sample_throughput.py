@@ -1,0 +1,135 @@
+"""Sampling throughput: images per second of `sar sample`'s work, and what 50,000 would take.
+
+    uv run python benchmarks/sample_throughput.py [--images 96] [--batch 16] [--actors 2]
+        [--cuda-batch 256] [--cuda-images 1024] [--flow-steps 50]
+
+CPU: the tiny preset on the demo's token space (raw 32 px pixels, 8x8 tokens, next-neighbour,
+15 steps, x-CFG + z-CFG), generate + decode + PNG write, in a plain loop in this process and
+on the Ray Data actor pool of `sar sample` (a local Ray; actor start-up included).
+CUDA: SAR-B (16x16 KL-VAE tokens, next-neighbour: 31 steps) with CFG, bf16 autocast,
+generate + KL-VAE decode (a randomly initialised kl16-shaped AutoencoderKL: the cost is the
+architecture's, not the weights'), images/s and the projected time for 50,000 samples.
+Skipped with a message when there is no GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+import torch
+
+from jobs import checkpoints
+from jobs.config import load_config
+from models import Guidance, build_model
+from pipelines import sampling
+
+RAW_32 = {"encoder": "raw", "weights": None, "weights_sha256": None, "scale_factor": None, "image_size": 32,
+          "grid": [8, 8], "channels": 3, "patch": 4, "token_dim": 48, "grouping": "next-neighbour",
+          "scales": None, "num_classes": 10, "schema_version": 1}
+
+
+def tiny_checkpoint(root: str) -> str:
+    torch.manual_seed(0)
+    model = build_model("tiny", token_dim=48, height=8, width=8, num_classes=10)
+    meta = {"step": 1, "stage": "pretrain", "model_config": dataclasses.asdict(model.config), "latents": RAW_32}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints.write_local(tmp, {"model": model.state_dict(), "ema": model.state_dict()}, meta)
+        return checkpoints.publish(tmp, os.path.join(root, "pretrain"), 1, keep=1)
+
+
+def cpu_benchmark(images: int, batch: int, actors: int, flow_steps: int) -> None:
+    from jobs import sample as sample_job
+    from jobs.runtime import init_ray
+
+    with tempfile.TemporaryDirectory(prefix="sar-bench-") as root:
+        ckpt = tiny_checkpoint(root)
+        per_class = -(-images // 10)
+        cfg = load_config(None, [f"run_dir={root}", f"sample.per_class={per_class}", f"sample.batch_size={batch}",
+                                 f"sample.num_actors={actors}", f"sample.flow_steps={flow_steps}",
+                                 "sample.guidance.w_z=2.0", "cluster.num_cpus=2",
+                                 "cluster.object_store_memory=300000000"])
+        plan = sampling.SamplePlan(10, per_class, seed=0)
+        guidance = cfg.sample.guidance.model_dump()
+
+        # Plain loop: the stage in this process, on one thread as a Ray actor with one CPU runs.
+        torch.set_num_threads(1)
+        stage = sampling.SampleGenerator(ckpt, os.path.join(root, "loop"), guidance=guidance, flow_steps=flow_steps,
+                                         plan=dataclasses.asdict(plan), batch_size=batch)
+        start = time.perf_counter()
+        for i in range(0, plan.size, batch):
+            stage(plan.rows(range(i, min(i + batch, plan.size))))
+        loop_s = time.perf_counter() - start
+        print(f"cpu  tiny (8x8 tokens, 15 steps, xz_cfg, {flow_steps} flow steps), {plan.size} images, batch {batch}, "
+              f"on {os.cpu_count()} cores")
+        print(f"     plain loop, 1 process x 1 thread: {plan.size / loop_s:6.1f} images/s  ({loop_s:.1f} s)")
+
+        # The Ray Data actor pool, as `sar sample` runs it (actor start-up and model load included).
+        init_ray(cfg.cluster)
+        run = sample_job.run_pool(cfg, plan, ckpt, os.path.join(root, "pool"), list(range(plan.size)))
+        print(f"     ray actor pool, {actors} actors x 1 CPU: {run.written / run.seconds:6.1f} images/s  "
+              f"({run.seconds:.1f} s, of which {run.first_batch_s:.1f} s to the first batch: actor start-up); "
+              f"{run.steady_rate:.1f} images/s after it")
+
+
+def cuda_benchmark(images: int, batch: int, flow_steps: int, cfg_scale: float) -> None:
+    if not torch.cuda.is_available():
+        print("cuda SAR-B benchmark skipped: no CUDA device here (run this script on a GPU machine)")
+        return
+    from diffusers import AutoencoderKL
+
+    from pipelines.encoders import KLVAECodec
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_model("sar-b", token_dim=16, height=16, width=16, num_classes=1000).to(device).eval()
+    # MAR's kl16 shape: 5 levels (128, 128, 256, 256, 512), 16 latent channels, stride 16.
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5,
+                        block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2)
+    codec = KLVAECodec(vae, 256, 1, 0.2325, None).to(device).eval()
+    guidance = Guidance(kind="cfg", cfg=cfg_scale)
+    steps = model.grouping.num_groups
+    labels = torch.arange(batch, device=device) % 1000
+
+    def run(n_batches: int) -> int:
+        made = 0
+        for b in range(n_batches):
+            out = sampling.render(model, codec, labels.cpu().numpy(), range(b * batch, (b + 1) * batch), guidance,
+                                  flow_steps, device)
+            made += len(out)
+        torch.cuda.synchronize()
+        return made
+
+    run(1)  # warm-up: kernels, allocator
+    n_batches = max(1, images // batch)
+    start = time.perf_counter()
+    made = run(n_batches)
+    secs = time.perf_counter() - start
+    rate = made / secs
+    print(f"cuda SAR-B ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, {steps} AR steps, CFG {cfg_scale}, "
+          f"{flow_steps} flow steps, bf16), batch {batch}, {made} images on {torch.cuda.get_device_name()}")
+    print(f"     {rate:.1f} images/s; 50,000 images: {50_000 / rate / 60:.1f} min on one GPU "
+          f"(generate + KL-VAE decode + uint8, no PNG writes)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=96, help="CPU: images per measurement")
+    p.add_argument("--batch", type=int, default=16, help="CPU: batch size")
+    p.add_argument("--actors", type=int, default=2, help="CPU: actor-pool size")
+    p.add_argument("--flow-steps", type=int, default=50, help="Euler steps of the flow head (sample.flow_steps)")
+    p.add_argument("--cuda-batch", type=int, default=256)
+    p.add_argument("--cuda-images", type=int, default=1024)
+    p.add_argument("--cfg", type=float, default=3.5, help="CFG scale (sample.guidance.cfg)")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    cpu_benchmark(args.images, args.batch, args.actors, args.flow_steps)
+    cuda_benchmark(args.cuda_images, args.cuda_batch, args.flow_steps, args.cfg)
+
+
+if __name__ == "__main__":
+    main()

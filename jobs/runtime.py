@@ -1,0 +1,38 @@
+"""Starting Ray the same way in every job: a cluster when one is named, else a local Ray."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cluster_cfg) -> None:
+    """Connect to `cluster.address` (or RAY_ADDRESS), else start a local Ray sized by the config.
+
+    A no-op when Ray is already initialised (a test session, a Ray Job's driver that
+    called ray.init itself). `num_cpus` and `object_store_memory` apply to a local Ray only.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster_cfg.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = cluster_cfg.runtime_env or None
+    if address:
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env)
+    else:
+        # Under `uv run`, Ray would otherwise ship the current folder and build a fresh virtual
+        # environment for every worker; a local Ray's workers share this process's environment.
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+        ray.init(num_cpus=cluster_cfg.num_cpus, object_store_memory=cluster_cfg.object_store_memory,
+                 runtime_env=runtime_env)
+
+
+def cluster_gpus() -> float:
+    """GPUs in the Ray cluster (0 on a CPU-only machine)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))

@@ -1,0 +1,265 @@
+"""The evaluation set: which images to make, the Ray Data stage that makes them, and their layout.
+
+Reads a checkpoint (EMA weights and the token space it was trained on) and writes
+
+    {samples}/images/{index:06d}.png      one PNG per sample (format 'png'), or
+    {samples}/shards/{shard:05d}.npz      `arr_0` (n, H, W, 3) uint8 + index, label, seed (format 'npz')
+    {samples}/_spec.json                  what is being generated (written first; a resume must match it)
+    {samples}/index.json                  one row per sample: index, label, seed, file
+    {samples}/_manifest.json              written last: the set is complete
+
+The set is class-major as ADM's protocol (50 per class x 1000 classes): index i has label
+i // per_class. Every index draws its noise from its own seed, derived from (global seed,
+index) by numpy's SeedSequence, and `SARModel.generate` keeps samples of a batch independent,
+so an image depends only on its index: any batch size, any number of actors and any resume
+give the same picture. Every file is written atomically, so what is listed is complete and a
+re-run makes only what is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines import storage
+from pipelines.errors import SarError
+
+log = logging.getLogger(__name__)
+
+# Column names of the stage's batches.
+INDEX, LABEL, SEED, FILE, SHARD = "index", "label", "seed", "file", "shard"
+
+IMAGES_DIR, SHARDS_DIR = "images", "shards"
+SPEC_FILE, INDEX_FILE, MANIFEST_FILE, PREVIEW_FILE = "_spec.json", "index.json", "_manifest.json", "preview.png"
+_PNG_NAME = re.compile(r"^(\d{6,})\.png$")
+_NPZ_NAME = re.compile(r"^(\d{5,})\.npz$")
+
+
+# Seeds and labels --------------------------------------------------------------------------
+def sample_seed(seed: int, index: int) -> int:
+    """The noise seed of sample `index`: a hash of (global seed, index), 63 bits."""
+    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0]
+    return int(state >> np.uint64(1))  # torch.Generator.manual_seed takes any int below 2**63
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """The N = num_classes x per_class samples of an evaluation set, class-major."""
+
+    num_classes: int
+    per_class: int
+    seed: int
+
+    @property
+    def size(self) -> int:
+        return self.num_classes * self.per_class
+
+    def labels(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(indices, dtype=np.int64) // self.per_class
+
+    def rows(self, indices) -> dict[str, np.ndarray]:
+        """The stage's input columns for `indices`."""
+        indices = np.asarray(list(indices), dtype=np.int64)
+        seeds = np.array([sample_seed(self.seed, i) for i in indices], dtype=np.int64)
+        return {INDEX: indices, LABEL: self.labels(indices), SEED: seeds}
+
+    def class_indices(self, label: int, count: int) -> list[int]:
+        """The first `count` indices of class `label`."""
+        return [label * self.per_class + k for k in range(min(count, self.per_class))]
+
+
+def image_name(index: int) -> str:
+    return f"{IMAGES_DIR}/{index:06d}.png"
+
+
+def shard_name(shard: int) -> str:
+    return f"{SHARDS_DIR}/{shard:05d}.npz"
+
+
+def shard_indices(shard: int, shard_size: int, total: int) -> range:
+    return range(shard * shard_size, min((shard + 1) * shard_size, total))
+
+
+def done_indices(samples_dir: str, fmt: str, shard_size: int, total: int,
+                 storage_options: dict[str, Any] | None = None) -> set[int]:
+    """Indices already written (atomic writes: a listed file is a complete file)."""
+    if fmt == "png":
+        names = storage.listdir(storage.join(samples_dir, IMAGES_DIR), storage_options)
+        return {int(m.group(1)) for m in map(_PNG_NAME.match, names) if m and int(m.group(1)) < total}
+    done: set[int] = set()
+    for name in storage.listdir(storage.join(samples_dir, SHARDS_DIR), storage_options):
+        m = _NPZ_NAME.match(name)
+        if m and int(m.group(1)) * shard_size < total:
+            done.update(shard_indices(int(m.group(1)), shard_size, total))
+    return done
+
+
+# Decoding ------------------------------------------------------------------------------------
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded (as MAR's evaluation)."""
+    x = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (as MAR samples under AMP); CPU runs fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def render(model, codec, labels, seeds, guidance, flow_steps: int, device: torch.device) -> np.ndarray:
+    """Images (B, H, W, 3) uint8 for class labels and per-sample seeds."""
+    labels = torch.as_tensor(np.array(labels), dtype=torch.long, device=device)
+    seeds = [int(s) for s in seeds]
+    with autocast(device):
+        tokens = model.generate(labels, seeds=seeds, guidance=guidance, flow_steps=flow_steps)  # (B, L, D)
+    grid = model.grouping.to_grid(tokens.float())                                               # (B, h, w, D)
+    return to_uint8(codec.decode(grid))                                                         # (B, H, W, 3)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def npz_bytes(images: np.ndarray, rows: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    # `arr_0` as ADM's sample batches, so their evaluator reads a shard directly.
+    np.savez(buf, arr_0=images, index=rows[INDEX], label=rows[LABEL], seed=rows[SEED])
+    return buf.getvalue()
+
+
+def grid_png(images: np.ndarray, min_cell: int = 64) -> bytes:
+    """A (rows, cols, H, W, 3) uint8 array as one PNG grid; small images are enlarged (nearest)."""
+    from torchvision.utils import make_grid
+
+    rows, cols, h, w, _ = images.shape
+    x = torch.from_numpy(images.reshape(rows * cols, h, w, 3)).permute(0, 3, 1, 2)  # (n, 3, H, W)
+    factor = max(1, -(-min_cell // max(h, w)))
+    if factor > 1:  # nearest keeps the pixels as generated
+        x = x.repeat_interleave(factor, 2).repeat_interleave(factor, 3)
+    grid = make_grid(x, nrow=cols, padding=2, pad_value=255)                      # (3, H', W')
+    return png_bytes(grid.permute(1, 2, 0).contiguous().numpy())
+
+
+# The Ray Data stage ------------------------------------------------------------------------
+def guidance_from_config(g):
+    """models.Guidance from a GuidanceConfig (or its dict)."""
+    from models import Guidance
+
+    d = g if isinstance(g, dict) else g.model_dump()
+    return Guidance(kind=d["kind"], cfg=d["cfg"], w_x=d["w_x"], w_z=d["w_z"], ramp=d["ramp"])
+
+
+def token_space(meta: dict[str, Any]) -> dict[str, Any]:
+    """The dataset manifest (token space) a checkpoint was trained on."""
+    space = meta.get("latents") or meta.get("token_space")
+    if not space:
+        raise SarError("checkpoint meta.json has no 'latents' token space: cannot decode its samples")
+    return space
+
+
+def load_generator(checkpoint: str, weights: str, storage_options: dict[str, Any] | None, device: torch.device):
+    """(model, codec, meta) of a checkpoint, on `device`."""
+    from jobs.checkpoints import load_model
+    from pipelines.encoders import codec_from_manifest
+
+    model, meta = load_model(checkpoint, weights=weights, storage_options=storage_options)
+    codec = codec_from_manifest(token_space(meta), storage_options=storage_options)
+    return model.to(device).eval(), codec.to(device).eval(), meta
+
+
+class SampleGenerator:
+    """Ray Data actor: one model replica (EMA weights) and its decoder; writes the images of a batch.
+
+    Input rows: `index, label, seed` (format 'png') or `shard` (format 'npz'). Output rows:
+    `index, label, seed, file`, one per image written.
+    """
+
+    def __init__(self, checkpoint: str, samples_dir: str, *, weights: str = "ema", guidance: dict[str, Any],
+                 flow_steps: int, plan: dict[str, int], image_format: str = "png", shard_size: int = 1000,
+                 batch_size: int = 64, storage_options: dict[str, Any] | None = None):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.codec, _ = load_generator(checkpoint, weights, storage_options, self.device)
+        self.samples_dir, self.storage_options = samples_dir, storage_options
+        self.guidance, self.flow_steps = guidance_from_config(guidance), flow_steps
+        self.plan = SamplePlan(**plan)
+        self.format, self.shard_size, self.batch_size = image_format, shard_size, batch_size
+
+    def _render(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        chunks = [render(self.model, self.codec, rows[LABEL][i:i + self.batch_size],
+                         rows[SEED][i:i + self.batch_size], self.guidance, self.flow_steps, self.device)
+                  for i in range(0, len(rows[INDEX]), self.batch_size)]
+        return np.concatenate(chunks)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.format == "npz":
+            return self._write_shards(batch[SHARD])
+        rows = {k: np.asarray(batch[k]) for k in (INDEX, LABEL, SEED)}
+        images = self._render(rows)
+        files = []
+        for index, image in zip(rows[INDEX], images):
+            name = image_name(int(index))
+            storage.write_bytes(storage.join(self.samples_dir, name), png_bytes(image), self.storage_options)
+            files.append(name)
+        return {**rows, FILE: np.array(files)}
+
+    def _write_shards(self, shards) -> dict[str, np.ndarray]:
+        out: dict[str, list] = {INDEX: [], LABEL: [], SEED: [], FILE: []}
+        for shard in np.asarray(shards).tolist():
+            rows = self.plan.rows(shard_indices(int(shard), self.shard_size, self.plan.size))
+            name = shard_name(int(shard))
+            storage.write_bytes(storage.join(self.samples_dir, name), npz_bytes(self._render(rows), rows),
+                                self.storage_options)
+            for k in (INDEX, LABEL, SEED):
+                out[k].extend(rows[k].tolist())
+            out[FILE].extend([name] * len(rows[INDEX]))
+        return {k: np.array(v) for k, v in out.items()}
+
+
+def index_rows(plan: SamplePlan, fmt: str, shard_size: int) -> list[dict[str, Any]]:
+    """The index of a complete set: one row per sample."""
+    rows = plan.rows(range(plan.size))
+    return [{INDEX: int(i), LABEL: int(l), SEED: int(s),
+             FILE: image_name(int(i)) if fmt == "png" else shard_name(int(i) // shard_size)}
+            for i, l, s in zip(rows[INDEX], rows[LABEL], rows[SEED])]
+
+
+# Reading a finished set ----------------------------------------------------------------------
+def read_manifest(samples_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    url = storage.join(samples_dir, MANIFEST_FILE)
+    try:
+        return storage.read_json(url, storage_options)
+    except storage.NotFound:
+        raise SarError(f"no complete sample set at {storage.redact(samples_dir)} ({MANIFEST_FILE} missing): "
+                       f"run `sar sample` first, or set fid.samples") from None
+
+
+def read_index(samples_dir: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return storage.read_json(storage.join(samples_dir, INDEX_FILE), storage_options)
+
+
+def load_images(samples_dir: str, entries: list[dict[str, Any]],
+                storage_options: dict[str, Any] | None = None) -> np.ndarray:
+    """The images (n, H, W, 3) uint8 of index rows (for grids; FID streams instead)."""
+    out, shard = [], (None, None, None)  # one shard in memory at a time: entries come grouped
+    for e in entries:
+        if e[FILE].endswith(".npz"):
+            if shard[0] != e[FILE]:
+                with np.load(io.BytesIO(storage.read_bytes(storage.join(samples_dir, e[FILE]), storage_options))) as z:
+                    shard = (e[FILE], z["arr_0"], {int(i): k for k, i in enumerate(z["index"])})
+            out.append(shard[1][shard[2][e[INDEX]]])
+        else:
+            data = storage.read_bytes(storage.join(samples_dir, e[FILE]), storage_options)
+            out.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    return np.stack(out)
