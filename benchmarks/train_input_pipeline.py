@@ -46,7 +46,8 @@ import torch  # noqa: E402
 
 from bench_models import PEAK_BF16_FLOPS, train_flops_per_image  # noqa: E402
 from jobs.config import load_config  # noqa: E402
-from jobs.train import TRAIN_COLUMNS, make_ema, make_optimizer, make_scheduler, model_config_for, tokens_from_batch  # noqa: E402,E501
+from jobs.train import (TRAIN_COLUMNS, make_ema, make_optimizer, make_scheduler, model_config_for,  # noqa: E402
+                        tokens_from_batch)
 from models import count_parameters  # noqa: E402
 
 PREFETCH_BATCHES = 2  # as jobs/train.py's train_loop
@@ -54,8 +55,6 @@ PREFETCH_BATCHES = 2  # as jobs/train.py's train_loop
 
 def make_latents(root: str, args) -> tuple:
     """Synthesise and encode `(warmup + steps) * batch` images; return (config, dataset, manifest)."""
-    import argparse as ap
-
     from jobs import encode
     from pipelines.latents import open_latents
     from pipelines.synth import make_synthetic_imagenet
@@ -71,7 +70,7 @@ def make_latents(root: str, args) -> tuple:
         f"encode.shard_rows={args.shard_rows}", f"model.preset={args.preset}",
         f"pretrain.micro_batch={args.batch}", f"pretrain.global_batch={args.batch}", "pretrain.optim.warmup_steps=0",
         "cluster.num_cpus=2"])
-    encode.main(cfg, ap.Namespace(force=True))
+    encode.main(cfg, argparse.Namespace(force=True))
     dataset, manifest = open_latents(cfg.latents_dir)
     columns = [c for c in TRAIN_COLUMNS if c in manifest["columns"]]
     print(f"latents: {manifest['num_rows']} rows in {len(manifest['shards'])} shards, grid {manifest['grid']} x "

@@ -168,6 +168,9 @@ class FidConfig(_Section):
     # Statistics file (ADM's VIRTUAL_imagenet256_labeled.npz mu/sigma) or a reference folder.
     reference: str | None = None
     inception_weights: str | None = None  # local or object-store path; None: torch-fidelity's download
+    # Without weights and without network: 'error' stops; 'skip' (the demo) writes metrics.json
+    # saying that no Inception metric was computed and why, and keeps everything else.
+    on_missing_weights: Literal["error", "skip"] = "error"
     isc: bool = True
     prc: bool = True
     batch_size: int = Field(64, ge=1)

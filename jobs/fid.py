@@ -63,6 +63,23 @@ def reference_or_reason(cfg: PipelineConfig) -> tuple[str | None, str | None]:
     return ref, None
 
 
+def sample_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json records of the sample set it scored."""
+    return {k: manifest.get(k) for k in ("num_samples", "guidance", "flow_steps", "checkpoint",
+                                          "checkpoint_digest", "checkpoint_step")}
+
+
+def write_without_inception(cfg: PipelineConfig, manifest: dict[str, Any], eval_dir: str, reason: str) -> int:
+    """metrics.json when no Inception weights can be had (fid.on_missing_weights=skip)."""
+    skipped = {"fid": reason, "inception_score": reason, "precision_recall": reason}
+    metrics = {"fid": None, "inception_score": None, "precision": None, "recall": None, "skipped": skipped,
+               **sample_fields(manifest), "samples": storage.redact(cfg.fid.samples or cfg.samples_dir),
+               "config": cfg.public_dict()}
+    storage.write_json(storage.join(eval_dir, METRICS_FILE), metrics, cfg.data.storage_options)
+    print(f"metrics written to {storage.redact(eval_dir)}/{METRICS_FILE} without FID/IS: {reason}")
+    return 0
+
+
 def main(cfg: PipelineConfig, args=None) -> int:
     import torch
 
@@ -82,7 +99,12 @@ def main(cfg: PipelineConfig, args=None) -> int:
     # Model: the Inception, then the reference through it.
     cuda = torch.cuda.is_available()
     start = time.time()
-    extractor = fid.load_inception(f.inception_weights, cuda, so)
+    try:
+        extractor = fid.load_inception(f.inception_weights, cuda, so)
+    except SarError as err:
+        if f.inception_weights or f.on_missing_weights != "skip":
+            raise
+        return write_without_inception(cfg, manifest, eval_dir, str(err))
     extractor_id = fid.weights_id(f.inception_weights, so)
     ref_url, reason = reference_or_reason(cfg)
     reference = None
@@ -111,11 +133,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
         "reference": reference.source if reference else None,
         "reference_count": reference.count if reference else None,
         "samples": storage.redact(samples_dir),
-        "guidance": manifest.get("guidance"),
-        "flow_steps": manifest.get("flow_steps"),
-        "checkpoint": manifest.get("checkpoint"),
-        "checkpoint_digest": manifest.get("checkpoint_digest"),
-        "checkpoint_step": manifest.get("checkpoint_step"),
+        **{k: v for k, v in sample_fields(manifest).items() if k != "num_samples"},
         "seconds": round(time.time() - start, 1),
         "config": cfg.public_dict(),
     }

@@ -46,6 +46,11 @@ RESUMABLE_FIELDS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every"
 
 
 # Data ------------------------------------------------------------------------------------------
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """A latent column as float32; bfloat16 shards hold their bit patterns as uint16 (numpy has no bf16)."""
+    return t.view(torch.bfloat16).float() if t.dtype == torch.uint16 else t.float()
+
+
 def tokens_from_batch(batch: dict[str, torch.Tensor], grouping, generator: torch.Generator,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Training tokens (B, L, D) and labels (B,) from a batch of latent rows.
@@ -53,12 +58,12 @@ def tokens_from_batch(batch: dict[str, torch.Tensor], grouping, generator: torch
     The flip is chosen per example and the posterior sampled per example, at load time
     (MAR stores moments, not samples, so both stay augmentations; DESIGN section 2).
     """
-    mean, mean_flip = batch["mean"].float(), batch["mean_flip"].float()  # (B, h, w, D) each
+    mean, mean_flip = _values(batch["mean"]), _values(batch["mean_flip"])  # (B, h, w, D) each
     flip = torch.rand(mean.shape[0], generator=generator) < 0.5  # (B,)
     sel = flip.view(-1, 1, 1, 1).to(mean.device)
     grid = torch.where(sel, mean_flip, mean)
     if "logvar" in batch:
-        logvar = torch.where(sel, batch["logvar_flip"].float(), batch["logvar"].float())
+        logvar = torch.where(sel, _values(batch["logvar_flip"]), _values(batch["logvar"]))
         eps = torch.randn(grid.shape, generator=generator).to(grid.device)
         grid = grid + torch.exp(0.5 * logvar) * eps  # posterior sample
     x = grouping.to_sequence(grid.to(device))  # (B, L, D)

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
+
+# One BLAS/OpenMP thread per process: on 2 cores, numpy's and torch's thread pools fight each
+# other and the Ray workers (one eigvals of torch-fidelity's FID: 122 s threaded, 22 s single).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import socket  # noqa: E402
 import uuid
 
 import pytest
@@ -13,11 +20,6 @@ from jobs.config import PipelineConfig, load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
 
-# One BLAS/OpenMP thread per process: on 2 cores, numpy's and torch's thread pools fight each
-# other and the Ray workers (one eigvals of torch-fidelity's FID: 122 s threaded, 22 s single).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
 # Keep Ray quiet and small on the 2-core CI machine.
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

@@ -90,17 +90,20 @@ def test_checkpoints_to_object_storage(tmp_path, raw_latents, s3_bucket):
 
 @pytest.mark.slow
 def test_two_workers_ddp_survive_a_worker_failure(tmp_path, raw_latents, monkeypatch):
-    """2 gloo workers; the last one exits hard after step 12; FailureConfig restarts the group."""
+    """2 gloo workers; the last one exits hard after step 6; FailureConfig restarts the group."""
     from jobs import pretrain
 
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv("SAR_FAIL_AT_STEP", "12")
+    monkeypatch.setenv("SAR_FAIL_AT_STEP", "6")
     monkeypatch.setenv("SAR_FAIL_MARKER", str(marker))
-    cfg = config(tmp_path, raw_latents, "pretrain.steps=20", "pretrain.checkpoint_every=10", "pretrain.num_workers=2",
-                 "pretrain.global_batch=16", "pretrain.max_failures=2", "pretrain.log_every=2")
+    # 24 rows: 12 per worker, micro-batches of 4, so 3 steps an epoch.
+    cfg = config(tmp_path, raw_latents, "pretrain.steps=12", "pretrain.checkpoint_every=4", "pretrain.num_workers=2",
+                 "pretrain.micro_batch=4", "pretrain.global_batch=8", "pretrain.max_failures=2",
+                 "pretrain.log_every=2", "pretrain.optim.warmup_steps=2",
+                 "pretrain.cpus_per_worker=0.5")  # leaves one of the 2 CPUs to Ray Data's read tasks
     assert pretrain.main(cfg) == 0
     assert marker.exists()  # the failure happened
     rows = history(cfg.pretrain_dir)
-    assert [r["step"] for r in rows] == list(range(2, 21, 2))  # resumed at 10: no step repeated
-    assert mean_loss(rows[-3:]) < mean_loss(rows[:3])
-    assert checkpoints.list_steps(cfg.pretrain_dir)[-1] == 20
+    assert [r["step"] for r in rows] == list(range(2, 13, 2))  # resumed at 4: no step repeated
+    assert mean_loss(rows[-2:]) < mean_loss(rows[:2])
+    assert checkpoints.list_steps(cfg.pretrain_dir)[-1] == 12

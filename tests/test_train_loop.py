@@ -193,3 +193,12 @@ def test_csf_on_one_group_only():
     assert obj.csf_mask.sum() == (model.grouping.group_index == 3).sum()
     with pytest.raises(SarError, match="refine.group"):
         RefineObjective(model, refine_cfg(group=99))
+
+
+def test_bfloat16_shards_are_read_as_values():
+    g = make_grouping_for_grid()
+    mean = torch.randn(2, 4, 4, 3).to(torch.bfloat16)
+    bits = mean.view(torch.uint16)  # what a bfloat16 Parquet shard holds
+    rows = {"mean": bits, "mean_flip": bits, "label": torch.tensor([0, 1])}
+    x, _ = tokens_from_batch(rows, g, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(g.to_grid(x), mean.float())
