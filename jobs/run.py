@@ -25,6 +25,7 @@ from pipelines import storage
 log = logging.getLogger("sar.run")
 
 STAGES = ("encode", "pretrain", "refine", "sample", "fid")
+STALE = "made from other inputs"
 
 
 def latents_digest(cfg: PipelineConfig) -> str | None:
@@ -64,10 +65,10 @@ def _training_up_to_date(cfg: PipelineConfig, stage: str, stage_dir: str) -> tup
         return False, "no checkpoint"
     meta = checkpoints.read_meta(latest, so)
     if meta.get("inputs") != training_inputs(cfg, stage):
-        return False, "its inputs changed"
+        return False, STALE + " (its inputs changed)"
     bound = storage.join(stage_dir, RUN_CONFIG)
     if storage.exists(bound, so) and storage.read_json(bound, so) != config_fingerprint(cfg, stage):
-        return False, "its config changed"
+        return False, STALE + " (its config changed)"
     if meta["step"] < getattr(cfg, stage).steps:
         return False, f"at step {meta['step']} of {getattr(cfg, stage).steps}"
     return True, f"step {meta['step']}, inputs unchanged"
@@ -79,20 +80,25 @@ def sample_checkpoint(cfg: PipelineConfig) -> str | None:
 
 
 def _sample_up_to_date(cfg: PipelineConfig) -> tuple[bool, str]:
+    """Complete and made with the current checkpoint and settings (by the set's `_spec.json`)."""
+    from pipelines.sampling import SPEC_FILE
+
     so = cfg.data.storage_options
-    url = storage.join(cfg.samples_dir, "_manifest.json")
-    if not storage.exists(url, so):
+    spec_url = storage.join(cfg.samples_dir, SPEC_FILE)
+    if not storage.exists(spec_url, so):
         return False, "no samples"
-    manifest = storage.read_json(url, so)
+    spec = storage.read_json(spec_url, so)
     ckpt = sample_checkpoint(cfg)
-    want = checkpoints.read_meta(ckpt, so)["digest"] if ckpt else None
-    if manifest.get("checkpoint_digest") != want:
-        return False, "the checkpoint changed"
-    settings = {"per_class": cfg.sample.per_class, "seed": cfg.sample.seed, "flow_steps": cfg.sample.flow_steps,
-                "guidance": cfg.sample.guidance.model_dump(mode="json")}
-    if any(manifest.get(k) != v for k, v in settings.items()):
-        return False, "sample settings changed"
-    return True, f"{manifest.get('num_samples')} samples of the current checkpoint"
+    want = {"checkpoint_digest": checkpoints.read_meta(ckpt, so)["digest"] if ckpt else None,
+            "per_class": cfg.sample.per_class, "seed": cfg.sample.seed, "flow_steps": cfg.sample.flow_steps,
+            "guidance": cfg.sample.guidance.model_dump(), "weights": cfg.sample.weights,
+            "format": cfg.sample.format}
+    changed = [k for k, v in want.items() if spec.get(k) != v]
+    if changed:
+        return False, STALE + f" ({', '.join(changed)})"
+    if not storage.exists(storage.join(cfg.samples_dir, "_manifest.json"), so):
+        return False, "incomplete: resuming"
+    return True, f"{spec.get('num_samples')} samples of the current checkpoint"
 
 
 def _fid_up_to_date(cfg: PipelineConfig) -> tuple[bool, str]:
@@ -124,6 +130,10 @@ def archive(cfg: PipelineConfig, stage_dir: str, stage: str) -> None:
     print(f"  moved the stale {stage} output to {storage.redact(dest)}")
 
 
+STAGE_DIRS: dict[str, Callable[[PipelineConfig], str]] = {
+    "pretrain": lambda c: c.pretrain_dir, "refine": lambda c: c.refine_dir, "sample": lambda c: c.samples_dir}
+
+
 def run_pipeline(cfg: PipelineConfig, args: argparse.Namespace,
                  stage_mains: dict[str, Callable[[PipelineConfig, argparse.Namespace], int]] | None = None) -> int:
     """Run the chosen stages; returns the first non-zero exit code, else 0."""
@@ -146,8 +156,8 @@ def run_pipeline(cfg: PipelineConfig, args: argparse.Namespace,
             print(f"[sar run] {stage}: up to date ({why}), skipped", flush=True)
             continue
         print(f"[sar run] {stage}: running ({why})", flush=True)
-        if stage in ("pretrain", "refine") and why in ("its inputs changed", "its config changed"):
-            archive(cfg, getattr(cfg, f"{stage}_dir"), stage)
+        if why.startswith(STALE):
+            archive(cfg, STAGE_DIRS[stage](cfg), stage)
         stage_args = argparse.Namespace(force=force and stage == "encode", preview=False)
         rc = int(mains[stage](cfg, stage_args) or 0)
         if rc:

@@ -103,14 +103,21 @@ def tiny_config(tmp_path, synth_root) -> PipelineConfig:
 
 
 @pytest.fixture(scope="session")
-def raw_latents(tmp_path_factory, synth_root, ray_local):
-    """Raw-pixel latents of the session's synthetic ImageNet: 16 px, patch 4 -> 4x4 tokens of 48 dims."""
+def raw_latents(tmp_path_factory, ray_local):
+    """Raw-pixel latents of a 96-image synthetic ImageNet: 16 px, patch 4 -> 4x4 tokens of 48 dims.
+
+    96 rows make an epoch of 12 steps at batch 8, so training tests do not pay Ray Data's
+    per-epoch start-up at every step.
+    """
     import argparse
 
     from jobs import encode
+    from pipelines.synth import make_synthetic_imagenet
 
+    source = str(tmp_path_factory.mktemp("imagenet96"))
+    make_synthetic_imagenet(source, classes=4, per_class=24, size=16, seed=0, val_per_class=0)
     out = str(tmp_path_factory.mktemp("latents"))
-    cfg = load_config(DEMO_CONFIG, [f"run_dir={out}", f"data.source={synth_root}", "encode.image_size=16",
+    cfg = load_config(DEMO_CONFIG, [f"run_dir={out}", f"data.source={source}", "encode.image_size=16",
                                     "encode.patch=4", f"encode.output={out}/latents"])
     assert encode.main(cfg, argparse.Namespace(force=False)) == 0
     return f"{out}/latents"

@@ -96,7 +96,7 @@ def test_two_workers_ddp_survive_a_worker_failure(tmp_path, raw_latents, monkeyp
     marker = tmp_path / "failed-once"
     monkeypatch.setenv("SAR_FAIL_AT_STEP", "6")
     monkeypatch.setenv("SAR_FAIL_MARKER", str(marker))
-    # 24 rows: 12 per worker, micro-batches of 4, so 3 steps an epoch.
+    # 96 rows: 48 per worker, micro-batches of 4: the whole run is one epoch.
     cfg = config(tmp_path, raw_latents, "pretrain.steps=12", "pretrain.checkpoint_every=4", "pretrain.num_workers=2",
                  "pretrain.micro_batch=4", "pretrain.global_batch=8", "pretrain.max_failures=2",
                  "pretrain.log_every=2", "pretrain.optim.warmup_steps=2",
@@ -107,3 +107,25 @@ def test_two_workers_ddp_survive_a_worker_failure(tmp_path, raw_latents, monkeyp
     assert [r["step"] for r in rows] == list(range(2, 13, 2))  # resumed at 4: no step repeated
     assert mean_loss(rows[-2:]) < mean_loss(rows[:2])
     assert checkpoints.list_steps(cfg.pretrain_dir)[-1] == 12
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_when_relaunched(tmp_path, raw_latents, monkeypatch):
+    """The training process dies hard after step 5 (checkpoint at 4) with no retries left; the same
+    command launched again resumes from step 4 and ends at the configured final step."""
+    import ray.train
+
+    from jobs import pretrain
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("SAR_FAIL_AT_STEP", "5")
+    monkeypatch.setenv("SAR_FAIL_MARKER", str(marker))
+    cfg = config(tmp_path, raw_latents, "pretrain.steps=8", "pretrain.checkpoint_every=4", "pretrain.num_workers=1",
+                 "pretrain.micro_batch=4", "pretrain.global_batch=4", "pretrain.max_failures=0",
+                 "pretrain.log_every=1", "pretrain.cpus_per_worker=0.5")
+    with pytest.raises(ray.train.WorkerGroupError):
+        pretrain.main(cfg)
+    assert marker.exists() and checkpoints.list_steps(cfg.pretrain_dir) == [4]
+    assert pretrain.main(cfg) == 0  # the marker now stops the drill: a plain relaunch
+    assert [r["step"] for r in history(cfg.pretrain_dir)] == list(range(1, 9))
+    assert checkpoints.list_steps(cfg.pretrain_dir) == [4, 8]

@@ -65,7 +65,7 @@ def test_run_end_to_end_then_skip_then_grow(tmp_path, ray_local, capsys):
     for stage in ("pretrain", "refine", "sample", "fid"):
         assert f"[sar run] {stage}: running" in out, out
     archived = sorted(os.listdir(tmp_path / "run" / "archive"))
-    assert [a.split("-")[0] for a in archived] == ["pretrain", "refine"]  # stale outputs kept aside
+    assert [a.split("-")[0] for a in archived] == ["pretrain", "refine", "sample"]  # stale outputs kept aside
     new_metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert new_metrics["checkpoint_digest"] != metrics["checkpoint_digest"]
 
