@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sar {command}: this stage is not built yet", file=sys.stderr)
         return 3
     try:
-        return int(entry(cfg, args) or 0)
+        return int(entry(cfg.with_absolute_paths(), args) or 0)
     except ConfigError as err:
         print(f"sar {command}: {err}", file=sys.stderr)
         return 2

@@ -12,12 +12,17 @@ The key names `run_dir`, `data.source`, `encode.encoder`, `encode.image_size`,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# Fields that hold a location (local path or URL).
+PATH_FIELDS = ("run_dir", "data.source", "encode.weights", "encode.output", "pretrain.output", "refine.output",
+               "refine.init", "sample.output", "sample.checkpoint", "fid.output", "fid.samples", "fid.reference",
+               "fid.inception_weights")
 GROUPINGS = ("next-token", "next-row", "next-layer", "next-neighbour", "next-scale")
 
 
@@ -210,6 +215,38 @@ class PipelineConfig(_Section):
         if self.model.grouping == "next-scale" and not self.model.scales:
             raise ValueError("model.scales: next-scale needs a scale schedule, e.g. [1, 2, 4, 8, 16]")
         return self
+
+    @model_validator(mode="after")
+    def _expand_run_dir(self) -> "PipelineConfig":
+        """`{run_dir}` in a path field stands for run_dir (the demo keeps its data beside its run)."""
+        for name in PATH_FIELDS[1:]:
+            value = self._get(name)
+            if isinstance(value, str) and "{run_dir}" in value:
+                self._set(name, value.replace("{run_dir}", self.run_dir))
+        return self
+
+    def _get(self, dotted: str) -> Any:
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+    def _set(self, dotted: str, value: Any) -> None:
+        *parents, last = dotted.split(".")
+        node: Any = self
+        for part in parents:
+            node = getattr(node, part)
+        object.__setattr__(node, last, value) if node is self else setattr(node, last, value)
+
+    def with_absolute_paths(self) -> "PipelineConfig":
+        """A copy whose relative local paths are absolute, so Ray workers (whose working folder
+        is not the caller's) find them."""
+        cfg = self.model_copy(deep=True)
+        for name in PATH_FIELDS:
+            value = cfg._get(name)
+            if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+                cfg._set(name, os.path.abspath(value))
+        return cfg
 
     # Stage outputs ----------------------------------------------------------------------
     def _under_run_dir(self, explicit: str | None, name: str) -> str:

@@ -23,10 +23,6 @@ DEMO_CLASSES, DEMO_PER_CLASS, DEMO_SIZE = 10, 32, 48
 
 def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    if cfg.data.source == "runs/demo/imagenet" and cfg.run_dir != "runs/demo":
-        cfg.data.source = storage.join(cfg.run_dir, "imagenet")  # keep the demo's data in its run_dir
-        if cfg.fid.reference == "runs/demo/imagenet/train":
-            cfg.fid.reference = storage.join(cfg.data.source, "train")
     if storage.is_local(cfg.data.source) and not os.path.exists(os.path.join(cfg.data.source, "train")):
         s = make_synthetic_imagenet(cfg.data.source, classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS,
                                     size=DEMO_SIZE, seed=0, val_per_class=2)

@@ -52,6 +52,10 @@ def token_space(manifest: dict[str, Any]) -> dict[str, Any]:
     return {k: manifest[k] for k in checkpoints.TOKEN_SPACE_FIELDS if k in manifest}
 
 
+def data_bytes(manifest: dict[str, Any]) -> int:
+    return sum(int(shard.get("bytes", 0)) for shard in manifest.get("shards", []))
+
+
 def check_resumable(stage_dir: str, model_config: dict[str, Any], so: dict[str, Any]) -> None:
     """A run directory's checkpoints must have the architecture this launch would build."""
     latest = checkpoints.find_latest(stage_dir, so)
@@ -78,7 +82,8 @@ def main(cfg: PipelineConfig, args=None) -> int:
     init_ray(cfg.cluster)
     dataset, _ = open_latents(cfg.latents_dir, so)
     metrics = run_training(cfg, "pretrain", cfg.pretrain_dir, make_objective, model_config,
-                           token_space(manifest), dataset, extra={"inputs": training_inputs(cfg, "pretrain")})
+                           token_space(manifest), dataset, extra={"inputs": training_inputs(cfg, "pretrain")},
+                           data_bytes=data_bytes(manifest))
     latest = checkpoints.find_latest(cfg.pretrain_dir, so)
     print(f"pretrain done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {storage.redact(latest or '')}")

@@ -23,7 +23,7 @@ import torch
 
 from jobs import checkpoints
 from jobs.config import PipelineConfig, RefineConfig
-from jobs.pretrain import build_model, check_resumable, class_dropout_mask, token_space
+from jobs.pretrain import build_model, check_resumable, class_dropout_mask, data_bytes, token_space
 from jobs.train import Objective, check_dataset, group_buckets, run_training
 from pipelines import storage
 from pipelines.errors import SarError
@@ -111,7 +111,8 @@ def main(cfg: PipelineConfig, args=None) -> int:
     dataset, _ = open_latents(cfg.latents_dir, so)
     metrics = run_training(cfg, "refine", cfg.refine_dir, make_objective, model_config, token_space(manifest),
                            dataset, extra={"init": (init, cfg.refine.init_weights),
-                                  "inputs": training_inputs(cfg, "refine")})
+                                  "inputs": training_inputs(cfg, "refine")},
+                           data_bytes=data_bytes(manifest))
     print(f"refine done: step {metrics.get('step')}, loss_tf {metrics.get('loss_tf', float('nan')):.4f}, "
           f"loss_csf {metrics.get('loss_csf', float('nan')):.4f}")
     return 0

@@ -24,9 +24,6 @@ def init_ray(cluster_cfg) -> None:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, runtime_env=runtime_env)
     else:
-        # Under `uv run`, Ray would otherwise ship the current folder and build a fresh virtual
-        # environment for every worker; a local Ray's workers share this process's environment.
-        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
         ray.init(num_cpus=cluster_cfg.num_cpus, object_store_memory=cluster_cfg.object_store_memory,
                  runtime_env=runtime_env)
 
