@@ -11,7 +11,6 @@ and `find_latest` skips it. Loading for sampling prefers the EMA weights.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -38,19 +37,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_local(local_dir: str, state: dict[str, Any], meta: dict[str, Any]) -> str:
     """Write state.pt then meta.json (with the state's digest) into `local_dir`."""
     os.makedirs(local_dir, exist_ok=True)
     torch.save(state, os.path.join(local_dir, STATE_FILE))
-    meta = {**meta, "files": [STATE_FILE], "digest": _sha256(os.path.join(local_dir, STATE_FILE))}
+    meta = {**meta, "files": [STATE_FILE], "digest": storage.sha256_file(os.path.join(local_dir, STATE_FILE))}
     with open(os.path.join(local_dir, META_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True, default=str)
     return local_dir
@@ -102,7 +93,7 @@ def load_state(ckpt_url: str, storage_options: dict[str, Any] | None = None) -> 
         path = os.path.join(tmp, STATE_FILE)
         with open(path, "wb") as f:
             f.write(storage.read_bytes(storage.join(ckpt_url, STATE_FILE), storage_options))
-        digest = _sha256(path)
+        digest = storage.sha256_file(path)
         if digest != meta.get("digest"):
             raise SarError(f"{storage.redact(ckpt_url)}/{STATE_FILE}: sha256 {digest[:12]} does not match "
                            f"meta.json's {str(meta.get('digest'))[:12]} (incomplete or altered checkpoint)")

@@ -65,17 +65,9 @@ def weights_sha256(path: str) -> str:
         names = sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
         for name in names:
             h.update(name.replace(os.sep, "/").encode() + b"\0")
-            h.update(_file_sha256(os.path.join(path, name)).encode())
+            h.update(storage.sha256_file(os.path.join(path, name)).encode())
         return h.hexdigest()
-    return _file_sha256(path)
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return storage.sha256_file(path)
 
 
 def _local_weights(url: str, storage_options: dict | None) -> str:

@@ -18,7 +18,6 @@ torch-fidelity's `weights-inception-2015-12-05-6726825d.pth`) or torch-fidelity'
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -82,11 +81,7 @@ def weights_id(weights: str | None, storage_options: dict[str, Any] | None = Non
     """What identifies the Inception weights (for caches and metrics.json)."""
     if not weights:
         return _weights_url()
-    h = hashlib.sha256()
-    with open(storage.local_copy(weights, storage_options), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+    return f"sha256:{storage.sha256_file(storage.local_copy(weights, storage_options))}"
 
 
 def extract_features(dataset: Dataset, extractor, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:

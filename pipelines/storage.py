@@ -14,6 +14,7 @@ never see a half-written file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import posixpath
@@ -201,6 +202,15 @@ def download_dir(url: str, local_dir: str, storage_options: dict[str, Any] | Non
     if not fs.exists(path):
         raise NotFound(f"not found: {redact(url)}")
     fs.get(path.rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+
+
+def sha256_file(path: str) -> str:
+    """sha256 of a local file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def local_copy(url: str, storage_options: dict[str, Any] | None = None) -> str:

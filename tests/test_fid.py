@@ -25,15 +25,6 @@ from pipelines.errors import SarError
 N_CLASSES, PER_CLASS = 4, 2  # 8 samples: PRC's k=3 needs more than 3 on each side
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads per process oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _random_inception(path: str, seed: int = 0) -> str:
     """torch-fidelity's FeatureExtractorInceptionV3 architecture with random weights, saved to `path`.
 

@@ -8,16 +8,6 @@ from models import (GROUPINGS, PRESETS, Guidance, SARConfig, build_model, count_
 CLASSES = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the
-    thread hand-offs under contention cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(name, **overrides):
     """A tiny random model in eval() on a 4x4 grid (next-scale: (1, 2, 4)), perturbed so that
     the zero-initialised head and AdaLN layers are not trivially zero."""

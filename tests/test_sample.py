@@ -27,15 +27,6 @@ RAW_SPACE = {"encoder": "raw", "weights": None, "weights_sha256": None, "scale_f
              "scales": None, "num_classes": CLASSES, "schema_version": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, two threads per process oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _publish_checkpoint(stage_dir: str, step: int = 10) -> str:
     """A tiny random model as a committed checkpoint (raw 32 px pixels in 4 px patches)."""
     torch.manual_seed(0)
