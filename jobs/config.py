@@ -98,7 +98,10 @@ class TrainConfig(_Section):
     ema_decay: float = Field(0.9999, ge=0, lt=1)  # MAR
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU runs fp32
-    strategy: Literal["ddp"] = "ddp"
+    # ddp: replicated weights (SAR-B); fsdp: FSDP2 fully_shard per block, for SAR-L/H. Checkpoints
+    # are gathered to full state dicts (torch.distributed.checkpoint.state_dict), so any
+    # strategy or worker count can load them.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     compile: bool = False
     num_workers: int = Field(1, ge=0)  # Ray Train workers; 0 = local mode in this process
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them

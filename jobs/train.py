@@ -103,11 +103,46 @@ def make_scheduler(opt: torch.optim.Optimizer, train: TrainConfig) -> torch.opti
     return S.SequentialLR(opt, [S.LinearLR(opt, start_factor=1.0 / warm, total_iters=warm), main], milestones=[warm])
 
 
-def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """torch's own EMA (AveragedModel with the EMA averaging function)."""
+def make_ema(model: nn.Module, decay: float, use_buffers: bool = True) -> torch.optim.swa_utils.AveragedModel:
+    """torch's own EMA (AveragedModel with the EMA averaging function).
+
+    Under FSDP the buffers (fixed position tables) stay out of the average: they are plain
+    tensors while the sharded parameters are DTensors, and one foreach update cannot mix them.
+    """
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=use_buffers)
+
+
+def fsdp_shard(module: nn.Module, backbone: nn.Module) -> None:
+    """FSDP2: each transformer block its own unit, then the rest under the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in backbone.blocks:
+        fully_shard(block)
+    fully_shard(module)
+
+
+def full_state(model: nn.Module, ema: nn.Module, objective: nn.Module, opt: torch.optim.Optimizer,
+               fsdp: bool) -> tuple[dict, dict, dict]:
+    """Unsharded model, EMA and optimizer state (a collective under FSDP: every rank calls it)."""
+    if not fsdp:
+        return model.state_dict(), ema.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=full), get_model_state_dict(ema, options=full),
+            get_optimizer_state_dict(objective, opt, options=full))
+
+
+def load_optimizer(objective: nn.Module, opt: torch.optim.Optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(objective, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
 # Run bookkeeping -------------------------------------------------------------------------------
@@ -221,19 +256,18 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     objective: Objective = loop_cfg["make_objective"](cfg, loop_cfg)
     model = objective.model
     grouping = model.grouping
-    objective.to(device)
-    ema = make_ema(model, train.ema_decay)
-    opt = make_optimizer(objective, train)
-    sched = make_scheduler(opt, train)
+    fsdp = train.strategy == "fsdp" and world > 1
+    ema = make_ema(model, train.ema_decay, use_buffers=not fsdp)  # before sharding: FSDP cannot deep-copy
     st = LoopState()
+    opt_state = sched_state = None
 
     resume = checkpoints.find_latest(stage_dir, so)
     if resume is not None:
         state, meta = checkpoints.load_state(resume, so)
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        ema.n_averaged.fill_(1)  # continue the average (0 would make the next update a copy)
+        opt_state, sched_state = state["optimizer"], state["scheduler"]
         st = LoopState(step=state["step"], epoch=state["data"]["epoch"], batch_in_epoch=state["data"]["batch_in_epoch"],
                        history=[h for h in state.get("history", []) if h["step"] <= state["step"]])
         if rank == 0:
@@ -245,9 +279,21 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
         weights = state["ema"] if which == "ema" and state.get("ema") is not None else state["model"]
         model.load_state_dict(weights)
         ema.module.load_state_dict(weights)
+        ema.n_averaged.fill_(1)
+
+    objective.to(device)
+    ema.to(device)
+    if fsdp:  # the EMA is sharded like the model, so its update stays shard-local
+        fsdp_shard(objective, model.backbone)
+        fsdp_shard(ema.module, ema.module.backbone)
+    opt = make_optimizer(objective, train)
+    sched = make_scheduler(opt, train)
+    if opt_state is not None:
+        load_optimizer(objective, opt, opt_state, fsdp)
+        sched.load_state_dict(sched_state)
 
     wrapped: nn.Module = objective
-    if world > 1:
+    if world > 1 and not fsdp:
         wrapped = nn.parallel.DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     if train.compile:
@@ -260,7 +306,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
     buckets = {k: v.to(device) for k, v in group_buckets(grouping.group_index, grouping.num_groups).items()}
 
     def save() -> None:
-        state = {"model": model.state_dict(), "ema": ema.module.state_dict(), "optimizer": opt.state_dict(),
+        model_sd, ema_sd, opt_sd = full_state(model, ema.module, objective, opt, fsdp)
+        state = {"model": model_sd, "ema": ema_sd, "optimizer": opt_sd, "strategy": train.strategy,
                  "scheduler": sched.state_dict(), "step": st.step,
                  "data": {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch}, "history": st.history}
         meta = {"step": st.step, "stage": stage, "model_config": _jsonable(dataclasses.asdict(model.config)),
@@ -302,7 +349,10 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             sums: dict[str, float] = {}
             for i, b in enumerate(micro):
                 x, labels = tokens_from_batch(b, grouping, gen, device)
-                sync = i == accum - 1 or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
+                last = i == accum - 1
+                if fsdp:  # accumulate locally; reduce-scatter on the last micro-batch only
+                    objective.set_requires_gradient_sync(last)
+                sync = last or not isinstance(wrapped, nn.parallel.DistributedDataParallel)
                 ctx = wrapped.no_sync() if not sync else _nullcontext()
                 with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss, per_token, metrics = wrapped(x, labels, gen)
@@ -315,6 +365,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                     sums[k] = sums.get(k, 0.0) + float(v) / accum
                 img_window += x.shape[0] * world
             grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), train.optim.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+                grad_norm = grad_norm.full_tensor()
             opt.step()
             sched.step()
             ema.update_parameters(model)

@@ -129,3 +129,26 @@ def test_a_killed_run_resumes_when_relaunched(tmp_path, raw_latents, monkeypatch
     assert pretrain.main(cfg) == 0  # the marker now stops the drill: a plain relaunch
     assert [r["step"] for r in history(cfg.pretrain_dir)] == list(range(1, 9))
     assert checkpoints.list_steps(cfg.pretrain_dir) == [4, 8]
+
+
+@pytest.mark.slow
+def test_fsdp_two_workers_resume_after_a_failure(tmp_path, raw_latents, monkeypatch):
+    """FSDP2 on 2 gloo workers: a worker dies after step 5, the group restarts from the full-state
+    checkpoint of step 4 (model, EMA and optimizer re-sharded) and ends at step 8."""
+    from jobs import pretrain
+
+    marker = tmp_path / "failed-once"
+    monkeypatch.setenv("SAR_FAIL_AT_STEP", "5")
+    monkeypatch.setenv("SAR_FAIL_MARKER", str(marker))
+    cfg = config(tmp_path, raw_latents, "pretrain.strategy=fsdp", "pretrain.steps=8", "pretrain.checkpoint_every=4",
+                 "pretrain.num_workers=2", "pretrain.micro_batch=4", "pretrain.global_batch=16",
+                 "pretrain.max_failures=1", "pretrain.log_every=2", "pretrain.cpus_per_worker=0.5")
+    assert pretrain.main(cfg) == 0
+    assert marker.exists()
+    rows = history(cfg.pretrain_dir)
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    state, meta = checkpoints.load_state(checkpoints.find_latest(cfg.pretrain_dir))
+    assert state["strategy"] == "fsdp" and meta["step"] == 8
+    model, _ = checkpoints.load_model(checkpoints.find_latest(cfg.pretrain_dir), "ema")  # strict, unsharded
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), state["model"].values()))
