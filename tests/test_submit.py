@@ -7,6 +7,7 @@ Ray instance on the machine (the session's `ray_local` included).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -37,12 +38,10 @@ def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout_s: float = 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}")
-        try:
+        with contextlib.suppress(OSError):  # not listening yet
             with urllib.request.urlopen(f"{url}/api/version", timeout=2) as r:
                 if r.status == 200:
                     return
-        except OSError:
-            pass
         time.sleep(0.5)
     raise TimeoutError(f"no Ray dashboard at {url} after {timeout_s:.0f} s")
 
@@ -76,14 +75,10 @@ def ray_head():
         # SIGTERM lets `ray start --block` shut its node down; then clear its process group.
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # then the SIGKILL below
                 proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone
             os.killpg(proc.pid, signal.SIGKILL)  # the group this fixture created
-        except ProcessLookupError:
-            pass
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
