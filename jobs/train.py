@@ -320,7 +320,7 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                                "".join(json.dumps(h) + "\n" for h in st.history), so)
 
     # Loop -----------------------------------------------------------------------------------
-    window: dict[str, float] = {}
+    window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log
     t_window, wait_window, n_window, img_window = time.perf_counter(), 0.0, 0, 0
     while st.step < train.steps:
         batches = shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True, prefetch_batches=2,
@@ -346,7 +346,6 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             wait_window += time.perf_counter() - t_data
             if exhausted:
                 break
-            sums: dict[str, float] = {}
             for i, b in enumerate(micro):
                 x, labels = tokens_from_batch(b, grouping, gen, device)
                 last = i == accum - 1
@@ -361,8 +360,8 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
                     metrics = {**metrics, "loss": loss.detach()}
                     for name, mask in buckets.items():
                         metrics[f"loss_{name}"] = per_token.detach()[:, mask].mean()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+                    for k, v in metrics.items():  # device tensors: no host sync until the log step
+                        window[k] = window.get(k, 0.0) + v.float() / accum
                 img_window += x.shape[0] * world
             grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), train.optim.grad_clip)
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
@@ -373,13 +372,11 @@ def train_loop(loop_cfg: dict[str, Any]) -> None:
             st.step += 1
             st.batch_in_epoch += 1
             n_window += 1
-            for k, v in sums.items():
-                window[k] = window.get(k, 0.0) + v
-            window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
+            window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
 
             if st.step % train.log_every == 0 or st.step == train.steps:
                 elapsed = time.perf_counter() - t_window
-                row = {"step": st.step, "epoch": st.epoch, **{k: v / n_window for k, v in window.items()},
+                row = {"step": st.step, "epoch": st.epoch, **{k: float(v) / n_window for k, v in window.items()},
                        "lr": sched.get_last_lr()[0], "images_per_s": img_window / elapsed,
                        "tokens_per_s": img_window * grouping.seq_len / elapsed,
                        "data_wait_fraction": wait_window / elapsed}
