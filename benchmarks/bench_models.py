@@ -5,7 +5,7 @@
   (2) sampling: KV cache (T backbone calls on the new tokens) vs recomputing the prefix each step;
   (3) CUDA only: FlexAttention vs masked SDPA, and training images/s and MFU in bf16.
 
-CPU, small:  uv run python benchmarks/bench_models.py --preset tiny --depth 4 --width-dim 256 --grid 8
+CPU, small:  uv run python benchmarks/bench_models.py --preset tiny --depth 4 --hidden-size 256 --grid 8
 CUDA:        uv run python benchmarks/bench_models.py          (defaults: sar-b, 16x16, batch 64)
 """
 import argparse
@@ -38,7 +38,7 @@ def timed(fn, device, iters, warmup=1):
 def make(args, grouping, device, **overrides):
     g = args.grid
     scales = tuple(s for s in (1, 2, 4, 8, 16, 32, 64) if s < g) + (g,) if grouping == "next-scale" else None
-    sizes = {k: v for k, v in (("depth", args.depth), ("width_dim", args.width_dim),
+    sizes = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
                                ("num_heads", args.heads), ("head_width", args.head_width)) if v}
     return build_model(args.preset, grouping=grouping, height=g, width=g, scales=scales,
                        **{**sizes, **overrides}).to(device)
@@ -56,7 +56,7 @@ def autocast(device, enabled):
 def bench_training(args, device):
     m = make(args, "next-row", device)
     print(f"\n(1) training step fwd+bwd, one pass vs one forward per group (naive), {args.preset} "
-          f"(depth {m.config.depth}, width {m.config.width_dim}, {count_parameters(m) / 1e6:.1f}M), "
+          f"(depth {m.config.depth}, width {m.config.hidden_size}, {count_parameters(m) / 1e6:.1f}M), "
           f"{args.grid}x{args.grid}, batch {args.batch}")
     print(f"{'grouping':16s}{'T':>5s}{'streams':>9s}{'one-pass ms':>13s}{'naive ms':>11s}{'speed-up':>10s}")
     for name in args.groupings:
@@ -66,14 +66,14 @@ def bench_training(args, device):
 
         def one_pass():
             with autocast(device, args.bf16):
-                loss = model.flow_loss(model(x, labels), x).mean()
+                loss = model.head.loss(model(x, labels), x).mean()
             loss.backward()
 
         def naive():
             for t in range(g.num_groups):                  # one forward (and backward) per group
                 sl = g.group_slice(t)
                 with autocast(device, args.bf16):
-                    loss = model.flow_loss(model.forward_group(x, labels, t), x[:, sl]).sum() / x.shape[1]
+                    loss = model.head.loss(model.forward_group(x, labels, t), x[:, sl]).sum() / x.shape[1]
                 loss.backward()
 
         fast = timed(one_pass, device, args.iters, warmup=2)
@@ -117,7 +117,7 @@ def train_flops_per_image(model):
     S = 1 + g.seq_len * (1 if model.single_stream else 2)
     backbone = count_parameters(model.backbone)
     head = count_parameters(model.head)
-    return 6 * backbone * S + 12 * c.depth * S * S * c.width_dim + 6 * head * g.seq_len * c.head_batch_mul
+    return 6 * backbone * S + 12 * c.depth * S * S * c.hidden_size + 6 * head * g.seq_len * c.head_batch_mul
 
 
 def bench_cuda(args, device):
@@ -135,7 +135,7 @@ def bench_cuda(args, device):
 
             def step():
                 with autocast(device, True):
-                    loss = model.flow_loss(model(x, labels), x).mean()
+                    loss = model.head.loss(model(x, labels), x).mean()
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -152,7 +152,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sar-b" if cuda else "tiny")
     p.add_argument("--depth", type=int, help="override the preset's depth")
-    p.add_argument("--width-dim", type=int, help="override the preset's width")
+    p.add_argument("--hidden-size", type=int, help="override the preset's backbone width")
     p.add_argument("--heads", type=int, help="override the preset's number of heads")
     p.add_argument("--head-width", type=int, help="override the preset's head width")
     p.add_argument("--grid", type=int, default=16 if cuda else 8)

@@ -4,9 +4,10 @@ additional forward pass").
     uv run python benchmarks/refine_step_cost.py [--preset tiny] [--grid 8] [--token-dim 48]
         [--batch 32] [--sample-steps 10] [--iters 12] [--warmup 2]
 
-Same model (one set of weights), same batch of tokens in memory, same optimiser (jobs/train.py's
-`make_optimizer` with the refine settings), same step as the training loop: forward, backward,
-gradient clipping, AdamW, EMA update. Timed per objective:
+Same model (one set of weights), same batch of tokens in memory, same optimiser (the training
+loop's `make_optimizer` with the refine settings), and the loop's own step
+(pipelines/training.py `train_step`: forward, backward, gradient clipping, AdamW, EMA update).
+Timed per objective:
 
   pretrain                  PretrainObjective: one teacher-forced pass, L_TF
   refine <mode>             RefineObjective for each `refine.sample_mode` (deterministic,
@@ -39,10 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from jobs.config import load_config  # noqa: E402
-from jobs.pretrain import PretrainObjective  # noqa: E402
-from jobs.refine import RefineObjective  # noqa: E402
-from jobs.train import make_ema, make_optimizer  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
+from pipelines.objectives import PretrainObjective, RefineObjective  # noqa: E402
+from pipelines.training import Trainer, make_ema, make_optimizer, make_scheduler, train_step  # noqa: E402
 
 MODES = ("deterministic", "stochastic", "cfg")
 
@@ -121,34 +121,30 @@ def main() -> None:
         if isinstance(objective, RefineObjective):
             time_sample_step(objective, counter, device)
     opt = make_optimizer(objectives["pretrain"], refine)  # one optimiser over the shared weights
-    ema = make_ema(model, refine.ema_decay)
+    ema, sched = make_ema(model, refine.ema_decay), make_scheduler(opt, refine)
+    trainers = {name: Trainer(objective, ema, opt, sched, objective, device, fsdp=False)
+                for name, objective in objectives.items()}
     amp = device.type == "cuda" and refine.precision == "bf16"
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, g.seq_len, args.token_dim, generator=gen).to(device)
-    labels = torch.randint(10, (args.batch,), generator=gen).to(device)
+    grid = torch.randn(args.batch, args.grid, args.grid, args.token_dim, generator=gen).to(device)
+    batch = {"mean": grid, "mean_flip": grid, "label": torch.randint(10, (args.batch,), generator=gen)}
     print(f"model: {args.preset}, {count_parameters(model) / 1e6:.2f}M parameters, {g.name} {args.grid}x{args.grid} "
           f"({g.num_groups} groups, L={g.seq_len}, D={args.token_dim}), batch {args.batch}; refine.sample_steps "
           f"{refine.sample_steps}, cfg_scale {refine.cfg_scale}, head_batch_mul {model.config.head_batch_mul}")
 
-    def step(objective) -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _, _ = objective(x, labels, gen)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), refine.optim.grad_clip)
-        opt.step()
-        ema.update_parameters(model)
+    def step(name: str) -> None:
+        train_step(trainers[name], [batch], gen, {}, {}, refine.optim.grad_clip, amp)
         sync(device)
 
     # Passes per step (one untimed step each, which is also the first warm-up step).
     passes = {}
-    for name, objective in objectives.items():
+    for name in objectives:
         counter.take()
-        step(objective)
+        step(name)
         passes[name] = counter.take()
     for _ in range(args.warmup - 1):
-        for objective in objectives.values():
-            step(objective)
+        for name in objectives:
+            step(name)
 
     # The objectives take turns step by step; the sample step is timed inside each refine step.
     times: dict[str, list[float]] = {name: [] for name in objectives}
@@ -156,7 +152,7 @@ def main() -> None:
     for _ in range(args.iters):
         for name, objective in objectives.items():
             t0 = time.perf_counter()
-            step(objective)
+            step(name)
             times[name].append(time.perf_counter() - t0)
             if name != "pretrain":
                 sample_times[name].append(objective.sample_seconds)

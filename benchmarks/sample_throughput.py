@@ -15,17 +15,15 @@ Skipped with a message when there is no GPU.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import tempfile
 import time
 
 import torch
 
-from jobs import checkpoints
 from jobs.config import load_config
 from models import Guidance, build_model
-from pipelines import sampling
+from pipelines import checkpoints, sampling
 
 RAW_32 = {"encoder": "raw", "weights": None, "weights_sha256": None, "scale_factor": None, "image_size": 32,
           "grid": [8, 8], "channels": 3, "patch": 4, "token_dim": 48, "grouping": "next-neighbour",
@@ -35,7 +33,7 @@ RAW_32 = {"encoder": "raw", "weights": None, "weights_sha256": None, "scale_fact
 def tiny_checkpoint(root: str) -> str:
     torch.manual_seed(0)
     model = build_model("tiny", token_dim=48, height=8, width=8, num_classes=10)
-    meta = {"step": 1, "stage": "pretrain", "model_config": dataclasses.asdict(model.config), "latents": RAW_32}
+    meta = {"step": 1, "stage": "pretrain", "model_config": model.config.to_dict(), "latents": RAW_32}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints.write_local(tmp, {"model": model.state_dict(), "ema": model.state_dict()}, meta)
         return checkpoints.publish(tmp, os.path.join(root, "pretrain"), 1, keep=1)
@@ -43,7 +41,7 @@ def tiny_checkpoint(root: str) -> str:
 
 def cpu_benchmark(images: int, batch: int, actors: int, flow_steps: int) -> None:
     from jobs import sample as sample_job
-    from jobs.runtime import init_ray
+    from pipelines.ray_runtime import init_ray
 
     with tempfile.TemporaryDirectory(prefix="sar-bench-") as root:
         ckpt = tiny_checkpoint(root)
@@ -53,12 +51,11 @@ def cpu_benchmark(images: int, batch: int, actors: int, flow_steps: int) -> None
                                  "sample.guidance.w_z=2.0", "cluster.num_cpus=2",
                                  "cluster.object_store_memory=300000000"])
         plan = sampling.SamplePlan(10, per_class, seed=0)
-        guidance = cfg.sample.guidance.model_dump()
+        settings = sample_job.settings(cfg)
 
         # Plain loop: the stage in this process, on one thread as a Ray actor with one CPU runs.
         torch.set_num_threads(1)
-        stage = sampling.SampleGenerator(ckpt, os.path.join(root, "loop"), guidance=guidance, flow_steps=flow_steps,
-                                         plan=dataclasses.asdict(plan), batch_size=batch)
+        stage = sampling.SampleGenerator(ckpt, os.path.join(root, "loop"), settings, plan)
         start = time.perf_counter()
         for i in range(0, plan.size, batch):
             stage(plan.rows(range(i, min(i + batch, plan.size))))
@@ -69,7 +66,7 @@ def cpu_benchmark(images: int, batch: int, actors: int, flow_steps: int) -> None
 
         # The Ray Data actor pool, as `sar sample` runs it (actor start-up and model load included).
         init_ray(cfg.cluster)
-        run = sample_job.run_pool(cfg, plan, ckpt, os.path.join(root, "pool"), list(range(plan.size)))
+        run = sampling.run_pool(ckpt, plan, settings, os.path.join(root, "pool"), list(range(plan.size)), actors, 0)
         print(f"     ray actor pool, {actors} actors x 1 CPU: {run.written / run.seconds:6.1f} images/s  "
               f"({run.seconds:.1f} s, of which {run.first_batch_s:.1f} s to the first batch: actor start-up); "
               f"{run.steady_rate:.1f} images/s after it")
@@ -81,7 +78,7 @@ def cuda_benchmark(images: int, batch: int, flow_steps: int, cfg_scale: float) -
         return
     from diffusers import AutoencoderKL
 
-    from pipelines.encoders import KLVAECodec
+    from pipelines.codecs import KLVAECodec
 
     device = torch.device("cuda")
     torch.manual_seed(0)

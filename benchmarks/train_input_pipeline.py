@@ -7,15 +7,13 @@ Setup: a synthetic ImageNet (pipelines/synth.py) encoded by `sar encode` (jobs/e
 pixel tokens from configs/demo.yaml) into a temporary latents folder, sized so that one epoch
 is exactly `warmup + steps` batches; a local Ray on 2 CPUs.
 
-Both sides run the same pretraining step as jobs/train.py's loop, in this process, on the same
-model: `tokens_from_batch` (flip + posterior sample + token order), PretrainObjective's forward
-(L_TF), backward, gradient clipping, AdamW (`make_optimizer`), the scheduler and the EMA update
-(`make_ema`); bf16 autocast on CUDA, as the loop.
+Both sides run the training loop's own step (pipelines/training.py: `prepare` builds the model,
+optimizer, schedule and EMA of a pretrain run, `train_step` makes one optimizer step from a
+batch of latent rows), in this process, on the same model; bf16 autocast on CUDA, as the loop.
 
   ray data   each round is one epoch of the dataset as a Ray Train worker sees it: the
              `streaming_split(1, equal=True)` shard that Ray Train hands a single worker,
-             read with `iter_torch_batches(prefetch_batches=2, local_shuffle_buffer_size=4 B)`
-             exactly as `train_loop` does;
+             read through the loop's `step_batches`;
   in memory  the batches of a first (untimed) epoch, kept as a list of torch tensors.
 
 The sides alternate (ray data, in memory, ray data, ...) so that the load of a shared machine
@@ -46,11 +44,10 @@ import torch  # noqa: E402
 
 from bench_models import PEAK_BF16_FLOPS, train_flops_per_image  # noqa: E402
 from jobs.config import load_config  # noqa: E402
-from jobs.train import (TRAIN_COLUMNS, make_ema, make_optimizer, make_scheduler, model_config_for,  # noqa: E402
-                        tokens_from_batch)
 from models import count_parameters  # noqa: E402
-
-PREFETCH_BATCHES = 2  # as jobs/train.py's train_loop
+from pipelines import training  # noqa: E402
+from pipelines.latents import TRAIN_COLUMNS  # noqa: E402
+from pipelines.objectives import group_buckets  # noqa: E402
 
 
 def make_latents(root: str, args) -> tuple:
@@ -79,33 +76,23 @@ def make_latents(root: str, args) -> tuple:
 
 
 def build_step(cfg, manifest, device: torch.device):
-    """(model, step(batch) -> None): one pretraining step of train_loop, from a batch of latent rows."""
-    from jobs.pretrain import PretrainObjective, build_model
-
+    """(model, step(micro-batches) -> None): one optimizer step of the training loop."""
     train = cfg.pretrain
     torch.manual_seed(train.seed)
-    model = build_model(model_config_for(cfg, manifest))
-    objective = PretrainObjective(model).to(device).train()
-    ema = make_ema(model, train.ema_decay)
-    opt = make_optimizer(objective, train)
-    sched = make_scheduler(opt, train)
+    model_config = training.build_model_config(cfg.model, manifest)
+    loop = training.prepare_run(cfg, "pretrain", cfg.pretrain_dir, model_config, manifest, inputs={})
+    t, _ = training.prepare(loop, device)
+    g = t.model.grouping
+    buckets = {k: v.to(device) for k, v in group_buckets(g.group_index, g.num_groups).items()}
     amp = device.type == "cuda" and train.precision == "bf16"
     gen = torch.Generator().manual_seed(train.seed)
 
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        opt.zero_grad(set_to_none=True)
-        x, labels = tokens_from_batch(batch, model.grouping, gen, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _, _ = objective(x, labels, gen)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), train.optim.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update_parameters(model)
+    def step(micro: list[dict[str, torch.Tensor]]) -> None:
+        training.train_step(t, micro, gen, buckets, {}, train.optim.grad_clip, amp)
         if device.type == "cuda":
             torch.cuda.synchronize()  # the step's time is the device's, not the launch's
 
-    return model, step
+    return t.model, step
 
 
 def run_steps(batches, step, warmup: int, steps: int) -> tuple[list[float], list[float], float]:
@@ -168,10 +155,8 @@ def main() -> None:
         # The shard one Ray Train worker reads (DataConfig.configure: streaming_split(world_size, equal=True)).
         shard = dataset.streaming_split(1, equal=True)[0]
 
-        def epoch(e: int):  # train_loop's call, its shuffle seed for epoch e of rank 0
-            return shard.iter_torch_batches(batch_size=args.batch, drop_last=True, prefetch_batches=PREFETCH_BATCHES,
-                                            local_shuffle_buffer_size=4 * args.batch,
-                                            local_shuffle_seed=cfg.pretrain.seed + 1000 * e)
+        def epoch(e: int):  # the loop's batches of epoch e on rank 0, one micro-batch per step
+            return ([b] for b in training.epoch_batches(shard, cfg.pretrain, e, rank=0))
 
         t0 = time.perf_counter()
         in_memory = list(epoch(0))  # the untimed first epoch: kernels, allocator, Ray Data's start

@@ -1,4 +1,12 @@
-"""Entry points of the pipeline's stages and their configuration."""
+"""Entry points: the `sar` command line, the typed config, and one thin module per stage.
+
+    cli.py      the `sar` command line          config.py   every stage's pydantic config
+    encode.py, pretrain.py, refine.py, sample.py, fid.py    the stages: each says what it reads
+                and writes, `status(cfg)` (up to date?), `output(cfg)` and `main(cfg, args)`,
+                and imports no other stage; the work itself is library code in pipelines/
+    run.py      `sar run`: a plain loop over the stages      demo.py   `sar demo`
+    submit.py   `sar submit`: any command as a Ray Job on a cluster
+"""
 
 import os
 

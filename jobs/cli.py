@@ -10,26 +10,43 @@
     sar submit        --address http://HEAD:8265 [--follow] -- <sar subcommand and arguments>
 
 Each stage lives in `jobs/<stage>.py` as `main(config, args) -> exit code`.
-Exit codes: 0 success, 1 a stage failed (with a one-line reason), 2 bad config or arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
 
-from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
+from jobs.config import ConfigError, dump_yaml, load_config
+from jobs.run import STAGES
 from pipelines.errors import SarError
 
-STAGES = ("encode", "pretrain", "refine", "sample", "fid")
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+EXIT_CODES = """exit status:
+  0  success
+  1  a stage failed; one line on stderr says why (a missing input, a storage error, ...)
+  2  a bad config, override or argument; one line names the field and the value"""
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (defaults: the papers' reference run)")
+def _doc(module: str) -> str:
+    """A jobs module's docstring, read without importing it (building the parser stays cheap)."""
+    spec = importlib.util.find_spec(f"jobs.{module}")
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
+
+
+def _command(sub, name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its purpose and the exit codes."""
+    return sub.add_parser(name, help=summary, description=description or summary, epilog=EXIT_CODES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str = "the papers' reference run") -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help=f"YAML config (default: {default})")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one dotted key, e.g. --set pretrain.steps=100 (repeatable)",
@@ -37,7 +54,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sar", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sar", description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -48,56 +66,53 @@ def build_parser() -> argparse.ArgumentParser:
         ("sample", "generate the evaluation samples (Ray Data actor pool)"),
         ("fid", "FID / IS / precision / recall with torch-fidelity"),
     ]:
-        p = sub.add_parser(stage, help=text, description=text)
+        p = _command(sub, stage, text, _doc(stage))
         _add_config_args(p)
         if stage == "encode":
             p.add_argument("--force", action="store_true", help="re-encode everything from scratch")
         if stage == "sample":
-            p.add_argument("--preview", action="store_true", help="a quick grid for a few classes")
+            p.add_argument("--preview", action="store_true", help="only a quick grid of a few classes, in this process")
 
-    p = sub.add_parser("run", help="every stage in order, skipping those already up to date")
+    p = _command(sub, "run", "every stage in order, skipping those already up to date",
+                 _doc("run"))
     _add_config_args(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--from", dest="from_stage", choices=STAGES, help="start at this stage")
     g.add_argument("--only", dest="only_stage", choices=STAGES, help="run this stage alone")
     p.add_argument("--force", action="store_true", help="re-run stages even when up to date")
 
-    p = sub.add_parser("demo", help="synthetic data through the whole pipeline at tiny scale, on local Ray")
+    p = _command(sub, "demo", "synthetic data through the whole pipeline at tiny scale, on local Ray",
+                 _doc("demo"))
     p.add_argument("--run-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
-    _add_config_args(p)
+    _add_config_args(p, default=f"configs/{DEMO_CONFIG.name}")
 
-    p = sub.add_parser("submit", help="run a sar command as a Ray Job on a cluster")
+    p = _command(sub, "submit", "run a sar command as a Ray Job on a cluster",
+                 _doc("submit"))
     p.add_argument("--address", required=True, help="the Ray dashboard, e.g. http://HEAD:8265")
     p.add_argument("--follow", action="store_true", help="stream the logs and exit with the job's status")
     p.add_argument("--working-dir", default=".", help="project folder to ship (default: .)")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the sar subcommand and its arguments")
 
-    p = sub.add_parser("synth-imagenet", help="write a procedural ImageNet-layout dataset")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--per-class", type=int, default=20)
-    p.add_argument("--val-per-class", type=int, default=2)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quirks", action="store_true", help="add CMYK, grayscale, PNG-as-JPEG, truncated, empty files")
+    p = _command(sub, "synth-imagenet", "write a procedural ImageNet-layout dataset",
+                 "Write a synthetic dataset in the ImageNet layout (train/<wnid>/*.JPEG, a flat val/ with "
+                 "LOC_val_solution.csv, LOC_synset_mapping.txt): one shape, colour and texture per class, "
+                 "deterministic for a seed.")
+    d = argparse.ArgumentDefaultsHelpFormatter  # show the defaults of these options
+    p.formatter_class = type("Formatter", (d, argparse.RawDescriptionHelpFormatter), {})
+    p.add_argument("out", help="output folder (local)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes")
+    p.add_argument("--per-class", type=int, default=20, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=2, help="validation images per class")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    p.add_argument("--quirks", action="store_true",
+                   help="add CMYK, grayscale, PNG-as-JPEG, RGBA, palette, truncated and empty files")
 
-    p = sub.add_parser("config", help="inspect configuration")
+    p = _command(sub, "config", "inspect configuration")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = csub.add_parser("show", help="print the resolved config as YAML")
+    show = _command(csub, "show", "print the resolved config as YAML")
     _add_config_args(show)
     return parser
-
-
-def _stage_entry(name: str) -> Callable[[PipelineConfig, argparse.Namespace], int] | None:
-    """`jobs.<name>.main`, or None when that stage is not built."""
-    module_name = f"jobs.{name.replace('-', '_')}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name == module_name:
-            return None
-        raise
-    return module.main
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -126,15 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "synth-imagenet":
         return _synth(args)
     if command == "submit":
-        entry = _stage_entry("submit")
-        if entry is None:
-            print("sar submit: not built yet", file=sys.stderr)
-            return 3
-        return entry(None, args)
+        from jobs import submit
+
+        return submit.main(None, args)
     try:
         if command == "demo":
-            overrides = [f"run_dir={args.run_dir}", *args.overrides]
-            cfg = load_config(args.config or _demo_config_path(), overrides)
+            cfg = load_config(args.config or DEMO_CONFIG, [f"run_dir={args.run_dir}", *args.overrides])
         else:
             cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -143,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "config":
         sys.stdout.write(dump_yaml(cfg))
         return 0
-    entry = _stage_entry(command)
-    if entry is None:
-        print(f"sar {command}: this stage is not built yet", file=sys.stderr)
-        return 3
+    entry = importlib.import_module(f"jobs.{command}").main
     try:
         return int(entry(cfg.with_absolute_paths(), args) or 0)
     except ConfigError as err:
@@ -155,10 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     except SarError as err:
         print(f"sar {command}: error: {err}", file=sys.stderr)
         return 1
-
-
-def _demo_config_path() -> str:
-    return str(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class DataConfig(_Section):
 
 
 class EncodeConfig(_Section):
-    """Images to multi-scale, grouped latents in Parquet (pipelines/encode)."""
+    """Images to multi-scale, grouped latents in Parquet (pipelines/encode.py)."""
 
     encoder: Literal["raw", "kl-vae", "wan"] = "kl-vae"  # paper's main space: KL-VAE, Table 3
     weights: str | None = None  # diffusers folder or LDM .ckpt/.safetensors; local or object store
@@ -73,6 +73,23 @@ class ModelConfig(_Section):
     grouping: Literal[GROUPINGS] = "next-neighbour"  # Agg_AVG, 31 steps: paper Table 1 / Table 4
     scales: list[int] | None = None  # next-scale schedule, e.g. [1, 2, 4, 8, 16]
     overrides: dict[str, Any] = Field(default_factory=dict)  # any models.SARConfig field
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, v: str) -> str:
+        from models import PRESETS
+
+        if v not in PRESETS:
+            raise ValueError(f"unknown preset; choose from {', '.join(sorted(PRESETS))}")
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_fields(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from models import SARConfig
+
+        SARConfig.check_fields(v)
+        return v
 
 
 class OptimConfig(_Section):
@@ -110,6 +127,14 @@ class TrainConfig(_Section):
     output: str | None = None
     allow_config_change: bool = False  # let a run directory continue under a changed config
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        per_step = self.micro_batch * max(self.num_workers, 1)
+        if self.global_batch % per_step:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch} "
+                             f"x {max(self.num_workers, 1)} workers")
+        return self
 
 
 class PretrainConfig(TrainConfig):
@@ -195,6 +220,12 @@ class ClusterConfig(_Section):
     runtime_env: dict[str, Any] = Field(default_factory=dict)
 
 
+def _output(section: str, folder: str) -> property:
+    """A stage's output location: its section's `output`, else `{run_dir}/{folder}`."""
+    return property(lambda self: getattr(self, section).output or f"{self.run_dir}/{folder}",
+                    doc=f"{section}.output, else {{run_dir}}/{folder}")
+
+
 class PipelineConfig(_Section):
     """The whole pipeline; each stage's output defaults to a folder of `run_dir`."""
 
@@ -251,29 +282,12 @@ class PipelineConfig(_Section):
                 cfg._set(name, os.path.abspath(value))
         return cfg
 
-    # Stage outputs ----------------------------------------------------------------------
-    def _under_run_dir(self, explicit: str | None, name: str) -> str:
-        return explicit if explicit else f"{self.run_dir}/{name}"
-
-    @property
-    def latents_dir(self) -> str:
-        return self._under_run_dir(self.encode.output, "latents")
-
-    @property
-    def pretrain_dir(self) -> str:
-        return self._under_run_dir(self.pretrain.output, "pretrain")
-
-    @property
-    def refine_dir(self) -> str:
-        return self._under_run_dir(self.refine.output, "refine")
-
-    @property
-    def samples_dir(self) -> str:
-        return self._under_run_dir(self.sample.output, "samples")
-
-    @property
-    def eval_dir(self) -> str:
-        return self._under_run_dir(self.fid.output, "eval")
+    # Stage outputs: `{section}.output`, else a folder of run_dir ------------------------------
+    latents_dir = _output("encode", "latents")
+    pretrain_dir = _output("pretrain", "pretrain")
+    refine_dir = _output("refine", "refine")
+    samples_dir = _output("sample", "samples")
+    eval_dir = _output("fid", "eval")
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as saved with outputs: storage options are redacted."""
@@ -312,9 +326,13 @@ def _describe(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown config key {loc!r}"
     value = first.get("input")
-    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
     msg = first["msg"].removeprefix("Value error, ")
-    return f"invalid value for {loc!r}: {shown} ({msg})" if loc else msg
+    if not loc:
+        return msg
+    if isinstance(value, dict) and first["type"] == "value_error":  # a check across a section's fields
+        return f"invalid {loc!r}: {msg}"
+    shown = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+    return f"invalid value for {loc!r}: {shown} ({msg})"
 
 
 def config_from_dict(tree: dict[str, Any]) -> PipelineConfig:

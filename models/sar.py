@@ -1,10 +1,10 @@
-"""SAR: spatial autoregression with self-token prediction (backbone, flow head, guidance, presets).
+"""SAR: spatial autoregression with self-token prediction (config, backbone, model, presets).
 
-Reads bottom-up as DiT's models.py: helpers, attention masks, embeddings, the block, the
-backbone, the flow-matching head, the model, then the size presets.
+Reads bottom-up as DiT's models.py: the config, helpers, attention masks, the block, the
+backbone, the model, then the size presets. The flow-matching head lives in flow_head.py,
+the guidance in guidance.py, the groupings in grouping.py.
 """
-import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from .flow_head import FlowHead
 from .grouping import make_grouping
+from .guidance import Guidance
 
 COND, CONTEXT, GENERATION = 0, 1, 2  # stream ids: the class token, context_stream, generation_stream
 
@@ -20,13 +22,13 @@ COND, CONTEXT, GENERATION = 0, 1, 2  # stream ids: the class token, context_stre
 @dataclass
 class SARConfig:
     token_dim: int = 16          # KL-VAE kl16: 16 channels, patch 1 (paper Table 3, main space)
-    height: int = 16             # token grid h (256px / stride 16)
-    width: int = 16              # token grid w
+    height: int = 16             # token grid rows (256 px / stride 16)
+    width: int = 16              # token grid columns
     grouping: str = "next-neighbour"  # best FID with Agg_AVG (paper Fig. 8 table); 31 steps at 16x16
     scales: tuple[int, ...] | None = None  # next-scale only; None -> (1, 2, 4, ..., height)
     num_classes: int = 1000
     depth: int = 12
-    width_dim: int = 768
+    hidden_size: int = 768       # backbone width (DiT's name; `width` is the token grid's)
     num_heads: int = 12
     mlp_ratio: float = 4.0
     class_dropout: float = 0.1   # trains the unconditional backbone for CFG / z-CFG (DESIGN 3)
@@ -34,7 +36,7 @@ class SARConfig:
     head_width: int = 1024       # MAR's diffloss width
     head_batch_mul: int = 4      # t samples per token per step (MAR diffusion_batch_mul)
     z_dropout: float = 0.1       # z -> 0 trains the unconditional head branch for x-CFG (paper Fig. 12)
-    flow_steps: int = 50         # Euler steps from t=0 (noise) to t=1 (data)
+    flow_steps: int = 50         # ODE steps from t=0 (noise) to t=1 (data)
     time_schedule: str = "uniform"  # sampler grid: 'uniform' | 'shifted' (SD3 time shift toward noise)
     time_shift: float = 3.0      # shift s for 'shifted': sigma' = s*sigma / (1 + (s-1)*sigma), SD3 eq. 23
     train_time: str = "uniform"  # training t: 'uniform' | 'logit_normal' (SD3's logit-normal, m=0 s=1)
@@ -42,9 +44,30 @@ class SARConfig:
                                  # compiles and is inference-only (torch 2.13 has no CPU flex backward)
     grad_checkpointing: bool = False  # recompute each block in backward (activation checkpointing)
 
+    # Names an older release wrote into checkpoints, and what they are called now.
+    RENAMED = {"width_dim": "hidden_size"}
 
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
+    def __post_init__(self):
+        if self.scales is not None:
+            self.scales = tuple(int(s) for s in self.scales)
+
+    @classmethod
+    def check_fields(cls, names):
+        """Raise ValueError naming the first name that is not a SARConfig field."""
+        known = {f.name for f in fields(cls)}
+        for name in names:
+            if name not in known and name not in cls.RENAMED:
+                raise ValueError(f"unknown model field {name!r}; fields: {', '.join(sorted(known))}")
+
+    @classmethod
+    def from_dict(cls, d):
+        """A config from a dict (a preset with overrides, or a checkpoint's meta.json); unknown keys are errors."""
+        cls.check_fields(d)
+        return cls(**{cls.RENAMED.get(k, k): v for k, v in d.items()})
+
+    def to_dict(self):
+        """JSON-ready fields (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def sincos_2d(coords, dim, grid):
@@ -124,8 +147,8 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.num_heads = config.num_heads
-        self.qkv = nn.Linear(config.width_dim, 3 * config.width_dim)
-        self.proj = nn.Linear(config.width_dim, config.width_dim)
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, x, mask, past=None):
         B, N, C = x.shape
@@ -145,12 +168,12 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        hidden = int(config.width_dim * config.mlp_ratio)
-        self.norm1 = nn.LayerNorm(config.width_dim, eps=1e-6)
+        hidden = int(config.hidden_size * config.mlp_ratio)
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=1e-6)
         self.attn = Attention(config)
-        self.norm2 = nn.LayerNorm(config.width_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(config.width_dim, hidden), nn.GELU(approximate="tanh"),
-                                 nn.Linear(hidden, config.width_dim))
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(config.hidden_size, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, config.hidden_size))
 
     def forward(self, x, mask, past=None):
         a, kv = self.attn(self.norm1(x), mask, past)                    # (B, N, C)
@@ -166,7 +189,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.grad_checkpointing = config.grad_checkpointing
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
-        self.norm = nn.LayerNorm(config.width_dim, eps=1e-6)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
 
     def forward(self, x, mask, cache=None, keep=None):
         for i, block in enumerate(self.blocks):
@@ -181,109 +204,16 @@ class Backbone(nn.Module):
 
 
 #################################################################################
-#                              Flow-matching head                               #
-#################################################################################
-
-class TimestepEmbedder(nn.Module):
-    """Flow time t in [0, 1] -> vector (DiT's sinusoidal frequencies on 1000 t)."""
-
-    def __init__(self, width, freq_dim=256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t):
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angle = 1000 * t.float()[:, None] * freqs[None]                 # (N, half)
-        return self.mlp(torch.cat([angle.cos(), angle.sin()], -1))      # (N, width)
-
-
-class ResBlock(nn.Module):
-    """MLP residual block with AdaLN shift/scale/gate from (z, t) (MAR's ResBlock)."""
-
-    def __init__(self, width):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
-
-    def forward(self, x, c):
-        shift, scale, gate = self.ada_ln(c).chunk(3, -1)                # (N, width) each
-        return x + gate * self.mlp(modulate(self.norm(x), shift, scale))
-
-
-class FinalLayer(nn.Module):
-    """AdaLN then a linear map to the velocity."""
-
-    def __init__(self, width, out_dim):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
-        self.linear = nn.Linear(width, out_dim)
-        self.ada_ln = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-
-    def forward(self, x, c):
-        shift, scale = self.ada_ln(c).chunk(2, -1)
-        return self.linear(modulate(self.norm(x), shift, scale))        # (N, out_dim)
-
-
-class FlowHead(nn.Module):
-    """Per-token velocity v(x_t, t, z) on the rectified-flow path (MAR's SimpleMLPAdaLN)."""
-
-    def __init__(self, token_dim, cond_dim, width, depth):
-        super().__init__()
-        self.input_proj = nn.Linear(token_dim, width)
-        self.time_embed = TimestepEmbedder(width)
-        self.cond_embed = nn.Linear(cond_dim, width)
-        self.blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
-        self.final = FinalLayer(width, token_dim)
-
-    def forward(self, x_t, t, z):
-        x = self.input_proj(x_t)                                        # (N, width)
-        c = self.time_embed(t) + self.cond_embed(z)                     # (N, width)
-        for block in self.blocks:
-            x = block(x, c)                                             # (N, width)
-        return self.final(x, c)                                         # (N, token_dim)
-
-
-#################################################################################
-#                                  Guidance                                     #
-#################################################################################
-
-GUIDANCE_KINDS = ("none", "cfg", "z_cfg", "x_cfg", "xz_cfg")
-
-
-@dataclass
-class Guidance:
-    """Guidance at sampling (paper Fig. 12, Table 2); C backbone cost, c head cost.
-
-    none: C + c.  cfg: v = v_u + cfg (v_c - v_u), 2C + 2c.  z_cfg: z = z_u + w_z (z_c - z_u), 2C + c.
-    x_cfg: v = v_0 + w_x (v_z - v_0) with v_0 the head at z = 0, C + 2c.  xz_cfg: both, 2C + 2c.
-    ramp: weights grow linearly over AR steps, w_t = 1 + (w - 1) (t + 1) / T (MAR's linear cfg).
-    """
-    kind: str = "none"
-    cfg: float = 1.0
-    w_x: float = 1.0
-    w_z: float = 1.0
-    ramp: bool = False
-
-    def __post_init__(self):
-        if self.kind not in GUIDANCE_KINDS:
-            raise ValueError(f"unknown guidance {self.kind!r}; choose from {GUIDANCE_KINDS}")
-
-    @property
-    def needs_uncond_backbone(self):
-        return self.kind in ("cfg", "z_cfg", "xz_cfg")
-
-    def weights(self, t, num_groups):
-        """(cfg, w_x, w_z) at AR step t."""
-        f = (t + 1) / num_groups if self.ramp else 1.0
-        return tuple(1 + (w - 1) * f for w in (self.cfg, self.w_x, self.w_z))
-
-
-#################################################################################
 #                                  SAR model                                    #
 #################################################################################
+
+def gaussian_noise(shape, generator, device):
+    """Standard normal (B, N, D); a list of generators draws each sample from its own."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
 
 class SARModel(nn.Module):
     """Self-token prediction: group-causal backbone giving z per token, flow head sampling tokens.
@@ -299,7 +229,7 @@ class SARModel(nn.Module):
         self.config = config
         self.grouping = make_grouping(config.grouping, config.height, config.width, config.scales)
         self.single_stream = self.grouping.shift_aligned
-        W, g = config.width_dim, self.grouping
+        W, g = config.hidden_size, self.grouping
         self.input_proj = nn.Linear(config.token_dim, W)
         self.start_token = nn.Parameter(torch.zeros(W))             # input of the first group
         self.class_embed = nn.Embedding(config.num_classes + 1, W)  # last row: the null class
@@ -308,7 +238,7 @@ class SARModel(nn.Module):
         pos = sincos_2d(g.coords, W, max(config.height, config.width))
         self.register_buffer("pos_embed", pos, persistent=False)    # (L, W)
         self.backbone = Backbone(config)
-        self.head = FlowHead(config.token_dim, W, config.head_width, config.head_depth)
+        self.head = FlowHead(config)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -323,27 +253,25 @@ class SARModel(nn.Module):
             nn.init.normal_(p, std=0.02)
         if self.scale_embed is not None:
             nn.init.normal_(self.scale_embed.weight, std=0.02)
-        # Head: timestep MLP normal; AdaLN modulations and the output layer zero (MAR / DiT).
-        for m in self.head.time_embed.mlp[0::2]:
-            nn.init.normal_(m.weight, std=0.02)
-        for block in list(self.head.blocks) + [self.head.final]:
-            nn.init.zeros_(block.ada_ln[-1].weight)
-            nn.init.zeros_(block.ada_ln[-1].bias)
-        nn.init.zeros_(self.head.final.linear.weight)
-        nn.init.zeros_(self.head.final.linear.bias)
+        self.head.initialize_weights()
 
-    # ---- sequence assembly --------------------------------------------------------------
-    def _null_labels(self, labels):
+    # ---- class conditioning -------------------------------------------------------------
+    def null_labels(self, labels):
         return torch.full_like(labels, self.config.num_classes)
 
-    def _condition_labels(self, labels, drop_labels):
-        """Replace dropped labels by the null class (random class_dropout when training)."""
-        if drop_labels is None and self.training and self.config.class_dropout > 0:
-            drop_labels = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
-        if drop_labels is None:
-            return labels
-        return torch.where(drop_labels, self._null_labels(labels), labels)
+    def class_dropout_mask(self, labels):
+        """Which examples train the unconditional backbone (the null class): drawn in training only."""
+        if not self.training or self.config.class_dropout == 0:
+            return torch.zeros_like(labels, dtype=torch.bool)
+        return torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
 
+    def _condition_labels(self, labels, drop_labels):
+        """Labels with the dropped ones replaced by the null class (a fresh draw when None)."""
+        if drop_labels is None:
+            drop_labels = self.class_dropout_mask(labels)
+        return torch.where(drop_labels, self.null_labels(labels), labels)
+
+    # ---- sequence assembly --------------------------------------------------------------
     def _embed(self, values, positions, stream):
         """Token values (B, P, D) at sequence positions (P,) -> embeddings (B, P, W)."""
         x = self.input_proj(values)                                      # (B, P, W)
@@ -407,7 +335,11 @@ class SARModel(nn.Module):
 
     # ---- training -----------------------------------------------------------------------
     def forward(self, x, labels, *, drop_labels=None):
-        """One pass over all groups (paper Fig. 2, bottom): z (B, L, W) at generation positions."""
+        """One pass over all groups (paper Fig. 2, bottom): z (B, L, W) at generation positions.
+
+        drop_labels (B,) bool marks the examples conditioned on the null class; None draws the
+        class dropout afresh (in training only).
+        """
         B, L, D = x.shape
         labels = self._condition_labels(labels, drop_labels)
         positions = torch.arange(L, device=x.device)
@@ -416,10 +348,10 @@ class SARModel(nn.Module):
         h = self.backbone(seq, self.attention_mask(x.device))           # (B, S, W)
         return h[:, -L:]                                                # (B, L, W)
 
-    def forward_group(self, x, labels, t, *, drop_labels=None):
-        """z (B, n_t, W) of group t from its own forward over the prefix (Fig. 2 top: naive)."""
+    def forward_group(self, x, labels, t):
+        """z (B, n_t, W) of group t from its own forward over the prefix (Fig. 2 top: naive);
+        labels are used as given (no class dropout)."""
         g = self.grouping
-        labels = self._condition_labels(labels, drop_labels)
         sl = g.group_slice(t)
         if self.single_stream:
             context_pos, generation_pos = None, torch.arange(sl.stop, device=x.device)
@@ -430,84 +362,7 @@ class SARModel(nn.Module):
         mask = group_causal_mask(stream[:, None], group[:, None], stream[None], group[None], self.single_stream)
         return self.backbone(seq, mask)[:, -(sl.stop - sl.start):]      # (B, n_t, W)
 
-    def _train_times(self, n, device):
-        if self.config.train_time == "logit_normal":
-            return torch.sigmoid(torch.randn(n, device=device))
-        return torch.rand(n, device=device)
-
-    def flow_loss(self, z, target):
-        """Per-token flow-matching loss (B, L): ||v(x_t, t, z) - (x - e)||^2, x_t = t x + (1 - t) e."""
-        B, L, W = z.shape
-        m = self.config.head_batch_mul
-        z = z.reshape(B * L, W).repeat(m, 1)                            # (m B L, W)
-        x = target.reshape(B * L, -1).repeat(m, 1).float()              # (m B L, D)
-        if self.training and self.config.z_dropout > 0:                 # unconditional head branch
-            keep = torch.rand(z.shape[0], 1, device=z.device) >= self.config.z_dropout
-            z = z * keep.to(z.dtype)
-        t = self._train_times(x.shape[0], x.device)                     # (m B L,)
-        e = torch.randn_like(x)
-        x_t = t[:, None] * x + (1 - t[:, None]) * e
-        v = self.head(x_t, t, z)                                        # (m B L, D)
-        loss = (v.float() - (x - e)).pow(2).mean(-1)                    # (m B L,)
-        return loss.view(m, B, L).mean(0)                               # (B, L)
-
     # ---- sampling -----------------------------------------------------------------------
-    def time_grid(self, steps, device):
-        """Euler time points 0 = t_0 < ... < t_steps = 1."""
-        t = torch.linspace(0, 1, steps + 1, device=device)
-        if self.config.time_schedule == "shifted":                      # more steps near the noise
-            s, sigma = self.config.time_shift, 1 - t
-            t = 1 - s * sigma / (1 + (s - 1) * sigma)
-        elif self.config.time_schedule != "uniform":
-            raise ValueError(f"unknown time_schedule {self.config.time_schedule!r}")
-        return t
-
-    def _velocity(self, x, t, z, kind, cfg, w_x):
-        """Guided velocity (N, D) at x (N, D), time t; z is (2N, W) [cond; uncond] for cfg."""
-        tt = torch.full((x.shape[0],), float(t), device=x.device)
-        if kind == "cfg":                                               # 2 head passes, 2 backbones
-            v_c, v_u = self.head(torch.cat([x, x]), torch.cat([tt, tt]), z).float().chunk(2)
-            return v_u + cfg * (v_c - v_u)
-        if kind in ("x_cfg", "xz_cfg"):                                 # 2 head passes, z and 0
-            v_z, v_0 = self.head(torch.cat([x, x]), torch.cat([tt, tt]),
-                                 torch.cat([z, torch.zeros_like(z)])).float().chunk(2)
-            return v_0 + w_x * (v_z - v_0)
-        return self.head(x, tt, z).float()
-
-    def _sample_head(self, z, noise, steps, kind="none", cfg=1.0, w_x=1.0, w_z=1.0, mode="ode"):
-        """Tokens (B, N, D) from head conditions z (B, N, W) (or (2B, N, W) [cond; uncond])."""
-        B, N, D = noise.shape
-        if kind in ("z_cfg", "xz_cfg"):                                 # guide in feature space
-            z_c, z_u = z.chunk(2)
-            z = z_u + w_z * (z_c - z_u)
-        z = z.reshape(-1, z.shape[-1])                                  # (B N, W); cfg: (2 B N, W)
-        x = noise.reshape(B * N, D).float()
-        if mode == "one_step":                                          # clean estimate e + v(e, 0)
-            return (x + self._velocity(x, 0.0, z, kind, cfg, w_x)).view(B, N, D)
-        if mode != "ode":
-            raise ValueError(f"unknown sampling mode {mode!r}")
-        ts = self.time_grid(steps, x.device).tolist()
-        for t0, t1 in zip(ts[:-1], ts[1:]):                             # Euler, t = 0 -> 1
-            x = x + (t1 - t0) * self._velocity(x, t0, z, kind, cfg, w_x)
-        return x.view(B, N, D)
-
-    @staticmethod
-    def _noise(shape, generator, device):
-        """Standard normal (B, N, D); a list of generators draws each sample from its own."""
-        if isinstance(generator, (list, tuple)):
-            return torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator]).to(device)
-        gen_device = generator.device if generator is not None else device
-        return torch.randn(shape, generator=generator, device=gen_device).to(device)
-
-    @torch.no_grad()
-    def sample_from_z(self, z, *, generator=None, steps=None, noise=None, x_cfg=1.0, mode="ode"):
-        """Tokens (B, L, D) from head conditions z (B, L, W); mode 'ode' (Euler) or 'one_step'."""
-        B, L, _ = z.shape
-        if noise is None:
-            noise = self._noise((B, L, self.config.token_dim), generator, z.device)
-        kind = "x_cfg" if x_cfg != 1.0 else "none"
-        return self._sample_head(z, noise, steps or self.config.flow_steps, kind, w_x=x_cfg, mode=mode)
-
     def _decode_step(self, x, labels, t, cache):
         """z (B, n_t, W) of group t in one backbone call: feeds [context(G_{t-1}); generation(G_t)]."""
         g, device = self.grouping, x.device
@@ -546,7 +401,7 @@ class SARModel(nn.Module):
         seeds = seeds.tolist() if torch.is_tensor(seeds) else list(seeds)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         two = guidance.needs_uncond_backbone
-        cond_labels = torch.cat([labels, self._null_labels(labels)]) if two else labels
+        cond_labels = torch.cat([labels, self.null_labels(labels)]) if two else labels
         x = torch.zeros(B, g.seq_len, D, device=device)
         cache = KVCache(self.config.depth) if use_cache else None
         for t in range(g.num_groups):
@@ -554,12 +409,11 @@ class SARModel(nn.Module):
             if use_cache:
                 z = self._decode_step(x_in, cond_labels, t, cache)      # (B or 2B, n_t, W)
             else:
-                z = self.forward_group(x_in, cond_labels, t, drop_labels=torch.zeros_like(cond_labels).bool())
+                z = self.forward_group(x_in, cond_labels, t)
             sl = g.group_slice(t)
-            noise = self._noise((B, sl.stop - sl.start, D), generators, device)
-            cfg, w_x, w_z = guidance.weights(t, g.num_groups)
-            x[:, sl] = self._sample_head(z.float(), noise, flow_steps or self.config.flow_steps,
-                                         guidance.kind, cfg, w_x, w_z)
+            noise = gaussian_noise((B, sl.stop - sl.start, D), generators, device)
+            x[:, sl] = self.head.sample(z.float(), noise, flow_steps or self.config.flow_steps,
+                                        guidance.at_step(t, g.num_groups))
         return x
 
 
@@ -578,22 +432,20 @@ def count_parameters(model):
 #   sar-h: 32 blocks x 1792 (28 heads of 64), head 6 x 1536  -> ~1.317B
 #   tiny:  2 blocks x 64 (4 heads), head 2 x 64: tests and CPU demos.
 PRESETS = {
-    "tiny": dict(depth=2, width_dim=64, num_heads=4, head_depth=2, head_width=64, head_batch_mul=2),
-    "sar-b": dict(depth=16, width_dim=768, num_heads=12, head_depth=4, head_width=1024),
-    "sar-l": dict(depth=24, width_dim=1536, num_heads=24, head_depth=4, head_width=1024),
-    "sar-h": dict(depth=32, width_dim=1792, num_heads=28, head_depth=6, head_width=1536),
+    "tiny": dict(depth=2, hidden_size=64, num_heads=4, head_depth=2, head_width=64, head_batch_mul=2),
+    "sar-b": dict(depth=16, hidden_size=768, num_heads=12, head_depth=4, head_width=1024),
+    "sar-l": dict(depth=24, hidden_size=1536, num_heads=24, head_depth=4, head_width=1024),
+    "sar-h": dict(depth=32, hidden_size=1792, num_heads=28, head_depth=6, head_width=1536),
 }
+
+
+def preset_config(preset, **overrides):
+    """SARConfig of a preset with field overrides; unknown presets and fields are errors."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return SARConfig.from_dict({**PRESETS[preset], **overrides})
 
 
 def build_model(preset, **overrides):
     """SARModel from a preset name and SARConfig field overrides."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    names = {f.name for f in fields(SARConfig)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise ValueError(f"unknown SARConfig fields {sorted(unknown)}")
-    config = SARConfig(**{**PRESETS[preset], **overrides})
-    if config.scales is not None:
-        config.scales = tuple(config.scales)
-    return SARModel(config)
+    return SARModel(preset_config(preset, **overrides))

@@ -43,6 +43,7 @@ FID_LAYER, ISC_LAYER, PRC_LAYER = "2048", "logits_unbiased", "2048"  # torch-fid
 PRC_NEIGHBOURHOOD = 3  # k of Kynkaanniemi et al. (2019), torch-fidelity's and ADM's default
 ISC_SPLITS = 10  # Salimans et al. (2016)
 REFERENCE_CACHE = "reference_features.npz"
+METRICS_FILE, GRID_FILE = "metrics.json", "grid.png"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".JPEG", ".PNG", ".JPG")
 
 
@@ -303,3 +304,45 @@ def compute_metrics(samples: Dataset, reference: Reference | None, extractor, *,
                                        save_cpu_ram=True)
             out["precision"], out["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
     return out
+
+
+# metrics.json -----------------------------------------------------------------------------------
+def sample_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json records of the sample set it scored."""
+    return {k: manifest.get(k) for k in ("num_samples", "guidance", "flow_steps", "checkpoint",
+                                          "checkpoint_digest", "checkpoint_step")}
+
+
+def skipped_metrics(reason: str) -> dict[str, Any]:
+    """The metrics of a set scored without Inception weights: none, and why."""
+    return {"fid": None, "inception_score": None, "precision": None, "recall": None,
+            "skipped": {"fid": reason, "inception_score": reason, "precision_recall": reason}}
+
+
+def reference_problem(reference: str | None, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Why FID cannot be computed against `reference`, or None when it can."""
+    if not reference:
+        return "fid.reference is not set (ADM's VIRTUAL_imagenet256_labeled.npz or an image folder)"
+    if not storage.exists(reference, storage_options):
+        return f"fid.reference {storage.redact(reference)} does not exist"
+    return None
+
+
+def write_metrics(eval_dir: str, metrics: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    storage.write_json(storage.join(eval_dir, METRICS_FILE), metrics, storage_options)
+
+
+def metrics_status(eval_dir: str, samples_dir: str, storage_options: dict[str, Any] | None = None):
+    """Up to date when metrics.json scored the sample set now in `samples_dir` (a rundir.StageStatus)."""
+    from pipelines.rundir import StageStatus
+
+    metrics_url = storage.join(eval_dir, METRICS_FILE)
+    samples_url = storage.join(samples_dir, "_manifest.json")
+    if not storage.exists(metrics_url, storage_options) or not storage.exists(samples_url, storage_options):
+        return StageStatus(False, "no metrics")
+    metrics, samples = storage.read_json(metrics_url, storage_options), storage.read_json(samples_url, storage_options)
+    if metrics.get("checkpoint_digest") != samples.get("checkpoint_digest"):
+        return StageStatus(False, "the samples changed")
+    if metrics.get("num_samples") != samples.get("num_samples"):
+        return StageStatus(False, "the sample count changed")
+    return StageStatus(True, "metrics of the current samples")

@@ -8,7 +8,7 @@ A latents folder holds
     _rejected.json            the rejected files, when more than 1000 (else inline in the manifest)
 
 Columns of a shard (Ray's fixed-shape tensor extension type, `dtype` of the manifest;
-bfloat16 is stored as its uint16 bit pattern, see `to_tensor`):
+bfloat16 is stored as its uint16 bit pattern, see `storage_array` and `column_values`):
 
     key          str    source key relative to the dataset root
     label        int64
@@ -45,17 +45,23 @@ import pyarrow.parquet as pq
 import torch
 
 from pipelines import storage
-from pipelines.encoders import LOGVAR, LOGVAR_FLIP, MEAN, MEAN_FLIP, PYRAMID, TOKENS
 from pipelines.errors import DatasetMismatch, SarError
-from pipelines.preprocess import ERROR, KEY, LABEL
 
 log = logging.getLogger(__name__)
+
+# The schema: every column of a shard, and of the batches that flow into the writer.
+KEY, LABEL = "key", "label"
+MEAN, MEAN_FLIP, LOGVAR, LOGVAR_FLIP = "mean", "mean_flip", "logvar", "logvar_flip"
+PYRAMID, TOKENS = "pyramid", "tokens"
+ERROR = "error"  # in the encode batches only: why a row could not be read ("" when fine)
+TENSOR_COLUMNS = (MEAN, MEAN_FLIP, LOGVAR, LOGVAR_FLIP, PYRAMID, TOKENS)
+# What training reads; the source key and the token-order copies stay on disk.
+TRAIN_COLUMNS = (LABEL, MEAN, MEAN_FLIP, LOGVAR, LOGVAR_FLIP)
 
 SCHEMA_VERSION = 1
 MANIFEST, SOURCES, REJECTED = "_manifest.json", "_sources.json", "_rejected.json"
 SHARD_PREFIX, SHARD_SUFFIX = "part-", ".parquet"
 INLINE_REJECTED_MAX = 1000
-TENSOR_COLUMNS = (MEAN, MEAN_FLIP, LOGVAR, LOGVAR_FLIP, PYRAMID, TOKENS)
 # What must agree between an existing dataset and a run that adds to it.
 # Causes before consequences (patch before grid), so the message names what the user changed.
 HEADER_FIELDS = ("schema_version", "encoder", "weights_sha256", "scale_factor", "image_size", "patch", "channels",
@@ -74,11 +80,16 @@ def _rejected_digest(rejected: list[dict]) -> str:
     return hashlib.sha256(json.dumps(sorted(r["key"] for r in rejected)).encode()).hexdigest()
 
 
-def to_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """A stored tensor column (numpy) as a torch tensor of the manifest's `dtype`."""
+def storage_array(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """A tensor as the numpy array stored in Parquet; bfloat16 travels as its uint16 bits (numpy has no bf16)."""
     if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+        return x.to(torch.bfloat16).cpu().view(torch.int16).numpy().view(np.uint16)
+    return x.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def column_values(t: torch.Tensor) -> torch.Tensor:
+    """A stored tensor column, as read back by Ray Data, as float32 (uint16 = bfloat16 bits)."""
+    return t.view(torch.bfloat16).float() if t.dtype == torch.uint16 else t.float()
 
 
 # Writing shards (a Ray Data task stage) -----------------------------------------------------
@@ -147,6 +158,42 @@ def open_latents(latents_url: str, storage_options: dict | None = None):
     fs, _ = storage.pyarrow_filesystem(latents_url, storage_options)
     paths = [storage.pyarrow_filesystem(u, storage_options)[1] for u in shard_urls(latents_url, manifest)]
     return ray.data.read_parquet(paths, filesystem=fs), manifest
+
+
+def dataset_digest(latents_url: str, storage_options: dict | None = None) -> str | None:
+    """Digest of the committed dataset: its manifest without timestamps and config; None when absent."""
+    from pipelines.rundir import digest_of
+
+    url = storage.join(latents_url, MANIFEST)
+    if not storage.exists(url, storage_options):
+        return None
+    manifest = storage.read_json(url, storage_options)
+    volatile = {"created", "updated", "config", "elapsed_s", "summary"}
+    return digest_of({k: v for k, v in manifest.items() if k not in volatile})
+
+
+def data_bytes(manifest: dict) -> int:
+    """Bytes of the committed shards."""
+    return sum(int(shard.get("bytes", 0)) for shard in manifest.get("shards", []))
+
+
+def tokens_from_batch(batch: dict[str, torch.Tensor], grouping, generator: torch.Generator,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training tokens (B, L, D) and labels (B,) from a batch of latent rows.
+
+    The flip is chosen per example and the posterior sampled per example, at load time
+    (MAR stores moments, not samples, so both stay augmentations; DESIGN section 2).
+    """
+    mean, mean_flip = column_values(batch[MEAN]), column_values(batch[MEAN_FLIP])  # (B, h, w, D) each
+    flip = torch.rand(mean.shape[0], generator=generator) < 0.5  # (B,)
+    sel = flip.view(-1, 1, 1, 1).to(mean.device)
+    grid = torch.where(sel, mean_flip, mean)
+    if LOGVAR in batch:
+        logvar = torch.where(sel, column_values(batch[LOGVAR_FLIP]), column_values(batch[LOGVAR]))
+        eps = torch.randn(grid.shape, generator=generator).to(grid.device)
+        grid = grid + torch.exp(0.5 * logvar) * eps  # posterior sample
+    x = grouping.to_sequence(grid.to(device))  # (B, L, D)
+    return x, batch[LABEL].long().to(device)
 
 
 def check_compatible(manifest: dict, *, token_dim: int, grid: tuple[int, int], grouping: str,

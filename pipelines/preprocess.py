@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 
 from pipelines import storage
+from pipelines.latents import ERROR, KEY, LABEL
 
-KEY, LABEL, BYTES, PIXELS, ERROR = "key", "label", "bytes", "pixels", "error"
+BYTES, PIXELS = "bytes", "pixels"
 
 
 class UnreadableImage(ValueError):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,12 +154,16 @@ def grid_png(images: np.ndarray, min_cell: int = 64) -> bytes:
 
 
 # The Ray Data stage ------------------------------------------------------------------------
-def guidance_from_config(g):
-    """models.Guidance from a GuidanceConfig (or its dict)."""
-    from models import Guidance
+@dataclass(frozen=True)
+class SampleSettings:
+    """How every image of a set is made and stored (the config's sample section, as plain values)."""
 
-    d = g if isinstance(g, dict) else g.model_dump()
-    return Guidance(kind=d["kind"], cfg=d["cfg"], w_x=d["w_x"], w_z=d["w_z"], ramp=d["ramp"])
+    guidance: dict[str, Any]        # models.Guidance fields
+    flow_steps: int
+    weights: str = "ema"            # "ema" | "raw"
+    image_format: str = "png"       # "png" | "npz"
+    shard_size: int = 1000          # images per npz shard
+    batch_size: int = 64            # images per generate call
 
 
 def token_space(meta: dict[str, Any]) -> dict[str, Any]:
@@ -171,8 +176,8 @@ def token_space(meta: dict[str, Any]) -> dict[str, Any]:
 
 def load_generator(checkpoint: str, weights: str, storage_options: dict[str, Any] | None, device: torch.device):
     """(model, codec, meta) of a checkpoint, on `device`."""
-    from jobs.checkpoints import load_model
-    from pipelines.encoders import codec_from_manifest
+    from pipelines.checkpoints import load_model
+    from pipelines.codecs import codec_from_manifest
 
     model, meta = load_model(checkpoint, weights=weights, storage_options=storage_options)
     codec = codec_from_manifest(token_space(meta), storage_options=storage_options)
@@ -186,15 +191,16 @@ class SampleGenerator:
     `index, label, seed, file`, one per image written.
     """
 
-    def __init__(self, checkpoint: str, samples_dir: str, *, weights: str = "ema", guidance: dict[str, Any],
-                 flow_steps: int, plan: dict[str, int], image_format: str = "png", shard_size: int = 1000,
-                 batch_size: int = 64, storage_options: dict[str, Any] | None = None):
+    def __init__(self, checkpoint: str, samples_dir: str, settings: SampleSettings, plan: SamplePlan,
+                 storage_options: dict[str, Any] | None = None):
+        from models import Guidance
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.codec, _ = load_generator(checkpoint, weights, storage_options, self.device)
+        self.model, self.codec, _ = load_generator(checkpoint, settings.weights, storage_options, self.device)
         self.samples_dir, self.storage_options = samples_dir, storage_options
-        self.guidance, self.flow_steps = guidance_from_config(guidance), flow_steps
-        self.plan = SamplePlan(**plan)
-        self.format, self.shard_size, self.batch_size = image_format, shard_size, batch_size
+        self.guidance, self.flow_steps = Guidance(**settings.guidance), settings.flow_steps
+        self.plan = plan
+        self.format, self.shard_size, self.batch_size = settings.image_format, settings.shard_size, settings.batch_size
 
     def _render(self, rows: dict[str, np.ndarray]) -> np.ndarray:
         chunks = [render(self.model, self.codec, rows[LABEL][i:i + self.batch_size],
@@ -235,6 +241,154 @@ def index_rows(plan: SamplePlan, fmt: str, shard_size: int) -> list[dict[str, An
             for i, l, s in zip(rows[INDEX], rows[LABEL], rows[SEED])]
 
 
+# A set: its spec, what is missing, the pool, the commit ------------------------------------
+def num_classes(meta: dict[str, Any], wanted: int | None) -> int:
+    """How many classes to sample: `wanted`, or all the checkpoint was trained on."""
+    trained = int(meta.get("num_classes") or (meta.get("latents") or {}).get("num_classes")
+                  or meta["model_config"]["num_classes"])
+    if wanted is not None and wanted > trained:
+        raise SarError(f"sample.num_classes={wanted} but the checkpoint was trained on {trained} classes")
+    return wanted or trained
+
+
+def generation_spec(plan: SamplePlan, settings: SampleSettings, checkpoint: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Everything an image depends on: a resume must match it exactly."""
+    return {"num_samples": plan.size, "per_class": plan.per_class, "classes": plan.num_classes,
+            "seed": plan.seed, "guidance": dict(settings.guidance), "flow_steps": settings.flow_steps,
+            "weights": settings.weights, "format": settings.image_format, "npz_shard": settings.shard_size,
+            "checkpoint": storage.redact(checkpoint), "checkpoint_digest": meta.get("digest"),
+            "checkpoint_step": meta.get("step")}
+
+
+def _spec_difference(saved: dict[str, Any], spec: dict[str, Any]) -> list[str]:
+    return [k for k, v in spec.items() if k != "checkpoint" and saved.get(k) != v]
+
+
+def check_spec(samples_dir: str, spec: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    """Write the spec of a new set, or check that a partial set was made with the same one."""
+    url = storage.join(samples_dir, SPEC_FILE)
+    if not storage.exists(url, storage_options):
+        storage.write_json(url, spec, storage_options)
+        return
+    saved = storage.read_json(url, storage_options)
+    for key in _spec_difference(saved, spec):
+        raise SarError(f"{storage.redact(samples_dir)} holds samples made with {key}={saved.get(key)!r}, "
+                       f"this run would use {spec[key]!r}; set sample.output to a new folder or remove it")
+
+
+def set_status(samples_dir: str, spec: dict[str, Any], storage_options: dict[str, Any] | None = None):
+    """Whether the set in `samples_dir` is complete and made with `spec` (a rundir.StageStatus)."""
+    from pipelines.rundir import StageStatus
+
+    url = storage.join(samples_dir, SPEC_FILE)
+    if not storage.exists(url, storage_options):
+        return StageStatus(False, "no samples")
+    changed = _spec_difference(storage.read_json(url, storage_options), spec)
+    if changed:
+        return StageStatus(False, f"made from other inputs ({', '.join(changed)})", stale=True)
+    if not storage.exists(storage.join(samples_dir, MANIFEST_FILE), storage_options):
+        return StageStatus(False, "incomplete: resuming")
+    return StageStatus(True, f"{spec['num_samples']} samples of the current checkpoint")
+
+
+def missing_indices(samples_dir: str, plan: SamplePlan, settings: SampleSettings,
+                    storage_options: dict[str, Any] | None = None) -> list[int]:
+    done = done_indices(samples_dir, settings.image_format, settings.shard_size, plan.size, storage_options)
+    return sorted(set(range(plan.size)) - done)
+
+
+@dataclass
+class PoolRun:
+    """One actor-pool run: images written, wall seconds, and the seconds to the first batch (actor
+    start-up and model load, paid once per run), so throughput reads with and without it."""
+
+    written: int = 0
+    seconds: float = 0.0
+    first_batch_s: float = 0.0
+    first_batch: int = 0  # images in the first batch
+
+    @property
+    def steady_rate(self) -> float:
+        """Images/s after the first batch arrived."""
+        span = self.seconds - self.first_batch_s
+        return (self.written - self.first_batch) / span if span > 0 else 0.0
+
+
+def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, samples_dir: str, missing: list[int],
+             num_actors: int, gpus_per_actor: float, storage_options: dict[str, Any] | None = None) -> PoolRun:
+    """Generate the `missing` indices with a Ray Data actor pool of `num_actors` SampleGenerators."""
+    import ray
+
+    from pipelines.ray_runtime import cluster_gpus
+
+    if settings.image_format == "npz":
+        shards = sorted({i // settings.shard_size for i in missing})
+        ds = ray.data.from_items([{SHARD: k} for k in shards])
+        batch_size = 1  # one shard per call; the actor renders it in settings.batch_size chunks
+    else:
+        rows = plan.rows(missing)
+        ds = ray.data.from_items([{k: int(rows[k][j]) for k in rows} for j in range(len(missing))])
+        batch_size = settings.batch_size
+    ds = ds.map_batches(
+        SampleGenerator,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "samples_dir": samples_dir, "settings": settings,
+                               "plan": plan, "storage_options": storage_options},
+        batch_size=batch_size,
+        concurrency=num_actors,
+        num_gpus=gpus_per_actor if cluster_gpus() else 0,  # the job, not the stage, decides resources
+    )
+    run = PoolRun()
+    start = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        n = len(batch[INDEX])
+        if run.written == 0:
+            run.first_batch_s, run.first_batch = time.perf_counter() - start, n
+        run.written += n
+        run.seconds = time.perf_counter() - start
+        log.info("sample: %d/%d images (%.1f/s after start-up)", run.written, len(missing), run.steady_rate)
+    return run
+
+
+def finish_set(samples_dir: str, plan: SamplePlan, settings: SampleSettings, spec: dict[str, Any],
+               meta: dict[str, Any], run_config: dict[str, Any],
+               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check the set is whole, then write the index and, last, the manifest; returns the manifest.
+
+    `meta` is the checkpoint's meta.json (its token space gives the images' size)."""
+    missing = missing_indices(samples_dir, plan, settings, storage_options)
+    if missing:
+        raise SarError(f"{storage.redact(samples_dir)}: {len(missing)} of {plan.size} images are "
+                       f"still missing after the run; run `sar sample` again to finish")
+    storage.write_json(storage.join(samples_dir, INDEX_FILE),
+                       index_rows(plan, settings.image_format, settings.shard_size), storage_options)
+    manifest = {**spec, "index": INDEX_FILE, "num_classes_trained": meta.get("num_classes"),
+                "image_size": token_space(meta).get("image_size"), "config": run_config}
+    storage.write_json(storage.join(samples_dir, MANIFEST_FILE), manifest, storage_options)
+    return manifest
+
+
+def write_preview(checkpoint: str, plan: SamplePlan, settings: SampleSettings, samples_dir: str, classes: int,
+                  per_class: int, storage_options: dict[str, Any] | None = None) -> str:
+    """A classes x samples grid of the first images of evenly spaced classes, made in this process.
+
+    The images are the ones the full run makes for those indices (same seeds).
+    """
+    from models import Guidance
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, codec, _ = load_generator(checkpoint, settings.weights, storage_options, device)
+    picked = np.unique(np.linspace(0, plan.num_classes - 1, min(classes, plan.num_classes)).round().astype(int))
+    per = min(per_class, plan.per_class)
+    rows = plan.rows([i for c in picked for i in plan.class_indices(int(c), per)])
+    guidance, b = Guidance(**settings.guidance), settings.batch_size
+    images = np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
+                                    settings.flow_steps, device)
+                             for i in range(0, len(rows[INDEX]), b)])
+    url = storage.join(samples_dir, PREVIEW_FILE)
+    storage.write_bytes(url, grid_png(images.reshape(len(picked), per, *images.shape[1:])), storage_options)
+    return url
+
+
 # Reading a finished set ----------------------------------------------------------------------
 def read_manifest(samples_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     url = storage.join(samples_dir, MANIFEST_FILE)
@@ -247,6 +401,22 @@ def read_manifest(samples_dir: str, storage_options: dict[str, Any] | None = Non
 
 def read_index(samples_dir: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     return storage.read_json(storage.join(samples_dir, INDEX_FILE), storage_options)
+
+
+def write_grid(samples_dir: str, index: list[dict[str, Any]], classes: int, per_class: int, url: str,
+               storage_options: dict[str, Any] | None = None) -> tuple[int, int]:
+    """A classes x samples PNG grid: evenly spaced classes, the first samples of each; returns its shape."""
+    by_label: dict[int, list[dict[str, Any]]] = {}
+    for e in index:
+        by_label.setdefault(int(e[LABEL]), []).append(e)
+    labels = sorted(by_label)
+    picked = [labels[int(i)] for i in np.unique(np.linspace(0, len(labels) - 1, min(classes, len(labels)))
+                                                .round().astype(int))]
+    per = min(per_class, min(len(by_label[c]) for c in picked))
+    entries = [e for c in picked for e in sorted(by_label[c], key=lambda e: e[INDEX])[:per]]
+    images = load_images(samples_dir, entries, storage_options)
+    storage.write_bytes(url, grid_png(images.reshape(len(picked), per, *images.shape[1:])), storage_options)
+    return len(picked), per
 
 
 def load_images(samples_dir: str, entries: list[dict[str, Any]],

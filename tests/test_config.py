@@ -55,6 +55,9 @@ def test_overrides_apply_after_file_and_parse_types():
         ("pretrain.steps=-1", "pretrain.steps", "-1"),
         ("refine.gamma=abc", "refine.gamma", '"abc"'),
         ("nosuch=1", "nosuch", None),
+        ("model.overrides={head_dpeth: 7}", "model.overrides", "head_dpeth"),
+        ("model.preset=sar-xl", "model.preset", '"sar-xl"'),
+        ("pretrain.global_batch=30", "pretrain", "not a multiple of micro_batch 32"),
     ],
 )
 def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsys):

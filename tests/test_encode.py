@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from jobs.config import load_config
-from jobs.encode import run_encode
+from jobs.encode import job
 from pipelines import latents as L
 from pipelines import storage
-from pipelines.encoders import patchify, unpatchify
+from pipelines.codecs import patchify, unpatchify
+from pipelines.encode import run_encode
 from pipelines.errors import SarError
 from pipelines.preprocess import decode_image, hflip, to_model_input
 from pipelines.synth import UNREADABLE_QUIRKS, make_synthetic_imagenet
@@ -47,7 +48,7 @@ def test_quirks_idempotent_incremental_force(ray_local, tmp_path, capsys):
     bad = {k for k, kind in quirks.items() if kind in UNREADABLE_QUIRKS}
     cfg = _cfg(tmp_path / "run", root, "model.scales=[1,2,4]")
 
-    first = run_encode(cfg, commit_interval_s=0)
+    first = run_encode(job(cfg), commit_interval_s=0)
     assert (first.rows_written, first.rejected, first.new_sources) == (12 + 5, 2, 19)
     assert first.images_per_s > 0 and first.bytes_written > 0 and "rejected 2" in first.line()
     rows, manifest = _rows(cfg.latents_dir)
@@ -70,14 +71,14 @@ def test_quirks_idempotent_incremental_force(ray_local, tmp_path, capsys):
 
     # Unchanged source: nothing is added, the manifest is not rewritten.
     before = Path(cfg.latents_dir, L.MANIFEST).read_text()
-    again = run_encode(cfg, commit_interval_s=0)
+    again = run_encode(job(cfg), commit_interval_s=0)
     assert again.new_sources == 0 and again.rows_written == 0 and "up to date" in again.line()
     assert Path(cfg.latents_dir, L.MANIFEST).read_text() == before
 
     # A grown source: only the new files are encoded, into new shards.
     old_shards = set(_shard_files(cfg.latents_dir))
     make_synthetic_imagenet(root, classes=3, per_class=6, size=24, seed=0, quirks=True)
-    grown = run_encode(cfg, commit_interval_s=0)
+    grown = run_encode(job(cfg), commit_interval_s=0)
     assert (grown.new_sources, grown.rows_written, grown.rejected, grown.total_rows) == (6, 6, 0, 23)
     assert old_shards < set(_shard_files(cfg.latents_dir))
     rows, manifest = _rows(cfg.latents_dir)
@@ -86,7 +87,7 @@ def test_quirks_idempotent_incremental_force(ray_local, tmp_path, capsys):
 
     # A different token space in the same folder is refused...
     with pytest.raises(SarError, match="patch: dataset has 4, this run makes 8.*--force"):
-        run_encode(_cfg(tmp_path / "run", root, "encode.patch=8"))
+        run_encode(job(_cfg(tmp_path / "run", root, "encode.patch=8")))
     # ...unless --force, here through the command line: everything is encoded again.
     from jobs.cli import main
 
@@ -114,7 +115,7 @@ def test_killed_run_resumes_exactly_once(ray_local, tmp_path):
         raise Crash(f"killed after {len(manifest['shards'])} shards")
 
     with pytest.raises(Crash):
-        run_encode(cfg, commit_interval_s=0, on_commit=crash_after_first_commit)
+        run_encode(job(cfg), commit_interval_s=0, on_commit=crash_after_first_commit)
     committed = L.read_manifest(cfg.latents_dir)
     assert committed["num_rows"] == 4 and len(committed["shards"]) == 1
     # What a kill leaves besides: a shard written but never committed, a half-written temporary.
@@ -122,7 +123,7 @@ def test_killed_run_resumes_exactly_once(ray_local, tmp_path):
                 os.path.join(cfg.latents_dir, "part-killed-000000000000.parquet"))
     Path(cfg.latents_dir, ".part-killed-1.parquet.x1.tmp").write_bytes(b"half")
 
-    resumed = run_encode(cfg, commit_interval_s=0)
+    resumed = run_encode(job(cfg), commit_interval_s=0)
     assert (resumed.new_sources, resumed.rows_written, resumed.total_rows) == (12, 12, 16)
     rows, manifest = _rows(cfg.latents_dir)
     keys = sorted(r["key"] for r in rows)
@@ -147,7 +148,7 @@ def test_object_storage_in_and_out_with_vae_weights(ray_local, s3_bucket, tmp_pa
 
     cfg = _cfg(f"{s3_bucket}/run", f"{s3_bucket}/imagenet", "encode.encoder=kl-vae", "encode.patch=2",
                f"encode.weights={s3_bucket}/weights/vae", "encode.storage_dtype=float16")
-    summary = run_encode(cfg, commit_interval_s=0)
+    summary = run_encode(job(cfg), commit_interval_s=0)
     assert (summary.rows_written, summary.rejected) == (6, 0)
     rows, manifest = _rows(f"{s3_bucket}/run/latents")
     assert manifest["encoder"] == "kl-vae" and manifest["grid"] == [4, 4] and manifest["token_dim"] == 16
@@ -157,4 +158,4 @@ def test_object_storage_in_and_out_with_vae_weights(ray_local, s3_bucket, tmp_pa
                                                    for p in root.glob("train/*/*.JPEG"))
     assert rows[0]["logvar"].shape == (4, 4, 16) and rows[0]["mean"].dtype == np.float16
     assert storage.exists(f"{s3_bucket}/run/latents/_sources.json")
-    assert run_encode(cfg, commit_interval_s=0).new_sources == 0
+    assert run_encode(job(cfg), commit_interval_s=0).new_sources == 0

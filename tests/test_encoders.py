@@ -12,20 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import make_grouping
-from pipelines.encoders import (
-    LOGVAR,
-    MEAN,
-    MEAN_FLIP,
-    PYRAMID,
-    TOKENS,
-    EncodeLatents,
-    codec_from_manifest,
-    make_codec,
-    patchify,
-    unpatchify,
-)
+from pipelines.codecs import codec_from_manifest, make_codec, patchify, unpatchify
+from pipelines.encode import EncodeLatents
 from pipelines.errors import DatasetMismatch, SarError
-from pipelines.preprocess import ERROR, KEY, LABEL, PIXELS, hflip, to_model_input
+from pipelines.latents import ERROR, KEY, LABEL, LOGVAR, MEAN, MEAN_FLIP, PYRAMID, TOKENS, column_values
+from pipelines.preprocess import PIXELS, hflip, to_model_input
 
 
 # An independent LDM KL-VAE (CompVis latent-diffusion / MAR models/vae.py), condensed. -------
@@ -121,14 +112,20 @@ class LDMVAE(nn.Module):
         d.up = nn.ModuleList(ups)
         d.norm_out, d.conv_out = _norm(cin), nn.Conv2d(cin, 3, 3, 1, 1)
 
+    @staticmethod
+    def _level(lvl, h):
+        """A level's ResNet blocks, each followed by its attention when the level has one."""
+        for j, block in enumerate(lvl.block):
+            h = block(h)
+            if len(lvl.attn):
+                h = lvl.attn[j](h)
+        return h
+
     def moments(self, x):
         e = self.encoder
         h = e.conv_in(x)
-        for i, lvl in enumerate(e.down):
-            for j, block in enumerate(lvl.block):
-                h = block(h)
-                if len(lvl.attn):
-                    h = lvl.attn[j](h)
+        for lvl in e.down:
+            h = self._level(lvl, h)
             if hasattr(lvl, "downsample"):
                 h = lvl.downsample(h)
         h = e.mid.block_2(e.mid.attn_1(e.mid.block_1(h)))
@@ -140,12 +137,8 @@ class LDMVAE(nn.Module):
         d = self.decoder
         h = d.conv_in(self.post_quant_conv(z))
         h = d.mid.block_2(d.mid.attn_1(d.mid.block_1(h)))
-        for i in reversed(range(len(d.up))):
-            lvl = d.up[i]
-            for j, block in enumerate(lvl.block):
-                h = block(h)
-                if len(lvl.attn):
-                    h = lvl.attn[j](h)
+        for lvl in reversed(d.up):
+            h = self._level(lvl, h)
             if hasattr(lvl, "upsample"):
                 h = lvl.upsample(h)
         return d.conv_out(F.silu(d.norm_out(h)))
@@ -332,15 +325,13 @@ def test_encode_stage_two_rows_raw_with_a_rejected_row():
 
 
 def test_encode_stage_kl_vae_stores_bfloat16_bits(diffusers_vae):
-    from pipelines.latents import to_tensor
-
     _, folder = diffusers_vae
     stage = EncodeLatents("kl-vae", folder, 16, 2, None, grouping="next-scale", scales=[1, 2, 4],
                           storage_dtype="bfloat16")
     out = stage({KEY: np.array(["a", "b"], dtype=object), LABEL: np.array([0, 1]), PIXELS: _pixels(2, 16, 1),
                  ERROR: np.array(["", ""], dtype=object)})
     assert out[MEAN].dtype == np.uint16 and out[LOGVAR].shape == (2, 4, 4, 16)
-    mean = to_tensor(out[MEAN], "bfloat16")
+    mean = column_values(torch.from_numpy(out[MEAN]))  # as Ray Data hands it to training
     expected, _ = stage.codec.encode(to_model_input(torch.from_numpy(_pixels(2, 16, 1))))
     torch.testing.assert_close(mean.float(), expected, atol=2e-2, rtol=1e-2)
     assert out[TOKENS].shape == (2, 1 + 4 + 16, 16)  # next-scale tokens are the pyramid

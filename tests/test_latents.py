@@ -12,7 +12,7 @@ import torch
 
 from pipelines import latents as L
 from pipelines.errors import DatasetMismatch, SarError
-from pipelines.preprocess import ERROR, KEY, LABEL
+from pipelines.latents import ERROR, KEY, LABEL
 
 HEADER = {"schema_version": L.SCHEMA_VERSION, "encoder": "raw", "weights_sha256": None, "scale_factor": 1.0,
           "image_size": 8, "grid": [2, 2], "channels": 3, "patch": 4, "token_dim": 48, "grouping": "next-row",
@@ -124,6 +124,8 @@ def test_header_mismatch_and_growing_classes():
 
 def test_bfloat16_bits_round_trip():
     x = torch.randn(3, 4)
-    bits = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    torch.testing.assert_close(L.to_tensor(bits, "bfloat16"), x.to(torch.bfloat16))
-    assert L.to_tensor(np.ones(2, np.float16), "float16").dtype == torch.float16
+    bits = L.storage_array(x, "bfloat16")
+    assert bits.dtype == np.uint16
+    torch.testing.assert_close(L.column_values(torch.from_numpy(bits)), x.to(torch.bfloat16).float())
+    half = L.column_values(torch.from_numpy(L.storage_array(x, "float16")))
+    assert half.dtype == torch.float32 and torch.allclose(half, x, atol=1e-3)

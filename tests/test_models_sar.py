@@ -4,6 +4,7 @@ import torch
 
 from models import (GROUPINGS, PRESETS, Guidance, SARConfig, build_model, count_parameters,
                     make_grouping)
+from models.sar import gaussian_noise
 
 CLASSES = 10
 
@@ -83,7 +84,7 @@ def test_cache_teacher_forced_equals_forward(name):
     x, labels = data(model, batch=3)
     with torch.no_grad():
         z = model(x, labels)
-        assert z.shape == (3, model.grouping.seq_len, model.config.width_dim)
+        assert z.shape == (3, model.grouping.seq_len, model.config.hidden_size)
         assert torch.allclose(model.decode_teacher_forced(x, labels), z, atol=1e-4)
         t = model.grouping.num_groups - 1                             # naive per-group forward
         assert torch.allclose(model.forward_group(x, labels, t), z[:, model.grouping.group_index == t], atol=1e-4)
@@ -126,8 +127,8 @@ def test_guidance_unit_weights_equal_unguided():
         assert torch.allclose(guided, plain, atol=1e-4), kind
     strong = model.generate(labels, seeds=[7, 8], flow_steps=3, guidance=Guidance("xz_cfg", w_x=1.5, w_z=3.0))
     assert not torch.allclose(strong, plain, atol=1e-3)
-    assert Guidance("cfg", cfg=3.0, ramp=True).weights(0, 4)[0] == 1.5
-    assert Guidance("cfg", cfg=3.0, ramp=True).weights(3, 4)[0] == 3.0
+    assert Guidance("cfg", cfg=3.0, ramp=True).at_step(0, 4).cfg == 1.5
+    assert Guidance("cfg", cfg=3.0, ramp=True).at_step(3, 4).cfg == 3.0
 
 
 def test_per_sample_seeds_independent_of_batch():
@@ -139,28 +140,27 @@ def test_per_sample_seeds_independent_of_batch():
     assert not torch.allclose(batch[0], batch[2], atol=1e-3)
 
 
-def test_sample_from_z_modes():
+def test_head_sampling_modes():
     model = tiny("next-row")
     x, labels = data(model)
     with torch.no_grad():
         z = model(x, labels)
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
-    a = model.sample_from_z(z, generator=gens, steps=4)
-    b = model.sample_from_z(z, generator=[torch.Generator().manual_seed(s) for s in (1, 2)], steps=4)
-    assert a.shape == x.shape and torch.equal(a, b)
-    e = torch.randn_like(x)
-    one = model.sample_from_z(z, noise=e, mode="one_step")
-    v = model.head(e.flatten(0, 1), torch.zeros(e.shape[0] * e.shape[1]), z.flatten(0, 1))
-    assert torch.allclose(one, e + v.view_as(e), atol=1e-5)
-    assert not torch.allclose(model.sample_from_z(z, noise=e, x_cfg=2.0, steps=2),
-                              model.sample_from_z(z, noise=e, steps=2), atol=1e-4)
+        noise = [gaussian_noise(x.shape, [torch.Generator().manual_seed(s) for s in (1, 2)], "cpu") for _ in range(2)]
+        a, b = (model.head.sample(z, n, 4) for n in noise)
+        assert a.shape == x.shape and torch.equal(a, b)
+        e = torch.randn_like(x)
+        one = model.head.sample(z, e, 1, mode="one_step")
+        v = model.head(e.flatten(0, 1), model.head.condition(torch.zeros(e.shape[0] * e.shape[1]), z.flatten(0, 1)))
+        assert torch.allclose(one, e + v.view_as(e), atol=1e-5)
+        assert not torch.allclose(model.head.sample(z, e, 2, Guidance("x_cfg", w_x=2.0)),
+                                  model.head.sample(z, e, 2), atol=1e-4)
 
 
 def test_time_schedules():
     for schedule in ["uniform", "shifted"]:
-        t = tiny("next-row", time_schedule=schedule).time_grid(8, "cpu")
+        t = tiny("next-row", time_schedule=schedule).head.time_grid(8, "cpu")
         assert t[0] == 0 and abs(t[-1] - 1) < 1e-6 and (t.diff() > 0).all()
-    shifted = tiny("next-row", time_schedule="shifted").time_grid(8, "cpu")
+    shifted = tiny("next-row", time_schedule="shifted").head.time_grid(8, "cpu")
     assert shifted[1] < 1 / 8                                         # finer steps near the noise
 
 
@@ -171,7 +171,7 @@ def test_training_step_dropout_checkpointing_bf16():
     z = model(x, labels, drop_labels=drop)
     null = torch.tensor([CLASSES, labels[1]])
     assert torch.allclose(z, model(x, null, drop_labels=torch.zeros(2, dtype=torch.bool)), atol=1e-6)
-    loss = model.flow_loss(z, x)
+    loss = model.head.loss(z, x)
     assert loss.shape == (2, 16)
     loss.mean().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -180,12 +180,12 @@ def test_training_step_dropout_checkpointing_bf16():
     model.zero_grad()
     for m in (model, ckpt):
         torch.manual_seed(5)
-        m.flow_loss(m(x, labels, drop_labels=drop), x).mean().backward()
+        m.head.loss(m(x, labels, drop_labels=drop), x).mean().backward()
     for p, q in zip(model.backbone.parameters(), ckpt.backbone.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5)
     assert len(grads) == len(list(ckpt.backbone.parameters()))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model.flow_loss(model(x, labels), x)
+        loss = model.head.loss(model(x, labels), x)
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
     loss.mean().backward()
 
@@ -197,15 +197,17 @@ def test_flow_head_learns_gaussian_mixture():
                         head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0)
     modes = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
     opt = torch.optim.Adam(model.head.parameters(), lr=3e-3)
-    z = torch.zeros(256, 1, model.config.width_dim)
+    z = torch.zeros(256, 1, model.config.hidden_size)
     for _ in range(300):
         x = modes[torch.randint(4, (256,))] + 0.1 * torch.randn(256, 2)
-        loss = model.flow_loss(z, x[:, None]).mean()
+        loss = model.head.loss(z, x[:, None]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
-    samples = model.sample_from_z(torch.zeros(1000, 1, 64), generator=torch.Generator().manual_seed(0), steps=20)[:, 0]
+    with torch.no_grad():
+        noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
+        samples = model.head.sample(torch.zeros(1000, 1, 64), noise, 20)[:, 0]
     dist = torch.cdist(samples, modes)
     near = dist.min(1).values < 0.5
     assert near.float().mean() > 0.75
@@ -228,6 +230,17 @@ def test_build_model_rejects_unknown():
     with pytest.raises(ValueError):
         Guidance("bogus")
     assert SARConfig().grouping == "next-neighbour" and make_grouping("next-row", 2, 2).num_groups == 2
+
+
+def test_config_round_trips_and_reads_older_names():
+    config = build_model("tiny", grouping="next-scale", height=4, width=4, scales=[1, 2, 4]).config
+    d = config.to_dict()
+    assert d["scales"] == [1, 2, 4] and SARConfig.from_dict(d) == config  # lists back to tuples
+    # A checkpoint's meta.json from before the backbone width was renamed still builds its model.
+    old = {k: v for k, v in d.items() if k != "hidden_size"} | {"width_dim": 48}
+    assert SARConfig.from_dict(old).hidden_size == 48
+    with pytest.raises(ValueError, match="unknown model field 'head_dpeth'"):
+        SARConfig.from_dict({**d, "head_dpeth": 7})
 
 
 def test_flex_equals_sdpa_cpu():

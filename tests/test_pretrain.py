@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from jobs import checkpoints
+from pipelines import checkpoints
 from jobs.config import load_config
 from pipelines.errors import DatasetMismatch
 from tests.conftest import DEMO_CONFIG

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from jobs import checkpoints
+from pipelines import checkpoints
 from jobs.config import load_config
 from pipelines.errors import SarError
 from tests.conftest import DEMO_CONFIG

@@ -3,11 +3,13 @@
 import argparse
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
 from jobs.config import load_config
 from jobs.run import run_pipeline
+from pipelines.rundir import StageStatus
 from pipelines.synth import make_synthetic_imagenet
 from tests.conftest import DEMO_CONFIG
 from tests.test_fid import _random_inception
@@ -70,17 +72,26 @@ def test_run_end_to_end_then_skip_then_grow(tmp_path, ray_local, capsys):
     assert new_metrics["checkpoint_digest"] != metrics["checkpoint_digest"]
 
 
+def fake_stage(name, called, rc=0, up_to_date=False):
+    """A stage module's interface (status, output, main) that records being run."""
+    return SimpleNamespace(status=lambda cfg: StageStatus(up_to_date, "test"), output=lambda cfg: "unused",
+                           main=lambda cfg, args: called.append(name) or rc)
+
+
 def test_only_and_from_choose_stages(tmp_path, capsys):
     called = []
-    mains = {s: (lambda s: lambda cfg, args: called.append(s) or 0)(s)
-             for s in ("encode", "pretrain", "refine", "sample", "fid")}
+    stages = {s: fake_stage(s, called) for s in ("encode", "pretrain", "refine", "sample", "fid")}
     cfg = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}"])
-    assert run_pipeline(cfg, argparse.Namespace(force=False, only_stage="refine", from_stage=None), mains) == 0
+    assert run_pipeline(cfg, argparse.Namespace(force=False, only_stage="refine", from_stage=None), stages) == 0
     assert called == ["refine"]
     called.clear()
-    assert run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage="sample"), mains) == 0
+    assert run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage="sample"), stages) == 0
     assert called == ["sample", "fid"]
     called.clear()
-    mains["pretrain"] = lambda cfg, args: 1
-    assert run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage=None), mains) == 1
-    assert called == ["encode"] and "later stages not run" in capsys.readouterr().out
+    stages["refine"] = fake_stage("refine", called, up_to_date=True)  # skipped
+    assert run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage=None), stages) == 0
+    assert called == ["encode", "pretrain", "sample", "fid"]
+    called.clear()
+    stages["pretrain"] = fake_stage("pretrain", called, rc=1)
+    assert run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage=None), stages) == 1
+    assert called == ["encode", "pretrain"] and "later stages not run" in capsys.readouterr().out

@@ -14,10 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs import checkpoints
+from pipelines import checkpoints
 from jobs import sample as sample_job
 from jobs.config import load_config
-from models import build_model
+from models import Guidance, build_model
 from pipelines import sampling, storage
 from pipelines.errors import SarError
 
@@ -43,6 +43,11 @@ def _cfg(tmp_path, *sets: str):
     return load_config(None, [f"run_dir={tmp_path / 'run'}", f"sample.per_class={PER_CLASS}", "sample.flow_steps=3",
                               "sample.batch_size=5", "sample.num_actors=1", "fid.grid_classes=3",
                               "fid.grid_per_class=2", "sample.guidance.w_z=2.0", *sets])
+
+
+def settings(cfg, **changes) -> sampling.SampleSettings:
+    """The sample settings of `cfg`, with some fields changed."""
+    return dataclasses.replace(sample_job.settings(cfg), **changes)
 
 
 @pytest.fixture
@@ -72,7 +77,7 @@ def test_an_image_depends_only_on_its_index(cfg):
     # The same indices rendered in one batch, in other batch sizes and in another order.
     model, codec, _ = sampling.load_generator(checkpoints.find_latest(cfg.pretrain_dir), "ema", None,
                                               torch.device("cpu"))
-    guidance = sampling.guidance_from_config(cfg.sample.guidance)
+    guidance = Guidance(**cfg.sample.guidance.model_dump())
     plan = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0)
     rows = plan.rows(range(6))
     whole = sampling.render(model, codec, rows["label"], rows["seed"], guidance, 3, torch.device("cpu"))
@@ -92,8 +97,7 @@ def test_stage_call_writes_a_two_row_batch(cfg, tmp_path):
     ckpt = checkpoints.find_latest(cfg.pretrain_dir)
     out = str(tmp_path / "samples")
     plan = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0)
-    stage = sampling.SampleGenerator(ckpt, out, guidance=cfg.sample.guidance.model_dump(), flow_steps=3,
-                                     plan=dataclasses.asdict(plan), batch_size=5)
+    stage = sampling.SampleGenerator(ckpt, out, settings(cfg), plan)
     result = stage(plan.rows([7, 2]))
     assert result["file"].tolist() == ["images/000007.png", "images/000002.png"]
     assert result["label"].tolist() == [2, 0]
@@ -107,13 +111,12 @@ def test_stage_call_writes_a_two_row_batch(cfg, tmp_path):
 def test_npz_shards_hold_the_same_images(cfg, tmp_path):
     ckpt = checkpoints.find_latest(cfg.pretrain_dir)
     plan = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0)
-    kwargs = {"guidance": cfg.sample.guidance.model_dump(), "flow_steps": 3, "plan": dataclasses.asdict(plan),
-              "batch_size": 2}
-    npz = sampling.SampleGenerator(ckpt, str(tmp_path / "npz"), image_format="npz", shard_size=5, **kwargs)
+    npz = sampling.SampleGenerator(ckpt, str(tmp_path / "npz"), settings(cfg, image_format="npz", shard_size=5,
+                                                                          batch_size=2), plan)
     result = npz({"shard": np.array([2])})  # the last shard: indices 10 and 11 of 12
     assert result["index"].tolist() == [10, 11] and set(result["file"]) == {"shards/00002.npz"}
     assert sampling.done_indices(str(tmp_path / "npz"), "npz", 5, plan.size) == {10, 11}
-    png = sampling.SampleGenerator(ckpt, str(tmp_path / "png"), **kwargs)
+    png = sampling.SampleGenerator(ckpt, str(tmp_path / "png"), settings(cfg, batch_size=2), plan)
     png(plan.rows([10, 11]))
     entries = [{"index": i, "file": f} for i, f in zip(result["index"].tolist(), result["file"].tolist())]
     from_npz = sampling.load_images(str(tmp_path / "npz"), entries)
@@ -126,9 +129,7 @@ def test_killed_job_resumes_to_exactly_n_identical_images(ray_local, cfg, tmp_pa
 
     # What a whole run makes, rendered here in one process in batches of 5.
     plan = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0)
-    stage = sampling.SampleGenerator(checkpoints.find_latest(cfg.pretrain_dir), cfg.samples_dir,
-                                     guidance=cfg.sample.guidance.model_dump(), flow_steps=3,
-                                     plan=dataclasses.asdict(plan), batch_size=5)
+    stage = sampling.SampleGenerator(checkpoints.find_latest(cfg.pretrain_dir), cfg.samples_dir, settings(cfg), plan)
     for start in range(0, plan.size, 5):
         stage(plan.rows(range(start, min(start + 5, plan.size))))
     images_dir = os.path.join(cfg.samples_dir, "images")
@@ -137,9 +138,8 @@ def test_killed_job_resumes_to_exactly_n_identical_images(ray_local, cfg, tmp_pa
 
     # The job died: half the images never written, one write torn mid-way (its temporary
     # file left behind), no index, no manifest.
-    sample_job.check_spec(cfg.samples_dir, sample_job.generation_spec(
-        cfg, plan, checkpoints.find_latest(cfg.pretrain_dir), checkpoints.read_meta(checkpoints.find_latest(
-            cfg.pretrain_dir))), {})
+    ckpt = checkpoints.find_latest(cfg.pretrain_dir)
+    sampling.check_spec(cfg.samples_dir, sampling.generation_spec(plan, settings(cfg), ckpt, checkpoints.read_meta(ckpt)))
     for name in sorted(first)[::2]:
         os.remove(os.path.join(images_dir, name))
     with open(os.path.join(images_dir, ".000004.png.abc123.tmp"), "wb") as f:
@@ -170,10 +170,10 @@ def test_resume_refuses_a_set_made_differently(cfg):
     plan = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0)
     ckpt = checkpoints.find_latest(cfg.pretrain_dir)
     meta = checkpoints.read_meta(ckpt)
-    sample_job.check_spec(cfg.samples_dir, sample_job.generation_spec(cfg, plan, ckpt, meta), {})
+    sampling.check_spec(cfg.samples_dir, sampling.generation_spec(plan, settings(cfg), ckpt, meta))
     cfg.sample.flow_steps = 9
     with pytest.raises(SarError, match=r"flow_steps=3.*would use 9.*sample\.output"):
-        sample_job.check_spec(cfg.samples_dir, sample_job.generation_spec(cfg, plan, ckpt, meta), {})
+        sampling.check_spec(cfg.samples_dir, sampling.generation_spec(plan, settings(cfg), ckpt, meta))
 
 
 def test_checkpoint_choice_and_missing_checkpoint(tmp_path):
@@ -181,11 +181,11 @@ def test_checkpoint_choice_and_missing_checkpoint(tmp_path):
     with pytest.raises(SarError, match=r"no checkpoint to sample from.*sample\.checkpoint"):
         sample_job.main(cfg, Namespace(preview=False))
     pre = _publish_checkpoint(cfg.pretrain_dir, step=10)
-    assert sample_job.resolve_checkpoint(cfg) == pre
+    assert sample_job.checkpoint(cfg) == pre
     refined = _publish_checkpoint(cfg.refine_dir, step=5)
-    assert sample_job.resolve_checkpoint(cfg) == refined  # refine wins over pretrain
+    assert sample_job.checkpoint(cfg) == refined  # refine wins over pretrain
     cfg.sample.checkpoint = pre
-    assert sample_job.resolve_checkpoint(cfg) == pre
+    assert sample_job.checkpoint(cfg) == pre
     cfg.sample.num_classes = CLASSES + 1
     with pytest.raises(SarError, match="trained on 4 classes"):
         sample_job.main(cfg, Namespace(preview=False))
@@ -201,7 +201,7 @@ def test_preview_grid_shows_the_run_s_images(cfg):
     plan = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0)
     rows = plan.rows([PER_CLASS * 3 + 1])  # last row (class 3), second sample
     image = sampling.render(model, codec, rows["label"], rows["seed"],
-                            sampling.guidance_from_config(cfg.sample.guidance), 3, torch.device("cpu"))[0]
+                            Guidance(**cfg.sample.guidance.model_dump()), 3, torch.device("cpu"))[0]
     cell = np.asarray(grid)[2 + 2 * 66:2 + 2 * 66 + 64:2, 2 + 66:2 + 66 + 64:2]
     assert np.array_equal(cell, image)
 
@@ -210,8 +210,7 @@ def test_stage_writes_to_an_object_store_and_lists_what_is_there(cfg, s3_bucket)
     ckpt = checkpoints.find_latest(cfg.pretrain_dir)
     out = f"{s3_bucket}/samples"
     plan = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0)
-    stage = sampling.SampleGenerator(ckpt, out, guidance=cfg.sample.guidance.model_dump(), flow_steps=3,
-                                     plan=dataclasses.asdict(plan), batch_size=5)
+    stage = sampling.SampleGenerator(ckpt, out, settings(cfg), plan)
     stage(plan.rows([0, 11]))
     assert sampling.done_indices(out, "png", 1000, plan.size) == {0, 11}
     assert _png(f"{out}/images/000011.png").shape == (32, 32, 3)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from jobs.config import load_config
-from jobs.pretrain import PretrainObjective
-from jobs.refine import RefineObjective
-from jobs.train import (bind_run_dir, group_buckets, make_ema, make_optimizer, make_scheduler,
-                        tokens_from_batch)
 from models import build_model
 from pipelines.errors import SarError
+from pipelines.latents import tokens_from_batch
+from pipelines.objectives import PretrainObjective, RefineObjective, group_buckets
+from pipelines.rundir import bind_run_dir, config_fingerprint
+from pipelines.training import make_ema, make_optimizer, make_scheduler
 from tests.conftest import DEMO_CONFIG
 
 
@@ -93,17 +93,17 @@ def test_group_buckets_partition_the_groups():
 
 
 def test_run_dir_refuses_another_config(tmp_path):
-    cfg = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}"])
-    bind_run_dir(cfg, "pretrain", f"{tmp_path}/pretrain")
-    bind_run_dir(cfg.model_copy(update={}), "pretrain", f"{tmp_path}/pretrain")  # same config: fine
-    more_steps = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", "pretrain.steps=999"])
-    bind_run_dir(more_steps, "pretrain", f"{tmp_path}/pretrain")  # a longer budget resumes
-    other = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", "pretrain.optim.lr=0.5"])
+    def bind(*overrides):
+        cfg = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", *overrides])
+        bind_run_dir(f"{tmp_path}/pretrain", config_fingerprint(cfg.public_dict(), "pretrain"), "pretrain",
+                     cfg.pretrain.allow_config_change)
+
+    bind()
+    bind()  # same config: fine
+    bind("pretrain.steps=999")  # a longer budget resumes
     with pytest.raises(SarError, match=r"pretrain.optim.lr: run has 0.001, config has 0.5"):
-        bind_run_dir(other, "pretrain", f"{tmp_path}/pretrain")
-    allowed = load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", "pretrain.optim.lr=0.5",
-                                        "pretrain.allow_config_change=true"])
-    bind_run_dir(allowed, "pretrain", f"{tmp_path}/pretrain")
+        bind("pretrain.optim.lr=0.5")
+    bind("pretrain.optim.lr=0.5", "pretrain.allow_config_change=true")
 
 
 # Refinement ------------------------------------------------------------------------------------
@@ -129,13 +129,13 @@ def test_refine_loss_is_tf_plus_gamma_csf_and_teacher_targets_have_no_grad():
     obj = RefineObjective(model, refine_cfg(gamma=0.37, sample_mode="deterministic")).eval()
     x, y = batch()
     targets = []
-    orig = model.flow_loss
+    orig = model.head.loss
 
     def spy(z, target):
         targets.append(target)
         return orig(z, target)
 
-    model.flow_loss = spy
+    model.head.loss = spy
     torch.manual_seed(1)
     loss, _, m = obj(x, y)
     assert loss.item() == pytest.approx(m["loss_tf"].item() + 0.37 * m["loss_csf"].item(), rel=1e-6)

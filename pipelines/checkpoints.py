@@ -1,16 +1,15 @@
-"""Self-describing training checkpoints, shared by pretrain, refine and sample.
+"""Self-describing training checkpoints, written by pretrain and refine, read by refine and sample.
 
 A checkpoint is a folder `{stage_dir}/checkpoints/step_{N:08d}/` holding
-    state.pt   model, EMA, optimizer, scheduler, step, data position
-    meta.json  step, stage, model config, the dataset manifest's token space, the resolved
-               run config, the files it commits and the sha256 of state.pt
-`meta.json` is written last: a folder without it (a crash mid-save) is not a checkpoint,
-and `find_latest` skips it. Loading for sampling prefers the EMA weights.
+    state.pt   model, EMA, optimizer, scheduler, step, data position, metric history
+    meta.json  step, stage, model config, the dataset's token space, what the run consumed
+               (`inputs`), the resolved run config, the files it commits and the sha256 of state.pt
+`meta.json` is written last: a folder without it (a crash mid-save) is not a checkpoint, and
+`find_latest` skips it. Loading for sampling prefers the EMA weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -31,6 +30,11 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # checkpoint can be decoded (sample) and checked against a dataset (refine) on its own.
 TOKEN_SPACE_FIELDS = ("encoder", "weights", "weights_sha256", "scale_factor", "image_size", "grid",
                       "channels", "patch", "token_dim", "grouping", "scales", "num_classes", "schema_version", "columns")
+
+
+def token_space(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The token-space fields of a latents manifest."""
+    return {k: manifest[k] for k in TOKEN_SPACE_FIELDS if k in manifest}
 
 
 def step_dir_name(step: int) -> str:
@@ -62,6 +66,14 @@ def publish(local_dir: str, stage_dir: str, step: int, keep: int,
     return url
 
 
+def save(stage_dir: str, step: int, state: dict[str, Any], meta: dict[str, Any], keep: int,
+         storage_options: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint locally, then publish it under `stage_dir`; returns its URL."""
+    with tempfile.TemporaryDirectory(prefix="sar-save-") as tmp:
+        write_local(tmp, state, meta)
+        return publish(tmp, stage_dir, step, keep, storage_options)
+
+
 def list_steps(stage_dir: str, storage_options: dict[str, Any] | None = None) -> list[int]:
     """Steps of the committed checkpoints under `stage_dir`, ascending."""
     root = storage.join(stage_dir, CHECKPOINTS)
@@ -86,6 +98,12 @@ def read_meta(ckpt_url: str, storage_options: dict[str, Any] | None = None) -> d
         raise SarError(f"not a checkpoint (no {META_FILE}): {storage.redact(ckpt_url)}") from None
 
 
+def latest_digest(stage_dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The state digest of the newest checkpoint under `stage_dir` (what a later stage consumed)."""
+    latest = find_latest(stage_dir, storage_options)
+    return read_meta(latest, storage_options)["digest"] if latest else None
+
+
 def load_state(ckpt_url: str, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state, meta) of a checkpoint; the state's digest is checked against meta.json."""
     meta = read_meta(ckpt_url, storage_options)
@@ -105,9 +123,10 @@ def model_from_meta(meta: dict[str, Any]):
     """An un-trained SARModel with the architecture recorded in `meta`."""
     from models import SARConfig, SARModel
 
-    fields = {f.name for f in dataclasses.fields(SARConfig)}
-    saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model_config"].items() if k in fields}
-    return SARModel(SARConfig(**saved))
+    try:
+        return SARModel(SARConfig.from_dict(meta["model_config"]))
+    except ValueError as err:
+        raise SarError(f"checkpoint meta.json model_config: {err}") from None
 
 
 def load_model(ckpt_url: str, weights: str = "ema", storage_options: dict[str, Any] | None = None):

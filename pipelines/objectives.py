@@ -1,0 +1,111 @@
+"""The training objectives: teacher forcing (pretrain) and self-autoregressive refinement (refine).
+
+An objective wraps the SARModel; `forward(x, labels, generator)` returns (loss, per-token loss
+(B, L), metrics) so the shared training loop (pipelines/training.py) can run either.
+
+Refinement (the refinement paper: eqs. 8-11, Algorithm 1, Table 5) is two backbone passes a step:
+  pass 1, teacher forcing: z^T from the ground truth, L_TF (eq. 9);
+  the sample step, without gradient: predicted tokens x^T from the head at z^T (Table 5 modes);
+  pass 2, stagger-scale rollout: both streams rebuilt from x^T (for next-scale, the upsampled
+  predictions) give z^S; CSFL (eq. 10) trains the head at z^S toward the detached x^T (or the
+  ground truth, Algorithm 1), over groups 2..T or one chosen group;
+  L = L_TF + gamma * L_CSF (eq. 11).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models import Guidance
+from models.sar import gaussian_noise
+from pipelines.errors import SarError
+
+
+def group_buckets(group_index: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
+    """Boolean masks over sequence positions for the early, middle and late thirds of the groups."""
+    edges = np.linspace(0, num_groups, 4)
+    return {name: (group_index >= edges[i]) & (group_index < edges[i + 1])
+            for i, name in enumerate(("early", "middle", "late"))}
+
+
+class Objective(nn.Module):
+    """Base of a stage's objective: wraps the model; forward returns (loss, per-token loss, metrics)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+
+class PretrainObjective(Objective):
+    """Teacher forcing: the one-pass forward on ground truth and the flow-matching loss L_TF."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
+        z = self.model(x, labels)  # (B, L, W); class dropout drawn inside in training
+        per_token = self.model.head.loss(z, x)  # (B, L)
+        return per_token.mean(), per_token, {}
+
+
+class RefineObjective(Objective):
+    """L = L_TF + gamma * L_CSF with one stagger-scale rollout per step.
+
+    `settings` is the refine section of the config (jobs.config.RefineConfig): gamma,
+    sample_mode, sample_steps, cfg_scale, target, group.
+    """
+
+    def __init__(self, model, settings: Any):
+        super().__init__(model)
+        self.settings = settings
+        g = model.grouping
+        csf = g.group_index >= 1  # eq. 10 sums i = 2..N: the first group sees no prediction
+        if settings.group is not None:
+            if not 0 <= settings.group < g.num_groups:
+                raise SarError(f"refine.group: {settings.group} is not a group of {g.num_groups}")
+            csf = g.group_index == settings.group
+        self.register_buffer("csf_mask", csf, persistent=False)
+        self.buckets = group_buckets(g.group_index, g.num_groups)
+
+    @torch.no_grad()
+    def rollout_tokens(self, z_teacher: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The sample step: predicted tokens x^T at the teacher-forced conditions (no gradient)."""
+        s, head = self.settings, self.model.head
+        shape = (*z_teacher.shape[:2], self.model.config.token_dim)
+        if s.sample_mode == "deterministic":  # the head's conditional mean: one evaluation from e = 0
+            return head.sample(z_teacher, torch.zeros(shape, device=z_teacher.device), 1, mode="one_step")
+        guidance = Guidance("x_cfg", w_x=s.cfg_scale) if s.sample_mode == "cfg" else Guidance()
+        noise = gaussian_noise(shape, generator, z_teacher.device)
+        return head.sample(z_teacher, noise, s.sample_steps, guidance)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
+        drop = self.model.class_dropout_mask(labels)  # the same draw for both passes
+        head = self.model.head
+        # Pass 1: teacher forcing.
+        z_teacher = self.model(x, labels, drop_labels=drop)  # (B, L, W)
+        tf = head.loss(z_teacher, x)  # (B, L)
+        # The sample step, then pass 2 on streams rebuilt from the predictions alone.
+        x_teacher = self.rollout_tokens(z_teacher.detach(), generator)  # (B, L, D), no grad
+        z_student = self.model(x_teacher, labels, drop_labels=drop)  # (B, L, W)
+        target = x_teacher if self.settings.target == "teacher" else x
+        csf = head.loss(z_student, target)  # (B, L)
+        loss_tf = tf.mean()
+        loss_csf = csf[:, self.csf_mask.to(csf.device)].mean()
+        loss = loss_tf + self.settings.gamma * loss_csf
+        metrics = {"loss_tf": loss_tf.detach(), "loss_csf": loss_csf.detach()}
+        with torch.no_grad():  # exposure-bias gap: student vs teacher clean estimates, per bucket
+            noise = torch.zeros_like(x)
+            x_s = head.sample(z_student.detach(), noise, 1, mode="one_step")
+            x_t = head.sample(z_teacher.detach(), noise, 1, mode="one_step")
+            gap = (x_s - x_t).pow(2).mean(-1)  # (B, L)
+            for name, mask in self.buckets.items():
+                metrics[f"gap_{name}"] = gap[:, mask.to(gap.device)].mean()
+        return loss, tf, metrics
+
+
+def make_objective(stage: str, model: nn.Module, settings: Any) -> Objective:
+    """The objective of a training stage ('pretrain' or 'refine') around `model`."""
+    if stage == "refine":
+        return RefineObjective(model, settings)
+    return PretrainObjective(model)

@@ -1,0 +1,503 @@
+"""The Ray Train loop that pretrain and refine share.
+
+A stage's driver fills a `LoopConfig` and calls `run_training`; every worker then runs
+`train_loop`, made of small functions that tests and benchmarks call on their own:
+
+    build_model_config  the SARConfig fields of a run: a preset, the grouping, the dataset's token space
+    restore             weights, optimizer state and data position from the newest checkpoint
+                        (or, for refine, the weights of the pretrain checkpoint it starts from)
+    prepare             device, FSDP2 sharding or DDP, optimizer and warm-up schedule, EMA
+    step_batches        the micro-batches of each optimizer step, epoch after epoch, from a data position
+    train_step          one optimizer step over its micro-batches (accumulation, clipping, EMA)
+    log_row             the metrics of the steps since the last log, as one row
+    save_checkpoint     full (gathered) state to `{stage_dir}/checkpoints/step_N`, then metrics.jsonl
+
+Checkpoints go through the storage module (pipelines/checkpoints.py), written by rank 0, in
+local mode and on a cluster alike: Ray Train's local mode persists no checkpoints of its own,
+so the loop owns persistence and pruning (Ray's `storage_path` keeps its run state beside
+them). A restarted worker group (FailureConfig) or a re-launched run resumes from the newest
+checkpoint. Metrics go to `ray.train.report` and `{stage_dir}/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from pipelines import checkpoints, rundir, storage
+from pipelines.errors import DatasetMismatch, SarError
+from pipelines.latents import TRAIN_COLUMNS, check_compatible, tokens_from_batch
+from pipelines.objectives import Objective, group_buckets, make_objective
+from pipelines.plots import plot_curves
+
+log = logging.getLogger("sar.train")
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class LoopConfig:
+    """Everything one training run needs, made by the stage's driver and shipped to every worker."""
+
+    stage: str                      # "pretrain" | "refine": which objective, which config section
+    stage_dir: str                  # checkpoints/, metrics.jsonl, loss.png
+    train: Any                      # the stage's config section (jobs.config.TrainConfig / RefineConfig)
+    model_config: dict[str, Any]    # SARConfig fields
+    token_space: dict[str, Any]     # the dataset's, saved with every checkpoint (sample decodes with it)
+    inputs: dict[str, Any]          # digests of what the run consumes, saved with every checkpoint
+    run_config: dict[str, Any]      # the resolved public config, saved with every checkpoint
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    init: tuple[str, str] | None = None  # refine: (pretrain checkpoint URL, "ema" | "raw")
+    use_gpu: bool = False
+    accum: int = 1                  # micro-batches per optimizer step on each worker
+    failure_drill: tuple[int, str] | None = None  # (step, marker file): see `failure_drill`
+    plot: bool = True
+    start_step: int = 0             # the newest checkpoint's step when the run was launched
+
+
+@dataclass
+class LoopState:
+    """Where a run is: the step, the data position within the epoch, the logged rows."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Trainer:
+    """The live objects of a run on one worker."""
+
+    objective: Objective
+    ema: Any                        # torch.optim.swa_utils.AveragedModel
+    opt: torch.optim.Optimizer
+    sched: Any
+    wrapped: nn.Module              # the objective as called: DDP-wrapped and/or compiled
+    device: torch.device
+    fsdp: bool
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def model(self) -> nn.Module:
+        return self.objective.model
+
+
+# Model and run ---------------------------------------------------------------------------------
+def build_model_config(model: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The SARConfig fields of a run: the config's model section (preset, grouping, scales,
+    overrides) on the dataset's token space."""
+    from models import preset_config
+
+    grid = manifest["grid"]
+    fields = dict(token_dim=manifest["token_dim"], height=grid[0], width=grid[1],
+                  num_classes=manifest.get("num_classes", 1000), grouping=model.grouping, scales=model.scales)
+    try:
+        return preset_config(model.preset, **{**fields, **model.overrides}).to_dict()
+    except ValueError as err:
+        raise SarError(f"model: {err}") from None
+
+
+def check_dataset(manifest: dict[str, Any], model_config: dict[str, Any], where: str) -> None:
+    """Refuse a dataset whose token space or grouping differs from the model's, naming both values."""
+    try:
+        check_compatible(manifest, token_dim=model_config["token_dim"],
+                         grid=(model_config["height"], model_config["width"]),
+                         grouping=model_config["grouping"], scales=model_config.get("scales"))
+    except DatasetMismatch as err:
+        raise DatasetMismatch(f"{where}: {err}") from None
+
+
+def check_resumable(stage_dir: str, model_config: dict[str, Any], storage_options: dict[str, Any]) -> None:
+    """A run directory's checkpoints must have the architecture this launch would build."""
+    latest = checkpoints.find_latest(stage_dir, storage_options)
+    if latest is None:
+        return
+    saved = checkpoints.read_meta(latest, storage_options)["model_config"]
+    for k, v in model_config.items():
+        if k in saved and v != saved[k]:
+            raise SarError(f"{storage.redact(latest)} was trained with model {k}={saved[k]!r}, this config "
+                           f"builds {k}={v!r}; use another run_dir")
+
+
+def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
+                inputs: dict[str, Any], init: tuple[str, str] | None = None) -> LoopConfig:
+    """Check the dataset and the run directory, bind it to this config, and describe the run.
+
+    `cfg` is the resolved jobs.config.PipelineConfig; nothing here needs Ray, so a wrong
+    dataset or a changed config is refused before any worker starts.
+    """
+    train, so = getattr(cfg, stage), cfg.data.storage_options
+    public = cfg.public_dict()
+    check_dataset(manifest, model_config, storage.redact(cfg.latents_dir))
+    check_resumable(stage_dir, model_config, so)
+    latest = checkpoints.find_latest(stage_dir, so)
+    rundir.bind_run_dir(stage_dir, rundir.config_fingerprint(public, stage), stage, train.allow_config_change, so)
+    return LoopConfig(stage=stage, stage_dir=stage_dir, train=train, model_config=model_config,
+                      token_space=checkpoints.token_space(manifest), inputs=inputs, run_config=public,
+                      storage_options=so, init=init, accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
+                      failure_drill=failure_drill_from_env(),
+                      start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0)
+
+
+def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | None) -> None:
+    """`{stage_dir}/_stage.json` of a finished launch: its images, inputs and final checkpoint."""
+    meta = checkpoints.read_meta(latest, loop.storage_options) if latest else {"step": 0}
+    rundir.write_stage_record(
+        loop.stage_dir, loop.stage, started=started, seconds=seconds,
+        images=(meta["step"] - loop.start_step) * loop.train.global_batch, inputs=loop.inputs,
+        outputs={"checkpoint": meta.get("digest"), "step": meta["step"]}, storage_options=loop.storage_options)
+
+
+def training_status(stage_dir: str, inputs: dict[str, Any], fingerprint: dict[str, Any], steps: int,
+                    storage_options: dict[str, Any] | None = None) -> rundir.StageStatus:
+    """Up to date when the newest checkpoint reached `steps` from these inputs under this config."""
+    latest = checkpoints.find_latest(stage_dir, storage_options)
+    if latest is None:
+        return rundir.StageStatus(False, "no checkpoint")
+    meta = checkpoints.read_meta(latest, storage_options)
+    if meta.get("inputs") != inputs:
+        return rundir.StageStatus(False, "made from other inputs (its inputs changed)", stale=True)
+    bound = rundir.bound_fingerprint(stage_dir, storage_options)
+    if bound is not None and bound != fingerprint:
+        return rundir.StageStatus(False, "made from other inputs (its config changed)", stale=True)
+    if meta["step"] < steps:
+        return rundir.StageStatus(False, f"at step {meta['step']} of {steps}")
+    return rundir.StageStatus(True, f"step {meta['step']}, inputs unchanged")
+
+
+# Optimisation ----------------------------------------------------------------------------------
+def make_optimizer(model: nn.Module, train: Any) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (1-D or named embeddings), as MAR."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": train.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.optim.lr, betas=tuple(train.optim.betas))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, train: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up, then constant or cosine, from torch's own schedulers."""
+    from torch.optim import lr_scheduler as S
+
+    warm = min(train.optim.warmup_steps, train.steps)
+    rest = max(train.steps - warm, 1)
+    main = (S.CosineAnnealingLR(opt, T_max=rest) if train.optim.schedule == "cosine"
+            else S.ConstantLR(opt, factor=1.0, total_iters=0))
+    if warm == 0:
+        return main
+    return S.SequentialLR(opt, [S.LinearLR(opt, start_factor=1.0 / warm, total_iters=warm), main], milestones=[warm])
+
+
+def make_ema(model: nn.Module, decay: float, use_buffers: bool = True) -> torch.optim.swa_utils.AveragedModel:
+    """torch's own EMA (AveragedModel with the EMA averaging function).
+
+    Under FSDP the buffers (fixed position tables) stay out of the average: they are plain
+    tensors while the sharded parameters are DTensors, and one foreach update cannot mix them.
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=use_buffers)
+
+
+def fsdp_shard(module: nn.Module, backbone: nn.Module) -> None:
+    """FSDP2: each transformer block its own unit, then the rest under the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in backbone.blocks:
+        fully_shard(block)
+    fully_shard(module)
+
+
+def full_state(t: Trainer) -> tuple[dict, dict, dict]:
+    """Unsharded model, EMA and optimizer state (a collective under FSDP: every rank calls it)."""
+    if not t.fsdp:
+        return t.model.state_dict(), t.ema.module.state_dict(), t.opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(t.model, options=full), get_model_state_dict(t.ema.module, options=full),
+            get_optimizer_state_dict(t.objective, t.opt, options=full))
+
+
+def load_optimizer(t: Trainer, state: dict) -> None:
+    if not t.fsdp:
+        t.opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(t.objective, t.opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+# Restore, prepare ------------------------------------------------------------------------------
+def restore(loop: LoopConfig, model: nn.Module, ema: Any, rank: int = 0) -> tuple[LoopState, dict | None]:
+    """Weights and position from the newest checkpoint of this run, or the refine start weights.
+
+    Returns the position and the optimizer/scheduler state to load once the optimizer exists.
+    """
+    so = loop.storage_options
+    resume = checkpoints.find_latest(loop.stage_dir, so)
+    if resume is not None:
+        state, _ = checkpoints.load_state(resume, so)
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(1)  # continue the average (0 would make the next update a copy)
+        st = LoopState(step=state["step"], epoch=state["data"]["epoch"], batch_in_epoch=state["data"]["batch_in_epoch"],
+                       history=[h for h in state.get("history", []) if h["step"] <= state["step"]])
+        if rank == 0:
+            log.info("resumed from step %d (%s)", st.step, storage.redact(resume))
+            print(f"resumed from step {st.step}", flush=True)
+        return st, {"optimizer": state["optimizer"], "scheduler": state["scheduler"]}
+    if loop.init is not None:  # refine: start from a pretrain checkpoint
+        init_url, which = loop.init
+        state, _ = checkpoints.load_state(init_url, so)
+        weights = state["ema"] if which == "ema" and state.get("ema") is not None else state["model"]
+        model.load_state_dict(weights)
+        ema.module.load_state_dict(weights)
+        ema.n_averaged.fill_(1)
+    return LoopState(), None
+
+
+def prepare(loop: LoopConfig, device: torch.device, rank: int = 0, world: int = 1) -> tuple[Trainer, LoopState]:
+    """Model, EMA, restored state, sharding or DDP, optimizer and schedule, on `device`."""
+    from models import SARConfig, SARModel
+
+    train = loop.train
+    objective = make_objective(loop.stage, SARModel(SARConfig.from_dict(loop.model_config)), train)
+    model = objective.model
+    fsdp = train.strategy == "fsdp" and world > 1
+    ema = make_ema(model, train.ema_decay, use_buffers=not fsdp)  # before sharding: FSDP cannot deep-copy
+    st, opt_state = restore(loop, model, ema, rank)
+    objective.to(device)
+    ema.to(device)
+    if fsdp:  # the EMA is sharded like the model, so its update stays shard-local
+        fsdp_shard(objective, model.backbone)
+        fsdp_shard(ema.module, ema.module.backbone)
+    opt = make_optimizer(objective, train)
+    sched = make_scheduler(opt, train)
+    wrapped: nn.Module = objective
+    if world > 1 and not fsdp:
+        wrapped = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if train.compile:
+        wrapped = torch.compile(wrapped)
+    t = Trainer(objective, ema, opt, sched, wrapped, device, fsdp, rank, world)
+    if opt_state is not None:
+        load_optimizer(t, opt_state["optimizer"])
+        sched.load_state_dict(opt_state["scheduler"])
+    return t, st
+
+
+# Data -----------------------------------------------------------------------------------------
+def epoch_batches(shard, train: Any, epoch: int, rank: int):
+    """The micro-batches of one epoch of a worker's shard: a local shuffle buffer seeded by epoch
+    and rank, two batches prefetched while the step runs."""
+    return shard.iter_torch_batches(batch_size=train.micro_batch, drop_last=True, prefetch_batches=2,
+                                    local_shuffle_buffer_size=4 * train.micro_batch,
+                                    local_shuffle_seed=train.seed + 1000 * epoch + rank)
+
+
+def step_batches(shard, train: Any, st: LoopState, rank: int, accum: int) -> Iterator[list[dict]]:
+    """The `accum` micro-batches of each optimizer step, epoch after epoch, from the position in `st`.
+
+    A resumed epoch skips the batches it already used. The caller advances
+    `st.batch_in_epoch`; this advances the epoch.
+    """
+    while True:
+        batches = epoch_batches(shard, train, st.epoch, rank)
+        it = itertools.islice(iter(batches), st.batch_in_epoch * accum, None)  # skip what was used
+        while len(micro := list(itertools.islice(it, accum))) == accum:
+            yield micro
+        if st.batch_in_epoch == 0:
+            raise SarError(f"the dataset gives no full batch: micro_batch {train.micro_batch} x accumulation "
+                           f"{accum} per worker is more than a worker's share of the rows")
+        st.epoch += 1
+        st.batch_in_epoch = 0
+
+
+# One step -------------------------------------------------------------------------------------
+def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, buckets: dict[str, torch.Tensor],
+               window: dict[str, torch.Tensor], grad_clip: float, amp: bool) -> int:
+    """One optimizer step over its micro-batches; adds metric sums to `window`; returns images seen.
+
+    Metric sums stay on the device (no host sync per micro-batch); they are read at the log step.
+    """
+    t.opt.zero_grad(set_to_none=True)
+    accum, images = len(micro), 0
+    ddp = isinstance(t.wrapped, nn.parallel.DistributedDataParallel)
+    for i, b in enumerate(micro):
+        x, labels = tokens_from_batch(b, t.model.grouping, gen, t.device)
+        last = i == accum - 1
+        if t.fsdp:  # accumulate locally; reduce-scatter on the last micro-batch only
+            t.objective.set_requires_gradient_sync(last)
+        sync = contextlib.nullcontext() if last or not ddp else t.wrapped.no_sync()
+        with sync, torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, per_token, metrics = t.wrapped(x, labels, gen)
+            (loss / accum).backward()
+        with torch.no_grad():
+            metrics = {**metrics, "loss": loss.detach()}
+            for name, mask in buckets.items():
+                metrics[f"loss_{name}"] = per_token.detach()[:, mask].mean()
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + v.float() / accum
+        images += x.shape[0]
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.objective.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    t.opt.step()
+    t.sched.step()
+    t.ema.update_parameters(t.model)
+    window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+    return images
+
+
+def log_row(st: LoopState, window: dict[str, torch.Tensor], steps: int, seconds: float, wait_s: float,
+            images: int, tokens_per_image: int, lr: float) -> dict[str, Any]:
+    """The mean metrics of the last `steps` steps, the learning rate and the throughput, as one row."""
+    return {"step": st.step, "epoch": st.epoch, **{k: float(v) / steps for k, v in window.items()},
+            "lr": lr, "images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds,
+            "data_wait_fraction": wait_s / seconds}
+
+
+def save_checkpoint(t: Trainer, st: LoopState, loop: LoopConfig) -> None:
+    """Gather the full state (every rank), then rank 0 writes the checkpoint and metrics.jsonl."""
+    model_sd, ema_sd, opt_sd = full_state(t)
+    if t.rank != 0:
+        return
+    state = {"model": model_sd, "ema": ema_sd, "optimizer": opt_sd, "strategy": loop.train.strategy,
+             "scheduler": t.sched.state_dict(), "step": st.step,
+             "data": {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch}, "history": st.history}
+    meta = {"step": st.step, "stage": loop.stage, "model_config": t.model.config.to_dict(),
+            "latents": loop.token_space, "inputs": loop.inputs, "config": loop.run_config}
+    so = loop.storage_options
+    checkpoints.save(loop.stage_dir, st.step, state, meta, loop.train.keep_checkpoints, so)
+    storage.write_text(storage.join(loop.stage_dir, METRICS), "".join(json.dumps(h) + "\n" for h in st.history), so)
+
+
+def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int) -> None:
+    """With SAR_FAIL_AT_STEP=N and SAR_FAIL_MARKER=FILE set at launch, the last worker exits hard
+    once after step N, so an operator (or a test) can watch FailureConfig restart the group."""
+    if not drill:
+        return
+    at, marker = drill
+    if step == at and rank == world - 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        log.warning("failure drill: worker %d exits after step %d", rank, step)
+        os._exit(1)
+
+
+# The loop -------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def train_loop(loop: LoopConfig, shard=None) -> LoopState:
+    """Runs on every Ray Train worker (or in-process in local mode); returns the final position."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cpu")
+    if loop.use_gpu and torch.cuda.is_available():
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+    train = loop.train
+    torch.manual_seed(train.seed + rank)
+    t, st = prepare(loop, device, rank, world)
+    shard = shard if shard is not None else ray.train.get_dataset_shard("train")
+    gen = torch.Generator().manual_seed(train.seed * 1_000_003 + rank * 7919 + st.step)
+    grouping = t.model.grouping
+    buckets = {k: v.to(device) for k, v in group_buckets(grouping.group_index, grouping.num_groups).items()}
+    amp = device.type == "cuda" and train.precision == "bf16"
+
+    window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log
+    t_window, wait_s, n_steps, images = time.perf_counter(), 0.0, 0, 0
+    batches = step_batches(shard, train, st, rank, loop.accum)
+    while st.step < train.steps:
+        t_data = time.perf_counter()
+        micro = next(batches)
+        wait_s += time.perf_counter() - t_data
+        images += train_step(t, micro, gen, buckets, window, train.optim.grad_clip, amp) * world
+        st.step += 1
+        st.batch_in_epoch += 1
+        n_steps += 1
+        if st.step % train.log_every == 0 or st.step == train.steps:
+            row = log_row(st, window, n_steps, time.perf_counter() - t_window, wait_s, images,
+                          grouping.seq_len, t.sched.get_last_lr()[0])
+            st.history.append(row)
+            if rank == 0:
+                print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            ray.train.report(row)
+            window, t_window, wait_s, n_steps, images = {}, time.perf_counter(), 0.0, 0, 0
+        if st.step % train.checkpoint_every == 0 or st.step == train.steps:
+            save_checkpoint(t, st, loop)
+        failure_drill(loop.failure_drill, st.step, rank, world)
+    if rank == 0 and loop.plot:
+        plot_curves(st.history, storage.join(loop.stage_dir, "loss.png"), loop.storage_options)
+    return st
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """`train_loop_per_worker`: Ray Train passes the config dict."""
+    train_loop(config["loop"])
+
+
+# The driver ------------------------------------------------------------------------------------
+def cache_if_small(dataset, data_bytes: int, share: float = 0.25):
+    """Read a small dataset into the object store once instead of from Parquet at every epoch.
+
+    Each epoch re-executes the dataset; for a few MB of latents that start-up dominates the step
+    (the demo's data-wait fraction fell from ~0.7 to ~0). Large datasets keep streaming.
+    """
+    import ray
+
+    budget = ray.available_resources().get("object_store_memory", 0) * share
+    return dataset.materialize() if 0 < data_bytes <= budget else dataset
+
+
+def failure_drill_from_env() -> tuple[int, str] | None:
+    at, marker = os.environ.get("SAR_FAIL_AT_STEP"), os.environ.get("SAR_FAIL_MARKER")
+    return (int(at), marker) if at and marker else None
+
+
+def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, Any]:
+    """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0); return the last metrics."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_runtime import cluster_gpus
+
+    train = loop.train
+    loop.use_gpu = cluster_gpus() > 0 if train.use_gpu is None else train.use_gpu
+    columns = [c for c in TRAIN_COLUMNS if c in loop.token_space.get("columns", TRAIN_COLUMNS)]
+    dataset = dataset.select_columns(columns)  # the source key and token-order copies stay on disk
+    dataset = cache_if_small(dataset, data_bytes)
+    fs, path = storage.pyarrow_filesystem(loop.stage_dir, loop.storage_options)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"loop": loop},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers, use_gpu=loop.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if loop.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name="ray", storage_path=path, storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    return dict(result.metrics or {})
