@@ -83,10 +83,11 @@ def test_saved_file_loads_back_with_identical_features(trained, heldout, s3_buck
     assert torch.equal(feats, feats2) and torch.equal(logits, logits2)
     assert local.digest == from_store.digest == hashlib.sha256(storage.read_bytes(path)).hexdigest()
 
-    # Another input size is resized to the evaluator's, so a 2x upscale gives close features.
+    # Another input size is resized to the evaluator's: a 2x upscale comes back to nearly the same
+    # features (under 1% apart; fed at 64 px without the resize, about 17% apart).
     with torch.no_grad():
         up, _ = local(x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
-    assert (up - feats).norm() < 0.5 * feats.norm()
+    assert (up - feats).norm() < 0.03 * feats.norm()
 
 
 def test_training_reads_an_object_store_source_and_splits_as_locally(source, trained, s3_bucket):
