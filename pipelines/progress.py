@@ -112,7 +112,8 @@ class Progress:
     def final_line(self, now: float) -> str:
         head = f"{self.desc}: " if self.desc else ""
         count = f"{self.done}/{self.total}" if self.total else f"{self.done}"
-        return f"{head}{count} {self.what} in {format_duration(now - self.start)}, {_rate(self.rate(now))} {self.what}/s"
+        took = format_duration(now - self.start)
+        return f"{head}{count} {self.what} in {took}, {_rate(self.rate(now))} {self.what}/s"
 
     def _write(self, text: str, end: str = "\n") -> None:
         self.stream.write(text + end)
