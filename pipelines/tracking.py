@@ -238,9 +238,9 @@ class _Sender:
     """The background thread of one `open_run` (or `attach`): it owns the MLflow client and sends, in
     order, what the trackers queue. The first error switches it off with a single warning."""
 
-    def __init__(self, uri: str, run_dir: str | None, mirror: _Mirror | None, storage_options: dict[str, Any] | None,
-                 queue_size: int = QUEUE_SIZE):
-        self.uri, self.run_dir, self.mirror, self.storage_options = uri, run_dir, mirror, storage_options
+    def __init__(self, uri: str, artifact_root: str | None, mirror: _Mirror | None,
+                 storage_options: dict[str, Any] | None, queue_size: int = QUEUE_SIZE):
+        self.uri, self.artifact_root, self.mirror, self.storage_options = uri, artifact_root, mirror, storage_options
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self.failed = threading.Event()
         self.refs: list[_Ref] = []
@@ -331,12 +331,7 @@ class _Sender:
             if exp.lifecycle_stage != "active":
                 client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
-        artifacts = None
-        if not _is_server(self.uri) and self.run_dir is not None:  # else MLflow picks ./mlruns of the cwd
-            local = storage.is_local(self.run_dir)
-            base = os.path.abspath(self.run_dir.removeprefix("file://")) if local else self.run_dir
-            artifacts = storage.join(base, STORE_DIR, ARTIFACTS_DIR)
-        return client.create_experiment(name, artifact_location=artifacts)
+        return client.create_experiment(name, artifact_location=self.artifact_root)
 
     def _reopen(self, record: dict[str, Any] | None, store: str) -> str | None:
         """The recorded run's id when it is in this store and not deleted, else None."""
@@ -431,6 +426,15 @@ class _Sender:
                     f.write(src)
                 self.client.log_artifact(ref.id, path, artifact_path=folder)
             return
+        if not storage.is_local(src):  # a file of an object-store run directory
+            try:
+                data = storage.read_bytes(src, self.storage_options)
+            except storage.NotFound:
+                log.warning("tracking: artifact %s does not exist; skipped", storage.redact(src))
+                return
+            self._do_artifact(ref, data, name or src.rstrip("/").rsplit("/", 1)[-1], folder)
+            return
+        src = src.removeprefix("file://")
         if not os.path.isfile(src):
             log.warning("tracking: artifact %s does not exist; skipped", src)
             return
@@ -563,7 +567,8 @@ class MlflowTracker(Tracker):
             self._sender.put("metrics", self._ref, values, int(step or 0), int(time.time() * 1000), step is not None)
 
     def log_artifact(self, src: str | bytes, name: str | None = None, folder: str | None = None) -> None:
-        """A local file (sent as `name`, default its own name) or bytes named `name`, under `folder`."""
+        """A file (a local path or a URL; sent as `name`, default its own name) or bytes named `name`, under
+        `folder`. The file is read when the background thread sends it."""
         if isinstance(src, (bytes, bytearray)):
             if not name:
                 raise ValueError("log_artifact: bytes need a name")
@@ -614,15 +619,20 @@ def open_run(run_dir: str, *, backend: str = "mlflow", uri: str | None = None, e
     if backend == "none":
         return NULL
     run_dir = str(run_dir).rstrip("/")
-    mirror = None
+    mirror = artifacts = None  # a server decides where artifacts go; other stores are told (else ./mlruns)
     if uri is None:
         store_uri, store = default_uri(run_dir), "embedded"
-        if not storage.is_local(run_dir):
+        if storage.is_local(run_dir):
+            artifacts = os.path.join(os.path.abspath(run_dir.removeprefix("file://")), STORE_DIR, ARTIFACTS_DIR)
+        else:
+            artifacts = storage.join(run_dir, STORE_DIR, ARTIFACTS_DIR)
             mirror = _Mirror(store_uri.removeprefix("sqlite:///"), storage.join(run_dir, STORE_DIR, DB_FILE),
                              storage_options)
     else:
         store_uri, store = uri, storage.redact(uri)
-    sender = _Sender(store_uri, run_dir, mirror, storage_options, queue_size)
+        if uri.startswith("sqlite:///"):  # a shared database file: artifacts beside it
+            artifacts = os.path.join(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))), ARTIFACTS_DIR)
+    sender = _Sender(store_uri, artifacts, mirror, storage_options, queue_size)
     ref = _Ref()
     sender.refs.append(ref)
     all_tags = {"sar.run_dir": storage.redact(run_dir), **_strings(tags or {})}
@@ -648,13 +658,14 @@ def attach(handoff: Mapping[str, Any] | None, storage_options: dict[str, Any] | 
         return NULL
     uri = handoff["uri"]
     mirror = None
-    if uri.startswith("sqlite:///") and handoff.get("mirror"):
+    if uri.startswith("sqlite:///"):
         path = uri.removeprefix("sqlite:///")
-        if not os.path.exists(path):  # the embedded store lives on the driver's node
+        if not os.path.exists(path):  # a database file lives on the driver's node
             log.warning("tracking off in this worker: the run's store %s is on another node; "
                         "use a tracking server (uri=http://...) for multi-node runs", path)
             return NULL
-        mirror = _Mirror(path, handoff["mirror"], storage_options)
+        if handoff.get("mirror"):
+            mirror = _Mirror(path, handoff["mirror"], storage_options)
     sender = _Sender(uri, None, mirror, storage_options, queue_size)
     ref = _Ref(handoff["run_id"])
     sender.refs.append(ref)

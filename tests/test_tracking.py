@@ -33,7 +33,8 @@ def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free loopback port with its own SQLite store and artifact root."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # No job-runner process beside the server: it starts faster on a busy machine.
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     for k in [k for k in env if k.startswith("AWS_")]:  # artifacts stay on local disk
         env.pop(k)
     logf = open(root / "server.log", "wb")
@@ -234,12 +235,14 @@ def test_worker_attach_logs_into_the_stage_run(mlflow_server, tmp_path):
 
 
 # Embedded stores --------------------------------------------------------------------------------
-def test_embedded_store_under_a_local_run_dir(tmp_path):
+def test_embedded_store_under_a_local_run_dir(tmp_path, caplog):
     run_dir = str(tmp_path / "run")
     with tracking.open_run(run_dir, experiment="sar", params={"x": 1}) as tr:
         with tr.stage("eval", f"{run_dir}/eval") as st:
             st.log_metrics({"fid": 7.0}, prefix="final/")
             st.log_artifact(b"<html></html>", name="report.html")
+            st.log_artifact(str(tmp_path / "no-such.png"))  # a caller's mistake: skipped, tracking goes on
+            st.log_artifact(b"{}", name="after.json")
     db = os.path.join(run_dir, "mlflow", "mlflow.db")
     assert os.path.isfile(db)
     assert tr.hint() == f"tracking: mlflow ui --backend-store-uri sqlite:///{db}"
@@ -248,7 +251,9 @@ def test_embedded_store_under_a_local_run_dir(tmp_path):
     assert run.data.metrics == {"final/fid": 7.0}
     assert run.data.tags["mlflow.parentRunId"] == tr.run_id
     assert run.info.artifact_uri.startswith(os.path.join(run_dir, "mlflow", "artifacts"))
-    assert [f.path for f in client.list_artifacts(st.run_id)] == ["report.html"]
+    assert [f.path for f in client.list_artifacts(st.run_id)] == ["after.json", "report.html"]
+    assert [w for w in _warnings(caplog) if "does not exist" in w] == [f"tracking: artifact {tmp_path}/no-such.png "
+                                                                       "does not exist; skipped"]
     assert not os.path.exists(os.path.join(os.getcwd(), "mlruns"))
 
 
@@ -265,6 +270,8 @@ def test_object_store_run_dir_mirrors_and_restores(s3_bucket, tmp_path, monkeypa
                 for step in steps:
                     st.log_metrics({"step": step, "loss": value * step})
                 st.log_artifact(b"grid", name="grid.png")
+                storage.write_bytes(f"{run_dir}/pretrain/loss.png", b"png of " + machine.encode())
+                st.log_artifact(f"{run_dir}/pretrain/loss.png")  # a file of the run directory, by URL
         assert tracking._cache_dir(run_dir).startswith(str(tmp_path / machine))
         return tr, st
 
@@ -273,6 +280,7 @@ def test_object_store_run_dir_mirrors_and_restores(s3_bucket, tmp_path, monkeypa
     assert storage.exists(mirror)
     assert storage.read_json(f"{run_dir}/pretrain/{tracking.RECORD}")["run_id"] == ids[1]
     assert storage.exists(f"{run_dir}/mlflow/artifacts/{ids[1]}/artifacts/grid.png")  # straight to S3
+    assert storage.read_bytes(f"{run_dir}/mlflow/artifacts/{ids[1]}/artifacts/loss.png") == b"png of a"
     assert tr.hint().endswith(f"(mirrored to {mirror})")
 
     tr, st = launch("b", [2, 3], 10.0)  # no local cache: restored from the mirror
