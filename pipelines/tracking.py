@@ -486,7 +486,7 @@ class Tracker:
     def run_id(self) -> str | None:
         return None
 
-    def sync(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+    def sync(self, wait: bool = True, timeout: float = CLOSE_TIMEOUT_S) -> bool:
         return True
 
     def close(self, status: str = "FINISHED", timeout: float = CLOSE_TIMEOUT_S) -> None:
@@ -578,10 +578,11 @@ class MlflowTracker(Tracker):
         self._sender.put("artifact", self._ref, src, name, folder)
 
     # Ending.
-    def sync(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
-        """Send what is queued and mirror the store (object-store run directories); True when done."""
+    def sync(self, wait: bool = True, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+        """Mirror the store (object-store run directories) after what is queued; with `wait`, block until
+        done (True) or `timeout`. A training loop calls it with wait=False at each checkpoint."""
         self._sender.put("mirror")
-        return self._sender.flush(timeout)
+        return self._sender.flush(timeout) if wait else True
 
     def close(self, status: str = "FINISHED", timeout: float = CLOSE_TIMEOUT_S) -> None:
         """End the run with `status` (its open stages first), mirror the store, stop the sender if ours."""
