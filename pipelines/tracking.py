@@ -19,6 +19,7 @@ Stores
                S3 client (standard AWS environment). The cache belongs to one node: Ray workers on
                other nodes need a tracking server (`uri=http://...`).
     a server   `uri=http://host:5000`: the server decides where artifacts go.
+    a file     `uri=sqlite:////shared/mlflow.db`: artifacts under `/shared/artifacts/`.
 
 Reads/writes `{run_dir}/_tracking.json` (the parent run) and `{stage_out}/_tracking.json` (a stage's
 run and its parent), atomically, so a relaunch reopens the same runs; metric rows whose step is not
