@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # Fields that hold a location (local path or URL).
 PATH_FIELDS = ("run_dir", "data.source", "encode.weights", "encode.output", "pretrain.output", "refine.output",
                "refine.init", "sample.output", "sample.checkpoint", "fid.output", "fid.samples", "fid.reference",
-               "fid.inception_weights")
+               "fid.inception_weights", "fid.domain.path")
 GROUPINGS = ("next-token", "next-row", "next-layer", "next-neighbour", "next-scale")
 
 
@@ -112,6 +112,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(5000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(50, ge=1)
+    # Every N steps, sample eval_per_class images of every class with the EMA weights and score them
+    # with fid.evaluator (pipelines/evaluation.py); None: no evaluation during training.
+    eval_every: int | None = Field(None, ge=1)
+    eval_per_class: int = Field(4, ge=1)
     ema_decay: float = Field(0.9999, ge=0, lt=1)  # MAR
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU runs fp32
@@ -193,9 +197,25 @@ class SampleConfig(_Section):
     npz_shard: int = Field(1000, ge=1)
 
 
+class DomainEvaluatorConfig(_Section):
+    """The domain evaluator (pipelines/evaluator.py): a small classifier of the dataset's own images
+    whose features stand in for Inception's where Inception's weights cannot be had (offline)."""
+
+    path: str | None = None  # default {run_dir}/evaluator.pt; trained from data.source when missing
+    image_size: int | None = Field(None, ge=16)  # None: encode.image_size
+    epochs: int = Field(20, ge=1)  # 20 reach 100% held-out accuracy on the demo's synthetic set
+    batch_size: int = Field(32, ge=1)
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per class, never trained on: the reference images
+    hflip: bool = False  # flip augmentation; off: an evaluator blind to flips cannot see a mirrored class
+
+
 class FidConfig(_Section):
     """Scoring with torch-fidelity (jobs/fid)."""
 
+    # inception: torch-fidelity's Inception (the papers' FID); domain: the domain evaluator's
+    # FID / KID / precision / recall and the class accuracy of the samples, which need no download.
+    evaluator: Literal["inception", "domain"] = "inception"
+    domain: DomainEvaluatorConfig = Field(default_factory=DomainEvaluatorConfig)
     output: str | None = None  # default {run_dir}/eval
     samples: str | None = None  # default: sample.output
     # Statistics file (ADM's VIRTUAL_imagenet256_labeled.npz mu/sigma) or a reference folder.
@@ -288,6 +308,11 @@ class PipelineConfig(_Section):
     refine_dir = _output("refine", "refine")
     samples_dir = _output("sample", "samples")
     eval_dir = _output("fid", "eval")
+
+    @property
+    def evaluator_path(self) -> str:
+        """The domain evaluator file: fid.domain.path, else {run_dir}/evaluator.pt."""
+        return self.fid.domain.path or f"{self.run_dir}/evaluator.pt"
 
     def public_dict(self) -> dict[str, Any]:
         """The resolved config as saved with outputs: storage options are redacted."""

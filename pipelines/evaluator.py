@@ -393,6 +393,33 @@ def train_evaluator(source: str, *, split: str = "train", image_size: int, out_u
                          len(held_idx), held_acc, train_acc, seconds, rejected)
 
 
+def ensure_evaluator(path: str, source: str, *, split: str, image_size: int, classes: int | None,
+                     per_class: int | None, settings: Any, storage_options: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+    """The metadata of the evaluator at `path`, training it on `source` first when there is none.
+
+    `settings` is the config's fid.domain section (epochs, batch_size, holdout_fraction, hflip).
+    """
+    if not storage.exists(path, storage_options):
+        log.info("training the domain evaluator on %s/%s (%d px) -> %s", storage.redact(source), split, image_size,
+                 storage.redact(path))
+        info = train_evaluator(source, split=split, image_size=image_size, out_url=path, classes=classes,
+                               per_class=per_class, holdout_fraction=settings.holdout_fraction,
+                               epochs=settings.epochs, batch_size=settings.batch_size, hflip=settings.hflip,
+                               storage_options=storage_options)
+        print(f"domain evaluator: {len(info.wnids)} classes, held-out accuracy {info.heldout_accuracy:.3f} "
+              f"({info.num_heldout} images), {info.seconds:.0f} s -> {info.url}", flush=True)
+    return read_metadata(path, storage_options)
+
+
+def check_classes(meta: dict[str, Any], classes: Sequence[str] | None, where: str) -> None:
+    """Refuse an evaluator whose classes (wnids in label order) are not the dataset's: accuracy would be meaningless."""
+    if classes is not None and list(meta["wnids"]) != list(classes):
+        raise SarError(f"{where}: the domain evaluator knows {len(meta['wnids'])} classes "
+                       f"({', '.join(meta['wnids'][:3])}, ...), the dataset has {len(classes)} "
+                       f"({', '.join(list(classes)[:3])}, ...); set fid.domain.path to a new file to retrain it")
+
+
 # torch-fidelity feature extractor --------------------------------------------------------------
 class DomainExtractor(FeatureExtractorBase):
     """torch-fidelity feature extractor over an evaluator file: uint8 (N, 3, H, W) -> penultimate, logits.
@@ -457,83 +484,110 @@ def create_extractor(evaluator_path: str, cuda: bool, storage_options: dict[str,
                                     verbose=False)
 
 
-def evaluate_samples(samples: Dataset, labels: np.ndarray | Sequence[int] | None, reference: Dataset,
-                     evaluator_path: str, *, batch_size: int = 64, kid: bool = True, prc: bool = True,
-                     cuda: bool | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Domain FID / KID / precision / recall against `reference`, and class accuracy, by torch-fidelity.
+class DomainScorer:
+    """Scores sample sets against one reference set with one evaluator; the reference's features
+    are extracted once, so scoring during training costs only the samples' forward pass."""
 
-    `samples` and `reference` yield uint8 (3, H, W) tensors; `labels` are the intended classes
-    of the samples (None: no accuracy). Returns fid, kid {mean, std, subset_size, subsets},
-    precision, recall, accuracy, domain_is {mean, std, splits} (the Inception Score's formula on
-    the evaluator's logits), num_samples, num_reference, and the evaluator's path, sha256 and
-    held-out accuracy; what cannot be computed is None, with the reason in `skipped`.
-    """
-    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+    def __init__(self, evaluator_path: str, reference: Dataset, *, batch_size: int = 64, cuda: bool | None = None,
+                 storage_options: dict[str, Any] | None = None):
+        self.batch_size = batch_size
+        self.cuda = torch.cuda.is_available() if cuda is None else cuda
+        self.extractor = create_extractor(evaluator_path, self.cuda, storage_options)
+        self.num_reference = len(reference)
+        if self.num_reference == 0:
+            raise SarError(f"evaluator {storage.redact(evaluator_path)}: the reference set is empty")
+        self.reference = fid.extract_features(reference, self.extractor, batch_size, self.cuda)[PENULTIMATE]
 
-    n, m = len(samples), len(reference)
-    if n == 0 or m == 0:
-        raise SarError(f"evaluate_samples: {n} samples and {m} reference images; both must be non-empty")
-    cuda = torch.cuda.is_available() if cuda is None else cuda
-    extractor = create_extractor(evaluator_path, cuda, storage_options)
-    num_classes = extractor.num_classes
-    if labels is not None:
+    @property
+    def num_classes(self) -> int:
+        return self.extractor.num_classes
+
+    def _check_labels(self, labels, n: int) -> np.ndarray | None:
+        if labels is None:
+            return None
         labels = np.asarray(labels)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
             raise SarError(f"evaluate_samples labels: expected ({n},) integers, got {labels.shape} {labels.dtype}")
-        if n and (labels.min() < 0 or labels.max() >= num_classes):
-            raise SarError(f"evaluate_samples labels: values must be in [0, {num_classes}) (the evaluator's "
+        if n and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise SarError(f"evaluate_samples labels: values must be in [0, {self.num_classes}) (the evaluator's "
                            f"classes), got [{labels.min()}, {labels.max()}]")
+        return labels
 
-    feats = fid.extract_features(samples, extractor, batch_size, cuda)
-    ref = fid.extract_features(reference, extractor, batch_size, cuda)
-    f1, f2 = feats[PENULTIMATE], ref[PENULTIMATE]
-    out: dict[str, Any] = {"fid": None, "kid": None, "precision": None, "recall": None, "accuracy": None,
-                           "domain_is": None, "num_samples": n, "num_reference": m, "skipped": {},
-                           "feature_extractor": NAME, "feature_dim": int(f1.shape[1]),
-                           "evaluator": {"path": extractor.url, "sha256": extractor.digest,
-                                         "heldout_accuracy": extractor.meta.get("heldout_accuracy"),
-                                         "image_size": extractor.image_size, "classes": num_classes}}
+    def score(self, samples: Dataset, labels: np.ndarray | Sequence[int] | None = None, *, kid: bool = True,
+              prc: bool = True) -> dict[str, Any]:
+        """Domain FID / KID / precision / recall of `samples` against the reference, and class accuracy.
 
-    # FID: a covariance needs at least 2 images per side.
-    if min(n, m) < 2:
-        out["skipped"]["fid"] = f"needs at least 2 images on each side (samples {n}, reference {m})"
-    else:
-        out["fid"] = fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f2))
+        `samples` yields uint8 (3, H, W) tensors; `labels` are their intended classes (None: no
+        accuracy). Returns fid, kid {mean, std, subset_size, subsets}, precision, recall,
+        accuracy, domain_is {mean, std, splits} (the Inception Score's formula on the evaluator's
+        logits), num_samples, num_reference, and the evaluator's path, sha256 and held-out
+        accuracy; what cannot be computed is None, with the reason in `skipped`.
+        """
+        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+        from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-    # KID: torch-fidelity draws subsets of kid_subset_size from each side without replacement,
-    # so the size is min(1000, n, m); the unbiased MMD estimate needs at least 2.
-    if kid:
-        size = min(KID_SUBSET_SIZE, n, m)
-        if size < 2:
-            out["skipped"]["kid"] = f"needs at least 2 images on each side (samples {n}, reference {m})"
+        n, m, ex = len(samples), self.num_reference, self.extractor
+        if n == 0:
+            raise SarError("evaluate_samples: no samples to score")
+        labels = self._check_labels(labels, n)
+        feats = fid.extract_features(samples, ex, self.batch_size, self.cuda)
+        f1, f2 = feats[PENULTIMATE], self.reference
+        out: dict[str, Any] = {"fid": None, "kid": None, "precision": None, "recall": None, "accuracy": None,
+                               "domain_is": None, "num_samples": n, "num_reference": m, "skipped": {},
+                               "feature_extractor": NAME, "feature_dim": int(f1.shape[1]),
+                               "evaluator": {"path": ex.url, "sha256": ex.digest,
+                                             "heldout_accuracy": ex.meta.get("heldout_accuracy"),
+                                             "image_size": ex.image_size, "classes": self.num_classes}}
+
+        # FID: a covariance needs at least 2 images per side.
+        if min(n, m) < 2:
+            out["skipped"]["fid"] = f"needs at least 2 images on each side (samples {n}, reference {m})"
         else:
-            r = kid_features_to_metric(f1, f2, kid_subsets=KID_SUBSETS, kid_subset_size=size, verbose=False,
-                                       rng_seed=RNG_SEED)
-            out["kid"] = {"mean": r[KEY_METRIC_KID_MEAN], "std": r[KEY_METRIC_KID_STD], "subset_size": size,
-                          "subsets": KID_SUBSETS}
-            if size < KID_SUBSET_SIZE:
-                # A subset as large as a set is that whole set: std then comes from the other side only.
-                out["kid"]["note"] = (f"subset size {size} < {KID_SUBSET_SIZE}: the smaller set's size; a subset "
-                                      f"that large is the whole set, so std reflects only the larger set's draws")
+            out["fid"] = fid.frechet_distance(*fid.statistics(f1), *fid.statistics(f2))
 
-    # Precision/recall: each image's k-th nearest neighbour among its own set (itself included).
-    if prc:
-        if min(n, m) <= PRC_NEIGHBOURHOOD:
-            out["skipped"]["precision_recall"] = (f"needs more than k={PRC_NEIGHBOURHOOD} images on each side "
-                                                  f"(samples {n}, reference {m})")
+        # KID: torch-fidelity draws subsets of kid_subset_size from each side without replacement,
+        # so the size is min(1000, n, m); the unbiased MMD estimate needs at least 2.
+        if kid:
+            size = min(KID_SUBSET_SIZE, n, m)
+            if size < 2:
+                out["skipped"]["kid"] = f"needs at least 2 images on each side (samples {n}, reference {m})"
+            else:
+                r = kid_features_to_metric(f1, f2, kid_subsets=KID_SUBSETS, kid_subset_size=size, verbose=False,
+                                           rng_seed=RNG_SEED)
+                out["kid"] = {"mean": r[KEY_METRIC_KID_MEAN], "std": r[KEY_METRIC_KID_STD], "subset_size": size,
+                              "subsets": KID_SUBSETS}
+                if size < KID_SUBSET_SIZE:
+                    # A subset as large as a set is that whole set: std then comes from the other side only.
+                    out["kid"]["note"] = (f"subset size {size} < {KID_SUBSET_SIZE}: the smaller set's size; a "
+                                          f"subset that large is the whole set, so std reflects only the larger "
+                                          f"set's draws")
+
+        # Precision/recall: each image's k-th nearest neighbour among its own set (itself included).
+        if prc:
+            if min(n, m) <= PRC_NEIGHBOURHOOD:
+                out["skipped"]["precision_recall"] = (f"needs more than k={PRC_NEIGHBOURHOOD} images on each "
+                                                      f"side (samples {n}, reference {m})")
+            else:
+                r = prc_features_to_metric(f1, f2, prc_neighborhood=PRC_NEIGHBOURHOOD, verbose=False,
+                                           save_cpu_ram=True)
+                out["precision"], out["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
+
+        # Class accuracy and an Inception-Score-like number, both from the evaluator's logits.
+        logits = feats[LOGITS]
+        if labels is None:
+            out["skipped"]["accuracy"] = "no labels given for the samples"
         else:
-            r = prc_features_to_metric(f1, f2, prc_neighborhood=PRC_NEIGHBOURHOOD, verbose=False, save_cpu_ram=True)
-            out["precision"], out["recall"] = r[KEY_METRIC_PRECISION], r[KEY_METRIC_RECALL]
+            out["accuracy"] = float((logits.argmax(dim=1).numpy() == labels).mean())
+        splits = min(ISC_SPLITS, max(1, n // 2))  # a split of one image always scores exactly 1
+        r = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=RNG_SEED)
+        out["domain_is"] = {"mean": r[KEY_METRIC_ISC_MEAN], "std": r[KEY_METRIC_ISC_STD], "splits": splits}
+        return out
 
-    # Class accuracy and an Inception-Score-like number, both from the evaluator's logits.
-    logits = feats[LOGITS]
-    if labels is None:
-        out["skipped"]["accuracy"] = "no labels given for the samples"
-    else:
-        out["accuracy"] = float((logits.argmax(dim=1).numpy() == labels).mean())
-    splits = min(ISC_SPLITS, max(1, n // 2))  # a split of one image always scores exactly 1
-    r = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=RNG_SEED)
-    out["domain_is"] = {"mean": r[KEY_METRIC_ISC_MEAN], "std": r[KEY_METRIC_ISC_STD], "splits": splits}
-    return out
+
+def evaluate_samples(samples: Dataset, labels: np.ndarray | Sequence[int] | None, reference: Dataset,
+                     evaluator_path: str, *, batch_size: int = 64, kid: bool = True, prc: bool = True,
+                     cuda: bool | None = None, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Domain metrics of one sample set against `reference` (see DomainScorer.score)."""
+    scorer = DomainScorer(evaluator_path, reference, batch_size=batch_size, cuda=cuda, storage_options=storage_options)
+    return scorer.score(samples, labels, kid=kid, prc=prc)

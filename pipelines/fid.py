@@ -314,9 +314,9 @@ def sample_fields(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def skipped_metrics(reason: str) -> dict[str, Any]:
-    """The metrics of a set scored without Inception weights: none, and why."""
+    """The Inception metrics of a set scored without Inception: none, and why (once)."""
     return {"fid": None, "inception_score": None, "precision": None, "recall": None,
-            "skipped": {"fid": reason, "inception_score": reason, "precision_recall": reason}}
+            "skipped": {"Inception FID, IS, precision and recall": reason}}
 
 
 def reference_problem(reference: str | None, storage_options: dict[str, Any] | None = None) -> str | None:
@@ -332,8 +332,9 @@ def write_metrics(eval_dir: str, metrics: dict[str, Any], storage_options: dict[
     storage.write_json(storage.join(eval_dir, METRICS_FILE), metrics, storage_options)
 
 
-def metrics_status(eval_dir: str, samples_dir: str, storage_options: dict[str, Any] | None = None):
-    """Up to date when metrics.json scored the sample set now in `samples_dir` (a rundir.StageStatus)."""
+def metrics_status(eval_dir: str, samples_dir: str, evaluator: str, storage_options: dict[str, Any] | None = None):
+    """Up to date when metrics.json scored the sample set now in `samples_dir` with `evaluator`
+    (a rundir.StageStatus)."""
     from pipelines.rundir import StageStatus
 
     metrics_url = storage.join(eval_dir, METRICS_FILE)
@@ -345,4 +346,6 @@ def metrics_status(eval_dir: str, samples_dir: str, storage_options: dict[str, A
         return StageStatus(False, "the samples changed")
     if metrics.get("num_samples") != samples.get("num_samples"):
         return StageStatus(False, "the sample count changed")
+    if metrics.get("evaluator", "inception") != evaluator:
+        return StageStatus(False, f"scored by the {metrics.get('evaluator', 'inception')} evaluator, not {evaluator}")
     return StageStatus(True, "metrics of the current samples")

@@ -23,7 +23,7 @@ STAGE_RECORD = "_stage.json"
 # Training fields that may change between launches of one run without changing what is trained.
 RESUMABLE_FIELDS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
                     "cpus_per_worker", "max_failures", "output", "compile", "allow_config_change",
-                    "eval_every", "eval_samples"}
+                    "eval_every", "eval_per_class"}
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from pipelines import checkpoints, rundir, storage
 from pipelines.errors import DatasetMismatch, SarError
+from pipelines.evaluation import EvalSettings, TrainingEvaluator, settings_for, write_evals
 from pipelines.latents import TRAIN_COLUMNS, check_compatible, tokens_from_batch
 from pipelines.objectives import Objective, group_buckets, make_objective
 from pipelines.plots import plot_curves
@@ -62,6 +63,7 @@ class LoopConfig:
     failure_drill: tuple[int, str] | None = None  # (step, marker file): see `failure_drill`
     plot: bool = True
     start_step: int = 0             # the newest checkpoint's step when the run was launched
+    evaluation: EvalSettings | None = None  # in-training evaluation (pipelines/evaluation.py)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class LoopState:
     epoch: int = 0
     batch_in_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)  # in-training evaluations
 
 
 @dataclass
@@ -147,7 +150,8 @@ def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, An
                       token_space=checkpoints.token_space(manifest), inputs=inputs, run_config=public,
                       storage_options=so, init=init, accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
                       failure_drill=failure_drill_from_env(),
-                      start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0)
+                      start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0,
+                      evaluation=settings_for(cfg, stage, manifest))
 
 
 def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | None) -> None:
@@ -257,7 +261,8 @@ def restore(loop: LoopConfig, model: nn.Module, ema: Any, rank: int = 0) -> tupl
         ema.module.load_state_dict(state["ema"])
         ema.n_averaged.fill_(1)  # continue the average (0 would make the next update a copy)
         st = LoopState(step=state["step"], epoch=state["data"]["epoch"], batch_in_epoch=state["data"]["batch_in_epoch"],
-                       history=[h for h in state.get("history", []) if h["step"] <= state["step"]])
+                       history=[h for h in state.get("history", []) if h["step"] <= state["step"]],
+                       evals=[e for e in state.get("evals", []) if e["step"] <= state["step"]])
         if rank == 0:
             log.info("resumed from step %d (%s)", st.step, storage.redact(resume))
             print(f"resumed from step {st.step}", flush=True)
@@ -380,12 +385,24 @@ def save_checkpoint(t: Trainer, st: LoopState, loop: LoopConfig) -> None:
         return
     state = {"model": model_sd, "ema": ema_sd, "optimizer": opt_sd, "strategy": loop.train.strategy,
              "scheduler": t.sched.state_dict(), "step": st.step,
-             "data": {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch}, "history": st.history}
+             "data": {"epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch}, "history": st.history,
+             "evals": st.evals}
     meta = {"step": st.step, "stage": loop.stage, "model_config": t.model.config.to_dict(),
             "latents": loop.token_space, "inputs": loop.inputs, "config": loop.run_config}
     so = loop.storage_options
     checkpoints.save(loop.stage_dir, st.step, state, meta, loop.train.keep_checkpoints, so)
     storage.write_text(storage.join(loop.stage_dir, METRICS), "".join(json.dumps(h) + "\n" for h in st.history), so)
+
+
+def evaluate_now(evaluate: TrainingEvaluator, t: Trainer, st: LoopState, loop: LoopConfig) -> dict[str, Any]:
+    """Score the EMA weights on the fixed evaluation set; the row goes to evals.jsonl."""
+    row = evaluate(t.ema.module, st.step)
+    st.evals.append(row)
+    write_evals(loop.stage_dir, st.evals, loop.storage_options)
+    shown = " ".join(f"{k}={_fmt(row[k])}" for k in ("fid", "accuracy", "precision", "recall") if row[k] is not None)
+    print(f"eval step={st.step} {row['evaluator']} {shown} ({row['num_samples']} samples, {row['seconds']:.1f} s)",
+          flush=True)
+    return row
 
 
 def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int) -> None:
@@ -424,6 +441,9 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     grouping = t.model.grouping
     buckets = {k: v.to(device) for k, v in group_buckets(grouping.group_index, grouping.num_groups).items()}
     amp = device.type == "cuda" and train.precision == "bf16"
+    evaluate = None
+    if rank == 0 and loop.evaluation is not None:
+        evaluate = TrainingEvaluator(loop.evaluation, loop.stage_dir, device, loop.storage_options)
 
     window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log
     t_window, wait_s, n_steps, images = time.perf_counter(), 0.0, 0, 0
@@ -444,6 +464,8 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
                 print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
             ray.train.report(row)
             window, t_window, wait_s, n_steps, images = {}, time.perf_counter(), 0.0, 0, 0
+        if evaluate is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps):
+            evaluate_now(evaluate, t, st, loop)
         if st.step % train.checkpoint_every == 0 or st.step == train.steps:
             save_checkpoint(t, st, loop)
         failure_drill(loop.failure_drill, st.step, rank, world)

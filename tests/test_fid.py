@@ -229,3 +229,43 @@ def test_samples_on_an_object_store_are_read_as_a_dataset(tmp_path, s3_bucket):
     storage.remove(f"{url}/images/000003.png")
     with pytest.raises(SarError, match=r"1 files of index\.json are missing \(first: images/000003\.png\)"):
         fid.samples_dataset(url, index, str(tmp_path / "again"))
+
+
+def _sample_set_of(folder: str, images: np.ndarray, per_class: int) -> None:
+    """A finished sample set holding `images`, class-major (`per_class` consecutive images per label)."""
+    plan = sampling.SamplePlan(len(images) // per_class, per_class, seed=0)
+    rows = sampling.index_rows(plan, "png", 1000)
+    for row, image in zip(rows, images):
+        storage.write_bytes(storage.join(folder, row["file"]), sampling.png_bytes(image))
+    storage.write_json(storage.join(folder, sampling.INDEX_FILE), rows)
+    storage.write_json(storage.join(folder, sampling.MANIFEST_FILE), {
+        "num_samples": plan.size, "per_class": per_class, "classes": plan.num_classes, "seed": 0,
+        "guidance": {"kind": "none"}, "flow_steps": 1, "checkpoint_digest": "real", "image_size": 32})
+
+
+def test_sar_fid_with_the_domain_evaluator_scores_real_images_above_noise(tmp_path, synth_root, capsys):
+    """Offline scoring: the evaluator is trained on the dataset once, then real training images
+    score a lower domain FID and a higher class accuracy than noise."""
+    from pipelines import evaluator
+
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.source={synth_root}", "encode.image_size=32",
+                 "fid.evaluator=domain", "fid.domain.epochs=6", "fid.batch_size=16", "fid.grid_classes=2",
+                 "fid.grid_per_class=2"]
+    per_class = 4
+    listing = sorted(os.listdir(os.path.join(synth_root, "train")))
+    real = np.stack([np.asarray(Image.open(os.path.join(synth_root, "train", wnid, f)).convert("RGB"))
+                     for wnid in listing for f in sorted(os.listdir(os.path.join(synth_root, "train", wnid)))[:per_class]])
+    scores = {}
+    for name, images in [("real", real), ("noise", evaluator.noise_images(len(real), 32).images)]:
+        cfg = load_config(None, [*overrides, f"sample.output={tmp_path / name}", f"fid.output={tmp_path / name}-eval"])
+        _sample_set_of(cfg.samples_dir, images, per_class)
+        assert fid_job.main(cfg, Namespace()) == 0
+        scores[name] = storage.read_json(os.path.join(cfg.eval_dir, "metrics.json"))
+    assert os.path.exists(tmp_path / "run" / "evaluator.pt")  # trained once, then reused
+    real_m, noise_m = scores["real"]["domain"], scores["noise"]["domain"]
+    assert real_m["fid"] < noise_m["fid"] / 5 and real_m["accuracy"] > noise_m["accuracy"] + 0.4
+    assert real_m["real_heldout"]["fid"] is not None and scores["real"]["fid"] is None  # no Inception offline
+    assert scores["real"]["evaluator"] == "domain" and list(scores["real"]["skipped"]) == [
+        "Inception FID, IS, precision and recall"]
+    out = capsys.readouterr().out
+    assert "domain FID" in out and "class accuracy" in out and "not computed: fid.evaluator is 'domain'" in out

@@ -31,8 +31,12 @@ def mean_loss(rows):
 
 def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsys):
     from jobs import pretrain
+    from pipelines.latents import read_manifest
 
-    cfg = config(tmp_path, raw_latents, "pretrain.steps=40", "pretrain.checkpoint_every=20")
+    source = read_manifest(raw_latents)["source"]  # the images the latents were encoded from
+    evaluation = [f"data.source={source}", "pretrain.eval_every=20", "pretrain.eval_per_class=2",
+                  "fid.evaluator=domain", "fid.domain.epochs=3", "encode.image_size=16", "sample.flow_steps=2"]
+    cfg = config(tmp_path, raw_latents, "pretrain.steps=40", "pretrain.checkpoint_every=20", *evaluation)
     assert pretrain.main(cfg) == 0
     rows = history(cfg.pretrain_dir)
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
@@ -42,13 +46,21 @@ def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsy
     assert os.path.getsize(os.path.join(cfg.pretrain_dir, "loss.png")) > 1000
     assert checkpoints.list_steps(cfg.pretrain_dir) == [20, 40]
 
+    # Quality was measured during training: the EMA weights' samples scored by the domain evaluator.
+    evals = [json.loads(line) for line in open(os.path.join(cfg.pretrain_dir, "evals.jsonl"))]
+    assert [e["step"] for e in evals] == [20, 40] and all(e["evaluator"] == "domain" for e in evals)
+    assert all(e["fid"] > 0 and 0 <= e["accuracy"] <= 1 and e["num_samples"] == 8 for e in evals)
+    assert os.path.getsize(os.path.join(cfg.pretrain_dir, evals[-1]["grid"])) > 100
+
     # Re-launching with a larger budget continues from the newest checkpoint.
     capsys.readouterr()
-    longer = config(tmp_path, raw_latents, "pretrain.steps=50", "pretrain.checkpoint_every=20")
+    longer = config(tmp_path, raw_latents, "pretrain.steps=50", "pretrain.checkpoint_every=20", *evaluation)
     assert pretrain.main(longer) == 0
     assert "resumed from step 40" in capsys.readouterr().out
     steps = [r["step"] for r in history(cfg.pretrain_dir)]
     assert steps == list(range(5, 51, 5))  # continued, nothing repeated
+    evals = [json.loads(line) for line in open(os.path.join(cfg.pretrain_dir, "evals.jsonl"))]
+    assert [e["step"] for e in evals] == [20, 40, 50]
     state, meta = checkpoints.load_state(checkpoints.find_latest(cfg.pretrain_dir))
     assert state["step"] == meta["step"] == 50 and meta["config"]["pretrain"]["steps"] == 50
     assert set(state) >= {"model", "ema", "optimizer", "scheduler", "data"}
