@@ -46,14 +46,16 @@ import posixpath
 import re
 import shutil
 import tempfile
+import threading
 import uuid
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlsplit
 
 import fsspec
-import pyarrow.fs as pafs
-import s3fs
 from fsspec.core import split_protocol, url_to_fs
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 # botocore's retry settings for S3 (botocore.config.Config(retries=...)). "adaptive" is
 # "standard" (exponential backoff with jitter on throttling, 5xx and connection errors)
@@ -272,17 +274,36 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
-class _S3FileSystem(s3fs.S3FileSystem):
-    """s3fs taking its own retry count as an option, so that it survives pickling to Ray workers."""
+def _s3_filesystem_class() -> type:
+    """s3fs with its retry count as an option (so it survives pickling to Ray workers).
 
-    def __init__(self, *args, retries: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        if retries is not None:
-            self.retries = int(retries)
+    Made on first use, so that local-only programs never import s3fs (a second or more).
+    Pickle finds it as `pipelines.storage._S3FileSystem` through the module's __getattr__.
+    """
+    with _S3_CLASS_LOCK:
+        if "_S3FileSystem" not in globals():
+            import s3fs
+
+            class _S3FileSystem(s3fs.S3FileSystem):
+                def __init__(self, *args, retries: int | None = None, **kwargs):
+                    super().__init__(*args, **kwargs)
+                    if retries is not None:
+                        self.retries = int(retries)
+
+            _S3FileSystem.__qualname__ = "_S3FileSystem"
+            # One instance cache for both, so S3FileSystem.clear_instance_cache() clears ours too.
+            _S3FileSystem._cache = s3fs.S3FileSystem._cache
+            globals()["_S3FileSystem"] = _S3FileSystem
+        return globals()["_S3FileSystem"]
 
 
-# One instance cache for both classes, so S3FileSystem.clear_instance_cache() clears ours too.
-_S3FileSystem._cache = s3fs.S3FileSystem._cache
+_S3_CLASS_LOCK = threading.Lock()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "_S3FileSystem":
+        return _s3_filesystem_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def s3_options(storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -304,7 +325,7 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         try:
             protocol, _ = split_protocol(url)
             if protocol in _S3_PROTOCOLS and "::" not in url:
-                fs = _S3FileSystem(**s3_options(storage_options))
+                fs = _s3_filesystem_class()(**s3_options(storage_options))
                 return fs, fs._strip_protocol(url)
             return url_to_fs(url, **(storage_options or {}))
         except (ImportError, ValueError, TypeError) as err:
@@ -324,6 +345,8 @@ def pyarrow_filesystem(url: str, storage_options: dict[str, Any] | None = None) 
     fsspec filesystem the rest of the project uses (so one set of credentials, one
     endpoint and one retry policy apply everywhere), wrapped by pyarrow's FSSpecHandler.
     """
+    import pyarrow.fs as pafs
+
     if is_local(url):
         path = str(url).removeprefix("file://")
         return pafs.LocalFileSystem(), os.path.abspath(path)

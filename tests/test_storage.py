@@ -1,4 +1,3 @@
-import json
 import os
 
 import pyarrow.fs as pafs
