@@ -80,7 +80,7 @@ LEASE_FILE = "_writer.lease"
 LEASE_PREFIX = "_writer.lease"  # the lease, its lock sidecar and its temporaries
 DEFAULT_TTL_S = 60.0
 _S3_CLOCK_RESOLUTION_S = 1.0  # Date and LastModified are whole seconds
-_MAX_CONFLICTS = 20  # conflicts in a row while acquiring; each means another writer moved
+_MAX_CONFLICTS = 20  # lost races while acquiring before waiting as for a held lease
 _SECRET_ARG = re.compile(r"(?i)((?:secret|token|password|passwd|key)[^=\s]*=)\S+")
 
 
