@@ -314,11 +314,15 @@ class LeaseToken:
     owner_id: str
 
     def check(self, storage_options: dict | None = None) -> None:
-        """Raise LeaseLost unless the lease is still the holder's and not expired (one read)."""
+        """Raise LeaseLost unless the lease is the holder's and was renewed within ttl/2 (one read).
+
+        The holder renews every ttl/3, so an older renewal means its heartbeat is failing;
+        the ttl/2 left is the time a commit that starts now has before anyone may take over.
+        """
         current = _store(self.output_url, storage_options).read()
         if current is None or current.record["owner"].get("id") != self.owner_id:
             raise LeaseLost(_lost_message(self.output_url, current))
-        if current.info.expired:
+        if current.info.age_s > current.info.ttl_s / 2:
             raise LeaseLost(f"the writer lease of {storage.redact(self.output_url)} was not renewed for "
                             f"{current.info.age_s:.0f} s (ttl {current.info.ttl_s:g} s); stop before committing")
 
