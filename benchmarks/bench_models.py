@@ -127,24 +127,32 @@ def bench_cuda(args, device):
         return
     name = torch.cuda.get_device_name(device)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    for grouping in ["next-neighbour", "next-row"]:
-        for backend in ["sdpa", "flex"]:
+    for grouping in args.cuda_groupings:
+        for backend, compiled in [("sdpa", False), ("flex", False), ("flex", True)]:
+            torch.manual_seed(0)
             model = make(args, grouping, device, attention=backend).train()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
             x, labels = batch(model, args.batch, device)
 
-            def step():
+            def loss_fn(x, labels):
                 with autocast(device, True):
-                    loss = model.head.loss(model(x, labels), x).mean()
-                loss.backward()
+                    return model.head.loss(model(x, labels), x).mean()
+
+            forward = torch.compile(loss_fn) if compiled else loss_fn
+
+            def step():
+                forward(x, labels).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
             sec = timed(step, device, args.iters, warmup=3)
             ips = args.batch / sec
             mfu = f"{train_flops_per_image(model) * ips / peak * 100:5.1f}%" if peak else "n/a (unknown peak)"
-            print(f"    {grouping:15s}{backend:5s} {sec * 1e3:8.1f} ms/step  {ips:8.1f} img/s  MFU {mfu}"
-                  f"  ({count_parameters(model) / 1e6:.0f}M params, {name})")
+            label = backend + (" + torch.compile" if compiled else "")
+            print(f"    {grouping:15s}{label:22s} {sec * 1e3:8.1f} ms/step  {ips:8.1f} img/s  MFU {mfu}"
+                  f"  ({count_parameters(model) / 1e6:.0f}M params, batch {args.batch}, {name})", flush=True)
+            del model, opt
+            torch.cuda.empty_cache()
 
 
 def main():
@@ -161,6 +169,7 @@ def main():
     p.add_argument("--flow-steps", type=int, default=25 if cuda else 4)
     p.add_argument("--iters", type=int, default=5 if cuda else 3)
     p.add_argument("--groupings", nargs="+", default=list(GROUPINGS), choices=GROUPINGS)
+    p.add_argument("--cuda-groupings", nargs="+", default=["next-neighbour", "next-row"], choices=GROUPINGS)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=cuda)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "cuda"])

@@ -122,9 +122,9 @@ def main() -> None:
             time_sample_step(objective, counter, device)
     opt = make_optimizer(objectives["pretrain"], refine)  # one optimiser over the shared weights
     ema, sched = make_ema(model, refine.ema_decay), make_scheduler(opt, refine)
-    trainers = {name: Trainer(objective, ema, opt, sched, objective, device, fsdp=False)
-                for name, objective in objectives.items()}
     amp = device.type == "cuda" and refine.precision == "bf16"
+    trainers = {name: Trainer(objective, ema, opt, sched, objective, device, fsdp=False, grad_clip=refine.optim.grad_clip,
+                              amp=amp) for name, objective in objectives.items()}
     gen = torch.Generator().manual_seed(0)
     grid = torch.randn(args.batch, args.grid, args.grid, args.token_dim, generator=gen).to(device)
     batch = {"mean": grid, "mean_flip": grid, "label": torch.randint(10, (args.batch,), generator=gen)}
@@ -133,7 +133,7 @@ def main() -> None:
           f"{refine.sample_steps}, cfg_scale {refine.cfg_scale}, head_batch_mul {model.config.head_batch_mul}")
 
     def step(name: str) -> None:
-        train_step(trainers[name], [batch], gen, {}, {}, refine.optim.grad_clip, amp)
+        train_step(trainers[name], [batch], gen, {})
         sync(device)
 
     # Passes per step (one untimed step each, which is also the first warm-up step).

@@ -72,7 +72,7 @@ def cpu_benchmark(images: int, batch: int, actors: int, flow_steps: int) -> None
               f"{run.steady_rate:.1f} images/s after it")
 
 
-def cuda_benchmark(images: int, batch: int, flow_steps: int, cfg_scale: float) -> None:
+def cuda_benchmark(images: int, batch: int, flow_steps: int, guidance: Guidance) -> None:
     if not torch.cuda.is_available():
         print("cuda SAR-B benchmark skipped: no CUDA device here (run this script on a GPU machine)")
         return
@@ -88,7 +88,6 @@ def cuda_benchmark(images: int, batch: int, flow_steps: int, cfg_scale: float) -
                         down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5,
                         block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2)
     codec = KLVAECodec(vae, 256, 1, 0.2325, None).to(device).eval()
-    guidance = Guidance(kind="cfg", cfg=cfg_scale)
     steps = model.grouping.num_groups
     labels = torch.arange(batch, device=device) % 1000
 
@@ -107,7 +106,7 @@ def cuda_benchmark(images: int, batch: int, flow_steps: int, cfg_scale: float) -
     made = run(n_batches)
     secs = time.perf_counter() - start
     rate = made / secs
-    print(f"cuda SAR-B ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, {steps} AR steps, CFG {cfg_scale}, "
+    print(f"cuda SAR-B ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, {steps} AR steps, {guidance}, "
           f"{flow_steps} flow steps, bf16), batch {batch}, {made} images on {torch.cuda.get_device_name()}")
     print(f"     {rate:.1f} images/s; 50,000 images: {50_000 / rate / 60:.1f} min on one GPU "
           f"(generate + KL-VAE decode + uint8, no PNG writes)")
@@ -120,12 +119,18 @@ def main() -> None:
     p.add_argument("--actors", type=int, default=2, help="CPU: actor-pool size")
     p.add_argument("--flow-steps", type=int, default=50, help="Euler steps of the flow head (sample.flow_steps)")
     p.add_argument("--cuda-batch", type=int, default=256)
+    p.add_argument("--cuda-only", action="store_true", help="skip the CPU actor-pool measurement")
     p.add_argument("--cuda-images", type=int, default=1024)
-    p.add_argument("--cfg", type=float, default=3.5, help="CFG scale (sample.guidance.cfg)")
+    p.add_argument("--guidance", default="xz_cfg", help="sample.guidance.kind on CUDA")
+    p.add_argument("--w-x", type=float, default=1.35, help="x-CFG weight (SAR-B, self-token paper Table 4)")
+    p.add_argument("--w-z", type=float, default=3.0, help="z-CFG weight (SAR-B, Table 4)")
+    p.add_argument("--cfg", type=float, default=3.5, help="CFG scale (Table 2)")
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    cpu_benchmark(args.images, args.batch, args.actors, args.flow_steps)
-    cuda_benchmark(args.cuda_images, args.cuda_batch, args.flow_steps, args.cfg)
+    if not args.cuda_only:
+        cpu_benchmark(args.images, args.batch, args.actors, args.flow_steps)
+    cuda_benchmark(args.cuda_images, args.cuda_batch, args.flow_steps,
+                   Guidance(args.guidance, cfg=args.cfg, w_x=args.w_x, w_z=args.w_z))
 
 
 if __name__ == "__main__":

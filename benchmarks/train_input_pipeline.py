@@ -47,7 +47,6 @@ from jobs.config import load_config  # noqa: E402
 from models import count_parameters  # noqa: E402
 from pipelines import training  # noqa: E402
 from pipelines.latents import TRAIN_COLUMNS  # noqa: E402
-from pipelines.objectives import group_buckets  # noqa: E402
 
 
 def make_latents(root: str, args) -> tuple:
@@ -82,13 +81,10 @@ def build_step(cfg, manifest, device: torch.device):
     model_config = training.build_model_config(cfg.model, manifest)
     loop = training.prepare_run(cfg, "pretrain", cfg.pretrain_dir, model_config, manifest, inputs={})
     t, _ = training.prepare(loop, device)
-    g = t.model.grouping
-    buckets = {k: v.to(device) for k, v in group_buckets(g.group_index, g.num_groups).items()}
-    amp = device.type == "cuda" and train.precision == "bf16"
     gen = torch.Generator().manual_seed(train.seed)
 
     def step(micro: list[dict[str, torch.Tensor]]) -> None:
-        training.train_step(t, micro, gen, buckets, {}, train.optim.grad_clip, amp)
+        training.train_step(t, micro, gen, {})
         if device.type == "cuda":
             torch.cuda.synchronize()  # the step's time is the device's, not the launch's
 

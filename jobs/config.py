@@ -41,6 +41,9 @@ class DataConfig(_Section):
     split: Literal["train", "val"] = "train"
     classes: int | None = Field(None, ge=1)  # first N classes only (smoke runs)
     per_class: int | None = Field(None, ge=1)  # at most M images per class (smoke runs)
+    # Train on each image or its horizontal flip, chosen per example (DiT / MAR on ImageNet).
+    # Off for data a mirror changes (digits, text, asymmetric classes).
+    hflip: bool = True
     # fsspec options for `source` and every output (endpoint, key, profile, anon). Values
     # are never logged or written into outputs; prefer the standard AWS environment.
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -106,7 +109,8 @@ class OptimConfig(_Section):
 class TrainConfig(_Section):
     """What pretrain and refine share: Ray Train, batch, checkpoints, precision."""
 
-    steps: int = Field(250_000, ge=1)  # MAR: 400 epochs at batch 2048
+    steps: int | None = Field(250_000, ge=1)  # MAR: 400 epochs at batch 2048; None: from `epochs`
+    epochs: float | None = Field(None, gt=0)  # passes over the dataset; used when steps is None
     global_batch: int = Field(2048, ge=1)  # MAR
     micro_batch: int = Field(64, ge=1)  # per worker per forward; accumulation fills global_batch
     checkpoint_every: int = Field(5000, ge=1)
@@ -116,7 +120,7 @@ class TrainConfig(_Section):
     # with fid.evaluator (pipelines/evaluation.py); None: no evaluation during training.
     eval_every: int | None = Field(None, ge=1)
     eval_per_class: int = Field(4, ge=1)
-    ema_decay: float = Field(0.9999, ge=0, lt=1)  # MAR
+    ema_decay: float | None = Field(0.9999, ge=0, lt=1)  # MAR; None: from the run's length (see RefineConfig)
     seed: int = 0
     precision: Literal["bf16", "fp32"] = "bf16"  # bf16 autocast on GPU; CPU runs fp32
     # ddp: replicated weights (SAR-B); fsdp: FSDP2 fully_shard per block, for SAR-L/H. Checkpoints
@@ -131,6 +135,12 @@ class TrainConfig(_Section):
     output: str | None = None
     allow_config_change: bool = False  # let a run directory continue under a changed config
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @model_validator(mode="after")
+    def _has_a_length(self) -> "TrainConfig":
+        if self.steps is None and self.epochs is None:
+            raise ValueError("set steps or epochs")
+        return self
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -153,18 +163,29 @@ def _refine_optim() -> OptimConfig:
 class RefineConfig(TrainConfig):
     """Self-autoregressive refinement (jobs/refine)."""
 
-    steps: int = Field(3125, ge=1)  # ~10 epochs at batch 4096 (paper: last ~5% of the budget)
+    # Refinement paper Sec. 5.1: 10 epochs from the pretrained checkpoint (~6,256 steps of ImageNet's
+    # 1,281,167 images at global_batch 2048); the steps are derived from the dataset when the run starts.
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(10.0, gt=0)
+    # None: derived from the length, d = 0.05 ** (1 / steps), so the EMA sampled after the run holds at
+    # most 5% of the starting weights (pretrain's 0.9999 over 6,256 steps would keep 53% of them and
+    # hide the refinement from evaluation); ~0.9995 on ImageNet.
+    ema_decay: float | None = Field(None, ge=0, lt=1)
     optim: OptimConfig = Field(default_factory=_refine_optim)
-    gamma: float = Field(1.0, ge=0)  # L = L_TF + gamma * L_CSF (eq. 11)
+    # L = L_TF + gamma * L_CSF (eq. 11). The authors' released recipe uses 0.01 (on a cross-entropy loss);
+    # benchmarks/quality_sweep.py chose 0.1: gamma 1 hurt domain FID at toy scale, 0.1 and 0.01 helped.
+    gamma: float = Field(0.1, ge=0)
     init: str | None = None  # pretrain checkpoint; default: latest under {run_dir}/pretrain
     init_weights: Literal["ema", "raw"] = "ema"
     # The sample step between the passes (refinement paper Table 5: CFG sampling is best, FID 2.89).
     # deterministic: the head's conditional mean (one evaluation from e = 0), the argmax analogue;
-    # stochastic: the Euler ODE from fresh noise; cfg: that ODE with x-CFG (head-level guidance,
-    # so the step still costs exactly one extra backbone pass).
-    sample_mode: Literal["deterministic", "stochastic", "cfg"] = "cfg"
-    sample_steps: int = Field(10, ge=1)  # Euler steps of the sample step's ODE
-    cfg_scale: float = 2.5  # Table 5's CFG scale
+    # stochastic: the ODE from fresh noise; cfg: that ODE under classifier-free guidance, whose
+    # unconditional backbone pass (no gradient) makes the step cost two extra backbone forwards;
+    # x_cfg: head-only guidance (the head at z and at 0), one extra backbone forward.
+    sample_mode: Literal["deterministic", "stochastic", "cfg", "x_cfg"] = "cfg"
+    sample_steps: int = Field(10, ge=1)  # ODE steps of the sample step
+    cfg_scale: float = Field(2.5, ge=1)  # Table 5's CFG scale
+    x_cfg_scale: float = Field(1.25, ge=1)  # self-token paper Table 2: the best x-CFG weight alone
     target: Literal["teacher", "ground_truth"] = "teacher"  # eq. 10 vs Algorithm 1
     group: int | None = None  # CSFL on one group only; None = all groups
 

@@ -29,8 +29,7 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def status(cfg: PipelineConfig) -> rundir.StageStatus:
-    return training.training_status(cfg.pretrain_dir, inputs(cfg), rundir.config_fingerprint(cfg.public_dict(), STAGE),
-                                    cfg.pretrain.steps, cfg.data.storage_options)
+    return training.training_status(cfg, STAGE, cfg.pretrain_dir, inputs(cfg))
 
 
 def main(cfg: PipelineConfig, args=None) -> int:

@@ -36,8 +36,7 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def status(cfg: PipelineConfig) -> rundir.StageStatus:
-    return training.training_status(cfg.refine_dir, inputs(cfg), rundir.config_fingerprint(cfg.public_dict(), STAGE),
-                                    cfg.refine.steps, cfg.data.storage_options)
+    return training.training_status(cfg, STAGE, cfg.refine_dir, inputs(cfg))
 
 
 def main(cfg: PipelineConfig, args=None) -> int:

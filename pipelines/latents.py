@@ -172,20 +172,44 @@ def dataset_digest(latents_url: str, storage_options: dict | None = None) -> str
     return digest_of({k: v for k, v in manifest.items() if k not in volatile})
 
 
+def load_arrays(latents_url: str, columns: Iterable[str] = TRAIN_COLUMNS,
+                storage_options: dict | None = None) -> dict[str, np.ndarray]:
+    """The committed rows of a latents dataset in memory, without Ray (tools and small datasets).
+
+    Tensor columns come back in their stored dtype and shape (bfloat16 as uint16 bits).
+    """
+    manifest = read_manifest(latents_url, storage_options)
+    fs, _ = storage.pyarrow_filesystem(latents_url, storage_options)
+    wanted = [c for c in columns if c in manifest["columns"]]
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in wanted}
+    for url in shard_urls(latents_url, manifest):
+        table = pq.read_table(storage.pyarrow_filesystem(url, storage_options)[1], columns=wanted, filesystem=fs)
+        for c in wanted:
+            column = table.column(c).combine_chunks()
+            shape = manifest["columns"][c]
+            # A tensor column is a list of flattened values (Ray's tensor extension); its shape is in the manifest.
+            values = column.storage.values if isinstance(column, pa.ExtensionArray) else \
+                column.values if shape else column
+            parts[c].append(np.asarray(values.to_numpy(zero_copy_only=False)).reshape(len(column), *shape))
+    return {c: np.concatenate(v) for c, v in parts.items()}
+
+
 def data_bytes(manifest: dict) -> int:
     """Bytes of the committed shards."""
     return sum(int(shard.get("bytes", 0)) for shard in manifest.get("shards", []))
 
 
 def tokens_from_batch(batch: dict[str, torch.Tensor], grouping, generator: torch.Generator,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                      device: torch.device, hflip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Training tokens (B, L, D) and labels (B,) from a batch of latent rows.
 
-    The flip is chosen per example and the posterior sampled per example, at load time
-    (MAR stores moments, not samples, so both stay augmentations; DESIGN section 2).
+    With `hflip` the image or its flip is chosen per example; the posterior is sampled per
+    example; both at load time (MAR stores moments, not samples, so both stay augmentations;
+    DESIGN section 2).
     """
     mean, mean_flip = column_values(batch[MEAN]), column_values(batch[MEAN_FLIP])  # (B, h, w, D) each
-    flip = torch.rand(mean.shape[0], generator=generator) < 0.5  # (B,)
+    flip = torch.rand(mean.shape[0], generator=generator) < 0.5  # (B,), drawn either way: same stream
+    flip &= hflip
     sel = flip.view(-1, 1, 1, 1).to(mean.device)
     grid = torch.where(sel, mean_flip, mean)
     if LOGVAR in batch:

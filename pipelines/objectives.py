@@ -3,7 +3,8 @@
 An objective wraps the SARModel; `forward(x, labels, generator)` returns (loss, per-token loss
 (B, L), metrics) so the shared training loop (pipelines/training.py) can run either.
 
-Refinement (the refinement paper: eqs. 8-11, Algorithm 1, Table 5) is two backbone passes a step:
+Refinement (the refinement paper: eqs. 8-11, Algorithm 1, Table 5) is two backbone passes a step
+with gradient (three forwards with the `cfg` sample step, whose unconditional pass has none):
   pass 1, teacher forcing: z^T from the ground truth, L_TF (eq. 9);
   the sample step, without gradient: predicted tokens x^T from the head at z^T (Table 5 modes);
   pass 2, stagger-scale rollout: both streams rebuilt from x^T (for next-scale, the upsampled
@@ -69,15 +70,28 @@ class RefineObjective(Objective):
         self.buckets = group_buckets(g.group_index, g.num_groups)
 
     @torch.no_grad()
-    def rollout_tokens(self, z_teacher: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The sample step: predicted tokens x^T at the teacher-forced conditions (no gradient)."""
+    def rollout_tokens(self, x: torch.Tensor, labels: torch.Tensor, z_teacher: torch.Tensor,
+                       generator: torch.Generator | None) -> torch.Tensor:
+        """The sample step: predicted tokens x^T at the teacher-forced conditions (no gradient).
+
+        deterministic: the head's conditional mean, one evaluation from e = 0 (the argmax analogue);
+        stochastic: the ODE from fresh noise; cfg: that ODE under classifier-free guidance, with
+        the unconditional conditions from one more teacher-forced pass on the null class;
+        x_cfg: the ODE under head-only guidance.
+        """
         s, head = self.settings, self.model.head
         shape = (*z_teacher.shape[:2], self.model.config.token_dim)
-        if s.sample_mode == "deterministic":  # the head's conditional mean: one evaluation from e = 0
+        if s.sample_mode == "deterministic":
             return head.sample(z_teacher, torch.zeros(shape, device=z_teacher.device), 1, mode="one_step")
-        guidance = Guidance("x_cfg", w_x=s.cfg_scale) if s.sample_mode == "cfg" else Guidance()
+        z, guidance = z_teacher, Guidance()
+        if s.sample_mode == "cfg":
+            null = torch.ones_like(labels, dtype=torch.bool)
+            z = torch.cat([z_teacher, self.model(x, labels, drop_labels=null)])  # [cond; uncond]
+            guidance = Guidance("cfg", cfg=s.cfg_scale)
+        elif s.sample_mode == "x_cfg":
+            guidance = Guidance("x_cfg", w_x=s.x_cfg_scale)
         noise = gaussian_noise(shape, generator, z_teacher.device)
-        return head.sample(z_teacher, noise, s.sample_steps, guidance)
+        return head.sample(z, noise, s.sample_steps, guidance)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         drop = self.model.class_dropout_mask(labels)  # the same draw for both passes
@@ -86,7 +100,7 @@ class RefineObjective(Objective):
         z_teacher = self.model(x, labels, drop_labels=drop)  # (B, L, W)
         tf = head.loss(z_teacher, x)  # (B, L)
         # The sample step, then pass 2 on streams rebuilt from the predictions alone.
-        x_teacher = self.rollout_tokens(z_teacher.detach(), generator)  # (B, L, D), no grad
+        x_teacher = self.rollout_tokens(x, labels, z_teacher.detach(), generator)  # (B, L, D), no grad
         z_student = self.model(x_teacher, labels, drop_labels=drop)  # (B, L, W)
         target = x_teacher if self.settings.target == "teacher" else x
         csf = head.loss(z_student, target)  # (B, L)

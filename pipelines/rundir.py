@@ -21,7 +21,7 @@ from pipelines.errors import SarError
 RUN_CONFIG = "run_config.json"
 STAGE_RECORD = "_stage.json"
 # Training fields that may change between launches of one run without changing what is trained.
-RESUMABLE_FIELDS = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
+RESUMABLE_FIELDS = {"steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
                     "cpus_per_worker", "max_failures", "output", "compile", "allow_config_change",
                     "eval_every", "eval_per_class"}
 

@@ -45,6 +45,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import uuid
@@ -129,18 +130,22 @@ def redact(url: str) -> str:
 # One-line errors ---------------------------------------------------------------------------
 def classify(err: BaseException, url: str, storage_options: dict[str, Any] | None = None) -> StorageError | None:
     """`err` as a one-line StorageError about `url`, or None when it is not a storage failure."""
-    from botocore.exceptions import (
-        BotoCoreError,
-        ClientError,
-        ConnectionError as BotoConnectionError,
-        CredentialRetrievalError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ReadTimeoutError,
-    )
-
     if isinstance(err, StorageError):
         return err
+    # No botocore error can exist unless botocore was imported (local paths never import it).
+    if "botocore.exceptions" in sys.modules:
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectionError as BotoConnectionError,
+            CredentialRetrievalError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ReadTimeoutError,
+        )
+    else:
+        BotoCoreError = ClientError = BotoConnectionError = CredentialRetrievalError = type("_Absent", (Exception,), {})
+        NoCredentialsError = PartialCredentialsError = ReadTimeoutError = BotoCoreError
     where = redact(url)
     # s3fs re-raises the ClientError as an OSError (its __cause__); look through the chain.
     chain, seen = [], err

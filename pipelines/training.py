@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ import torch.nn as nn
 from pipelines import checkpoints, rundir, storage
 from pipelines.errors import DatasetMismatch, SarError
 from pipelines.evaluation import EvalSettings, TrainingEvaluator, settings_for, write_evals
-from pipelines.latents import TRAIN_COLUMNS, check_compatible, tokens_from_batch
+from pipelines.latents import TRAIN_COLUMNS, check_compatible, read_manifest, tokens_from_batch
 from pipelines.objectives import Objective, group_buckets, make_objective
 from pipelines.plots import plot_curves
 
@@ -59,6 +60,7 @@ class LoopConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     init: tuple[str, str] | None = None  # refine: (pretrain checkpoint URL, "ema" | "raw")
     use_gpu: bool = False
+    hflip: bool = True              # data.hflip
     accum: int = 1                  # micro-batches per optimizer step on each worker
     failure_drill: tuple[int, str] | None = None  # (step, marker file): see `failure_drill`
     plot: bool = True
@@ -90,6 +92,10 @@ class Trainer:
     fsdp: bool
     rank: int = 0
     world: int = 1
+    grad_clip: float = 1.0
+    amp: bool = False               # bf16 autocast (CUDA)
+    hflip: bool = True              # train on each image or its flip, chosen per example
+    buckets: dict[str, torch.Tensor] = field(default_factory=dict)  # group thirds, for loss_early/middle/late
 
     @property
     def model(self) -> nn.Module:
@@ -133,6 +139,19 @@ def check_resumable(stage_dir: str, model_config: dict[str, Any], storage_option
                            f"builds {k}={v!r}; use another run_dir")
 
 
+# The EMA a refinement is sampled with should hold at most this share of the weights it started
+# from when the run ends: its decay is derived from the run's length (RefineConfig.ema_decay).
+EMA_START_SHARE = 0.05
+
+
+def resolve_length(train: Any, num_rows: int) -> Any:
+    """The config section with `steps` (from `epochs` when unset) and `ema_decay` (from the length
+    when unset: EMA_START_SHARE ** (1 / steps)) filled in for a dataset of `num_rows`."""
+    steps = train.steps or max(1, math.ceil(train.epochs * num_rows / train.global_batch))
+    decay = train.ema_decay if train.ema_decay is not None else EMA_START_SHARE ** (1 / steps)
+    return train.model_copy(update={"steps": steps, "ema_decay": decay})
+
+
 def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
                 inputs: dict[str, Any], init: tuple[str, str] | None = None) -> LoopConfig:
     """Check the dataset and the run directory, bind it to this config, and describe the run.
@@ -140,7 +159,7 @@ def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, An
     `cfg` is the resolved jobs.config.PipelineConfig; nothing here needs Ray, so a wrong
     dataset or a changed config is refused before any worker starts.
     """
-    train, so = getattr(cfg, stage), cfg.data.storage_options
+    train, so = resolve_length(getattr(cfg, stage), manifest["num_rows"]), cfg.data.storage_options
     public = cfg.public_dict()
     check_dataset(manifest, model_config, storage.redact(cfg.latents_dir))
     check_resumable(stage_dir, model_config, so)
@@ -148,7 +167,7 @@ def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, An
     rundir.bind_run_dir(stage_dir, rundir.config_fingerprint(public, stage), stage, train.allow_config_change, so)
     return LoopConfig(stage=stage, stage_dir=stage_dir, train=train, model_config=model_config,
                       token_space=checkpoints.token_space(manifest), inputs=inputs, run_config=public,
-                      storage_options=so, init=init, accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
+                      storage_options=so, init=init, hflip=cfg.data.hflip, accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
                       failure_drill=failure_drill_from_env(),
                       start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0,
                       evaluation=settings_for(cfg, stage, manifest))
@@ -163,9 +182,13 @@ def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | N
         outputs={"checkpoint": meta.get("digest"), "step": meta["step"]}, storage_options=loop.storage_options)
 
 
-def training_status(stage_dir: str, inputs: dict[str, Any], fingerprint: dict[str, Any], steps: int,
-                    storage_options: dict[str, Any] | None = None) -> rundir.StageStatus:
-    """Up to date when the newest checkpoint reached `steps` from these inputs under this config."""
+def training_status(cfg: Any, stage: str, stage_dir: str, inputs: dict[str, Any]) -> rundir.StageStatus:
+    """Up to date when the newest checkpoint reached the run's length from these inputs under this config."""
+    storage_options = cfg.data.storage_options
+    if inputs.get("latents") is None:
+        return rundir.StageStatus(False, "no latents yet")
+    steps = resolve_length(getattr(cfg, stage), read_manifest(cfg.latents_dir, storage_options)["num_rows"]).steps
+    fingerprint = rundir.config_fingerprint(cfg.public_dict(), stage)
     latest = checkpoints.find_latest(stage_dir, storage_options)
     if latest is None:
         return rundir.StageStatus(False, "no checkpoint")
@@ -300,7 +323,10 @@ def prepare(loop: LoopConfig, device: torch.device, rank: int = 0, world: int = 
             objective, device_ids=[device.index] if device.type == "cuda" else None)
     if train.compile:
         wrapped = torch.compile(wrapped)
-    t = Trainer(objective, ema, opt, sched, wrapped, device, fsdp, rank, world)
+    g = model.grouping
+    buckets = {k: v.to(device) for k, v in group_buckets(g.group_index, g.num_groups).items()}
+    t = Trainer(objective, ema, opt, sched, wrapped, device, fsdp, rank, world, grad_clip=train.optim.grad_clip,
+                amp=device.type == "cuda" and train.precision == "bf16", hflip=loop.hflip, buckets=buckets)
     if opt_state is not None:
         load_optimizer(t, opt_state["optimizer"])
         sched.load_state_dict(opt_state["scheduler"])
@@ -335,8 +361,7 @@ def step_batches(shard, train: Any, st: LoopState, rank: int, accum: int) -> Ite
 
 
 # One step -------------------------------------------------------------------------------------
-def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, buckets: dict[str, torch.Tensor],
-               window: dict[str, torch.Tensor], grad_clip: float, amp: bool) -> int:
+def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict[str, torch.Tensor]) -> int:
     """One optimizer step over its micro-batches; adds metric sums to `window`; returns images seen.
 
     Metric sums stay on the device (no host sync per micro-batch); they are read at the log step.
@@ -345,22 +370,22 @@ def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, buckets: dic
     accum, images = len(micro), 0
     ddp = isinstance(t.wrapped, nn.parallel.DistributedDataParallel)
     for i, b in enumerate(micro):
-        x, labels = tokens_from_batch(b, t.model.grouping, gen, t.device)
+        x, labels = tokens_from_batch(b, t.model.grouping, gen, t.device, hflip=t.hflip)
         last = i == accum - 1
         if t.fsdp:  # accumulate locally; reduce-scatter on the last micro-batch only
             t.objective.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if last or not ddp else t.wrapped.no_sync()
-        with sync, torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=amp):
+        with sync, torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.amp):
             loss, per_token, metrics = t.wrapped(x, labels, gen)
             (loss / accum).backward()
         with torch.no_grad():
             metrics = {**metrics, "loss": loss.detach()}
-            for name, mask in buckets.items():
+            for name, mask in t.buckets.items():
                 metrics[f"loss_{name}"] = per_token.detach()[:, mask].mean()
             for k, v in metrics.items():
                 window[k] = window.get(k, 0.0) + v.float() / accum
         images += x.shape[0]
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.objective.parameters(), grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.objective.parameters(), t.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
     t.opt.step()
@@ -438,9 +463,6 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     t, st = prepare(loop, device, rank, world)
     shard = shard if shard is not None else ray.train.get_dataset_shard("train")
     gen = torch.Generator().manual_seed(train.seed * 1_000_003 + rank * 7919 + st.step)
-    grouping = t.model.grouping
-    buckets = {k: v.to(device) for k, v in group_buckets(grouping.group_index, grouping.num_groups).items()}
-    amp = device.type == "cuda" and train.precision == "bf16"
     evaluate = None
     if rank == 0 and loop.evaluation is not None:
         evaluate = TrainingEvaluator(loop.evaluation, loop.stage_dir, device, loop.storage_options)
@@ -452,13 +474,13 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
         t_data = time.perf_counter()
         micro = next(batches)
         wait_s += time.perf_counter() - t_data
-        images += train_step(t, micro, gen, buckets, window, train.optim.grad_clip, amp) * world
+        images += train_step(t, micro, gen, window) * world
         st.step += 1
         st.batch_in_epoch += 1
         n_steps += 1
         if st.step % train.log_every == 0 or st.step == train.steps:
             row = log_row(st, window, n_steps, time.perf_counter() - t_window, wait_s, images,
-                          grouping.seq_len, t.sched.get_last_lr()[0])
+                          t.model.grouping.seq_len, t.sched.get_last_lr()[0])
             st.history.append(row)
             if rank == 0:
                 print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
