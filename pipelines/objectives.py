@@ -77,7 +77,8 @@ class RefineObjective(Objective):
             return head.sample(z_teacher, torch.zeros(shape, device=z_teacher.device), 1, mode="one_step")
         guidance = Guidance("x_cfg", w_x=s.cfg_scale) if s.sample_mode == "cfg" else Guidance()
         noise = gaussian_noise(shape, generator, z_teacher.device)
-        return head.sample(z_teacher, noise, s.sample_steps, guidance)
+        return head.sample(z_teacher, noise, s.sample_steps, guidance,
+                           step_noise=lambda: gaussian_noise(shape, generator, z_teacher.device))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         drop = self.model.class_dropout_mask(labels)  # the same draw for both passes

@@ -202,3 +202,34 @@ def test_bfloat16_shards_are_read_as_values():
     rows = {"mean": bits, "mean_flip": bits, "label": torch.tensor([0, 1])}
     x, _ = tokens_from_batch(rows, g, torch.Generator().manual_seed(0), torch.device("cpu"))
     assert torch.equal(g.to_grid(x), mean.float())
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic", "cfg"])
+def test_refine_runs_with_the_ddpm_head(mode):
+    """The refine objective trains a DDPM head (its loss) and samples it (ancestral steps drawing
+    their noise from the step's generator, so the sample step is reproducible)."""
+    model = tiny(head="ddpm")
+    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=3))
+    calls = count_backbone_calls(model)
+    x, y = batch()
+    loss, _, _ = obj(x, y, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert len(calls) == 2 and torch.isfinite(loss)
+    z = model(x, y).detach()
+    a, b = (obj.rollout_tokens(z, torch.Generator().manual_seed(4)) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_named_scale_schedule_resolves_for_the_dataset_grid():
+    from models.grouping import VAR_10
+    from pipelines.errors import DatasetMismatch
+    from pipelines.training import build_model_config, check_dataset
+
+    model = load_config(None, ["model.preset=tiny", "model.grouping=next-scale", "model.scales=var-10"]).model
+    manifest = {"grid": [16, 16], "token_dim": 6, "num_classes": 3, "grouping": "next-scale", "scales": list(VAR_10)}
+    model_config = build_model_config(model, manifest)
+    assert model_config["scales"] == list(VAR_10)
+    check_dataset(manifest, model_config, "pretrain")
+    with pytest.raises(DatasetMismatch, match=r"scales: dataset has \[1, 2, 4, 8, 16\]"):
+        check_dataset({**manifest, "scales": [1, 2, 4, 8, 16]}, model_config, "pretrain")
+    assert build_model_config(model, {**manifest, "grid": [8, 8]})["scales"] == [1, 2, 3, 4, 5, 7, 8]
