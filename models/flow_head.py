@@ -11,8 +11,9 @@ the ODE from `temperature` x noise, under the guidance of `models.guidance`, wit
 Heun is used on the last step too: EDM (Karras et al. 2022, Alg. 1) ends with an Euler step
 because its derivative (x - D(x; sigma)) / sigma is 0/0 at sigma = 0, but the rectified-flow
 velocity v(x, t) = E[x_data - e | x_t = x] is finite at t = 1 (there x_t is the data and
-E[e | x_t] = E[e] = 0, so v(x, 1) = x): the second evaluation is well defined, and keeping it
-keeps every step second order for the cost of one evaluation.
+E[e | x_t] = E[e] = 0, so v(x, 1) = x): the second evaluation is well defined (t = 1 is the
+edge of the training times, seldom drawn under logit-normal), and keeping it keeps every step
+second order, 2 x steps evaluations in all.
 Every evaluation is one head call, whatever the guidance (its branches are batched).
 """
 import math

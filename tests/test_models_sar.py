@@ -193,29 +193,41 @@ def test_training_step_dropout_checkpointing_bf16():
     loss.mean().backward()
 
 
-def test_flow_head_learns_gaussian_mixture():
-    """The head alone (z fixed at 0) fits a 4-mode 2-D mixture: samples land near modes, balanced."""
+GRID_MODES = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
+
+
+def train_on_mixture(head):
+    """A head alone (z fixed at 0) trained 300 steps on a 4-mode 2-D mixture (std 0.1), in eval()."""
     torch.manual_seed(0)
     model = build_model("tiny", token_dim=2, height=1, width=1, grouping="next-token", num_classes=1,
-                        head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0)
-    modes = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
+                        head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0, head=head)
     opt = torch.optim.Adam(model.head.parameters(), lr=3e-3)
     z = torch.zeros(256, 1, model.config.hidden_size)
     for _ in range(300):
-        x = modes[torch.randint(4, (256,))] + 0.1 * torch.randn(256, 2)
+        x = GRID_MODES[torch.randint(4, (256,))] + 0.1 * torch.randn(256, 2)
         loss = model.head.loss(z, x[:, None]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    with torch.no_grad():
-        noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
-        samples = model.head.sample(torch.zeros(1000, 1, 64), noise, 20)[:, 0]
-    dist = torch.cdist(samples, modes)
+    return model.eval()
+
+
+def assert_covers_modes(samples, max_share):
+    """Over 75% of the samples within 0.5 of a mode, every mode holding 15%..max_share of those."""
+    dist = torch.cdist(samples, GRID_MODES)
     near = dist.min(1).values < 0.5
     assert near.float().mean() > 0.75
     share = torch.bincount(dist.argmin(1)[near], minlength=4).float() / near.sum()
-    assert share.min() > 0.15 and share.max() < 0.35
+    assert share.min() > 0.15 and share.max() < max_share
+
+
+def test_flow_head_learns_gaussian_mixture():
+    """The head alone (z fixed at 0) fits a 4-mode 2-D mixture: samples land near modes, balanced."""
+    model = train_on_mixture("flow")
+    with torch.no_grad():
+        noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
+        samples = model.head.sample(torch.zeros(1000, 1, 64), noise, 20)[:, 0]
+    assert_covers_modes(samples, 0.35)
 
 
 @pytest.mark.parametrize("preset,target", [("sar-b", 141e6), ("sar-l", 714e6), ("sar-h", 1.3e9)])
@@ -411,29 +423,13 @@ def test_ddpm_temperature_scales_the_step_noise():
 
 
 def test_ddpm_head_learns_gaussian_mixture():
-    """The DDPM head alone (z fixed at 0) fits the 4-mode mixture of the flow-head test; sampled
-    with the whole 1000-step chain, since a respaced chain's first step (t = 999) multiplies the
-    epsilon error by sqrt(1 / abar_999 - 1) * coef1, ~2e4 sqrt(abar at the next step)."""
-    torch.manual_seed(0)
-    model = build_model("tiny", token_dim=2, height=1, width=1, grouping="next-token", num_classes=1,
-                        head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0, head="ddpm")
-    modes = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
-    opt = torch.optim.Adam(model.head.parameters(), lr=3e-3)
-    z = torch.zeros(256, 1, model.config.hidden_size)
-    for _ in range(300):
-        x = modes[torch.randint(4, (256,))] + 0.1 * torch.randn(256, 2)
-        loss = model.head.loss(z, x[:, None]).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    """The DDPM head fits the flow head's mixture; sampled with the whole 1000-step chain, since a
+    respaced chain's first step (t = 999) multiplies the epsilon error by sqrt(1 / abar_999 - 1)
+    x coef1, ~2e4 sqrt(abar at the next step) (ddpm_head.py)."""
+    model = train_on_mixture("ddpm")
     with torch.no_grad():
         noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
         g = torch.Generator().manual_seed(1)
         samples = model.head.sample(torch.zeros(1000, 1, 64), noise, DIFFUSION_STEPS,
                                     step_noise=lambda: torch.randn(1000, 1, 2, generator=g))[:, 0]
-    dist = torch.cdist(samples, modes)
-    near = dist.min(1).values < 0.5
-    assert near.float().mean() > 0.75
-    share = torch.bincount(dist.argmin(1)[near], minlength=4).float() / near.sum()
-    assert share.min() > 0.15 and share.max() < 0.4
+    assert_covers_modes(samples, 0.4)
