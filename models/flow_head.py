@@ -33,7 +33,14 @@ def compiled(step, device):
     if device.type != "cuda":
         return step
     if step not in _COMPILED:
-        _COMPILED[step] = torch.compile(step, mode="reduce-overhead", dynamic=True)
+        graphed = torch.compile(step, mode="reduce-overhead", dynamic=True)
+
+        def run(*args):
+            # The graphs' output buffers are rewritten by the next replay, which takes this
+            # step's output as its input: a new graph step, and a copy the graphs do not own.
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed(*args).clone()
+        _COMPILED[step] = run
     return _COMPILED[step]
 
 

@@ -357,8 +357,10 @@ def test_compile_head_same_samples_on_cuda(head, solver):
     labels, guidance = torch.tensor([2, 5], device="cuda"), Guidance("xz_cfg", w_x=1.5, w_z=2.0, ramp=True)
     kwargs = dict(seeds=[1, 2], flow_steps=4, guidance=guidance, solver=solver)
     eager = model.generate(labels, **kwargs)
+    tol = 1e-4 * eager.abs().max().clamp(min=1)                     # an untrained DDPM head reaches ~1e4
     for _ in range(2):                                              # recorded, then replayed
-        assert torch.allclose(model.generate(labels, compile_head=True, **kwargs), eager, atol=1e-4)
+        diff = (model.generate(labels, compile_head=True, **kwargs) - eager).abs().max()
+        assert diff <= tol, (diff, tol)
 
 
 def test_unknown_solver_rejected():
