@@ -1,8 +1,8 @@
 """SAR: spatial autoregression with self-token prediction (config, backbone, model, presets).
 
 Reads bottom-up as DiT's models.py: the config, helpers, attention masks, the block, the
-backbone, the model, then the size presets. The flow-matching head lives in flow_head.py,
-the guidance in guidance.py, the groupings in grouping.py.
+backbone, the model, then the size presets. The heads live in flow_head.py (flow matching)
+and ddpm_head.py (the DDPM ablation), the guidance in guidance.py, the groupings in grouping.py.
 """
 from dataclasses import asdict, dataclass, fields
 
