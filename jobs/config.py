@@ -74,8 +74,19 @@ class ModelConfig(_Section):
 
     preset: str = "sar-b"  # models.PRESETS: tiny, sar-b, sar-l, sar-h
     grouping: Literal[GROUPINGS] = "next-neighbour"  # Agg_AVG, 31 steps: paper Table 1 / Table 4
-    scales: list[int] | None = None  # next-scale schedule, e.g. [1, 2, 4, 8, 16]
+    # next-scale schedule: sides, e.g. [1, 2, 4, 8, 16], or a name resolved for the token grid:
+    # 'powers-of-two', or 'var-10' (VAR / FlexVAR's 10 scales, the refinement paper's "Step 10")
+    scales: list[int] | str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)  # any models.SARConfig field
+
+    @field_validator("scales")
+    @classmethod
+    def _known_schedule(cls, v: list[int] | str | None) -> list[int] | str | None:
+        from models import SCALE_SCHEDULES
+
+        if isinstance(v, str) and v not in SCALE_SCHEDULES:
+            raise ValueError(f"unknown scale schedule; give a list of sides or one of {', '.join(SCALE_SCHEDULES)}")
+        return v
 
     @field_validator("preset")
     @classmethod
@@ -210,7 +221,14 @@ class SampleConfig(_Section):
     num_classes: int | None = Field(None, ge=1)  # None: all classes of the dataset
     seed: int = 0
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
-    flow_steps: int = Field(50, ge=1)
+    flow_steps: int = Field(50, ge=1)  # ODE steps (DDPM head: respaced ancestral steps, MAR)
+    # ODE solver of the flow head: euler (DESIGN 3), heun (EDM, Karras et al. 2022) or midpoint;
+    # both 2nd order at two head evaluations per step, so 25 Heun steps cost 50 Euler steps.
+    solver: Literal["euler", "heun", "midpoint"] = "euler"
+    # MAR's sampling temperature: the flow ODE starts from temperature x noise, the DDPM head
+    # scales each ancestral step's noise (MAR's p_sample). 1.0 samples the model as trained.
+    temperature: float = Field(1.0, ge=0)
+    compile_head: bool = False  # CUDA only: the head's sampling steps under torch.compile with CUDA graphs
     batch_size: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(1.0, ge=0)
@@ -288,7 +306,7 @@ class PipelineConfig(_Section):
     @model_validator(mode="after")
     def _check_scales(self) -> "PipelineConfig":
         if self.model.grouping == "next-scale" and not self.model.scales:
-            raise ValueError("model.scales: next-scale needs a scale schedule, e.g. [1, 2, 4, 8, 16]")
+            raise ValueError("model.scales: next-scale needs a scale schedule, e.g. [1, 2, 4, 8, 16] or 'var-10'")
         return self
 
     @model_validator(mode="after")

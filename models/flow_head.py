@@ -4,7 +4,17 @@ The counterpart of MAR's `diffloss.py` for the self-token paper's best objective
 a small MLP with AdaLN conditioned on (z, t) (MAR's SimpleMLPAdaLN) predicts the velocity
 v = x - e on the rectified-flow path x_t = t x + (1 - t) e, from t = 0 (noise) to t = 1 (data).
 Training draws `batch_mul` times per token (MAR's diffusion_batch_mul); sampling integrates
-the ODE with Euler steps, under the guidance of `models.guidance`.
+the ODE from `temperature` x noise, under the guidance of `models.guidance`, with one of
+    euler     x += dt v(x, t)                                          steps evaluations
+    heun      trapezoid of v(x, t) and v(x + dt v, t + dt)            2 x steps
+    midpoint  v at x + dt/2 v(x, t), t + dt/2                          2 x steps
+Heun is used on the last step too: EDM (Karras et al. 2022, Alg. 1) ends with an Euler step
+because its derivative (x - D(x; sigma)) / sigma is 0/0 at sigma = 0, but the rectified-flow
+velocity v(x, t) = E[x_data - e | x_t = x] is finite at t = 1 (there x_t is the data and
+E[e | x_t] = E[e] = 0, so v(x, 1) = x): the second evaluation is well defined (t = 1 is the
+edge of the training times, seldom drawn under logit-normal), and keeping it keeps every step
+second order, 2 x steps evaluations in all.
+Every evaluation is one head call, whatever the guidance (its branches are batched).
 """
 import math
 
@@ -12,6 +22,26 @@ import torch
 import torch.nn as nn
 
 from .guidance import Guidance
+
+SOLVERS = ("euler", "heun", "midpoint")
+_COMPILED = {}
+
+
+def compiled(step, device):
+    """`step` compiled once with CUDA graphs (torch.compile "reduce-overhead") on CUDA, where
+    the head's many small kernels are launch bound; elsewhere `step` itself."""
+    if device.type != "cuda":
+        return step
+    if step not in _COMPILED:
+        graphed = torch.compile(step, mode="reduce-overhead", dynamic=True)
+
+        def run(*args):
+            # The graphs' output buffers are rewritten by the next replay, which takes this
+            # step's output as its input: a new graph step, and a copy the graphs do not own.
+            torch.compiler.cudagraph_mark_step_begin()
+            return graphed(*args).clone()
+        _COMPILED[step] = run
+    return _COMPILED[step]
 
 
 def modulate(x, shift, scale):
@@ -61,25 +91,23 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))        # (N, out_dim)
 
 
-class FlowHead(nn.Module):
-    """Per-token velocity v(x_t, t, z), the flow-matching loss, and the guided Euler sampler."""
+class MLPHead(nn.Module):
+    """The per-token AdaLN MLP of MAR's diffusion loss, out(x_t, t, z), with batched guidance."""
 
-    def __init__(self, config):
+    def __init__(self, config, out_dim):
         super().__init__()
         width, self.token_dim = config.head_width, config.token_dim
         self.batch_mul = config.head_batch_mul
         self.z_dropout = config.z_dropout                # z -> 0 trains the unconditional branch
-        self.train_time = config.train_time
-        self.time_schedule, self.time_shift = config.time_schedule, config.time_shift
         self.input_proj = nn.Linear(config.token_dim, width)
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(config.hidden_size, width)
         self.blocks = nn.ModuleList([ResBlock(width) for _ in range(config.head_depth)])
-        self.final = FinalLayer(width, config.token_dim)
+        self.final = FinalLayer(width, out_dim)
 
     def initialize_weights(self):
         # Timestep MLP normal; AdaLN modulations and the output layer zero (MAR / DiT), so the
-        # head starts as v = 0 and each block as the identity.
+        # head starts with a zero output and each block as the identity.
         for m in self.time_embed.mlp[0::2]:
             nn.init.normal_(m.weight, std=0.02)
         for block in list(self.blocks) + [self.final]:
@@ -93,11 +121,56 @@ class FlowHead(nn.Module):
         return self.time_embed(t) + self.cond_embed(z)
 
     def forward(self, x_t, c):
-        """v (N, D) at x_t (N, D) under the condition c (N, width) = condition(t, z)."""
+        """The output (N, out_dim) at x_t (N, D) under the condition c (N, width) = condition(t, z)."""
         x = self.input_proj(x_t)                                        # (N, width)
         for block in self.blocks:
             x = block(x, c)                                             # (N, width)
-        return self.final(x, c)                                         # (N, token_dim)
+        return self.final(x, c)                                         # (N, out_dim)
+
+    def _train_inputs(self, z, target):
+        """z (m B L, W) with z dropout and targets (m B L, D): `batch_mul` draws per token."""
+        B, L, W = z.shape
+        z = z.reshape(B * L, W).repeat(self.batch_mul, 1)               # (m B L, W)
+        x = target.reshape(B * L, -1).repeat(self.batch_mul, 1).float()  # (m B L, D)
+        if self.training and self.z_dropout > 0:
+            keep = torch.rand(z.shape[0], 1, device=z.device) >= self.z_dropout
+            z = z * keep.to(z.dtype)
+        return z, x
+
+    # ---- guidance -----------------------------------------------------------------------
+    def guidance_inputs(self, z, guidance):
+        """The embedded conditions (N or 2N, width) of z (B, N, W), or (2B, N, W) [cond; uncond]
+        when the guidance needs the unconditional backbone, and the head-level weight w."""
+        if guidance.kind in ("z_cfg", "xz_cfg"):                        # guide in feature space
+            z_c, z_u = z.chunk(2)
+            z = z_u + guidance.w_z * (z_c - z_u)
+        z = z.reshape(-1, z.shape[-1])                                  # (B N, W); cfg: (2 B N, W)
+        if guidance.kind in ("x_cfg", "xz_cfg"):                        # the head at z and at 0
+            z = torch.cat([z, torch.zeros_like(z)])
+        w = guidance.cfg if guidance.kind == "cfg" else guidance.w_x
+        return self.cond_embed(z), torch.tensor(w, device=z.device)     # once, not per step
+
+    def evaluate(self, x, t, cz, kind, w):
+        """Guided output (N, out_dim) at x (N, D) and time t (0-d tensor) under the embedded
+        conditions cz: [cond; uncond] for cfg, [z; 0] for x-CFG, both in one head call."""
+        c = cz + self.time_embed(t.reshape(1))                          # (N or 2N, width)
+        if kind not in ("cfg", "x_cfg", "xz_cfg"):
+            return self(x, c).float()
+        a, b = self(torch.cat([x, x]), c).float().chunk(2)              # conditional, unconditional
+        return self.guide(a, b, w)
+
+    def guide(self, a, b, w):
+        """b + w (a - b): the unconditional output moved w times toward the conditional one."""
+        return b + w * (a - b)
+
+
+class FlowHead(MLPHead):
+    """Per-token velocity v(x_t, t, z), the flow-matching loss, and the guided ODE sampler."""
+
+    def __init__(self, config):
+        super().__init__(config, config.token_dim)
+        self.train_time = config.train_time
+        self.time_schedule, self.time_shift = config.time_schedule, config.time_shift
 
     # ---- training -----------------------------------------------------------------------
     def _train_times(self, n, device):
@@ -107,19 +180,14 @@ class FlowHead(nn.Module):
 
     def loss(self, z, target):
         """Per-token loss (B, L): ||v(x_t, t, z) - (x - e)||^2 with x_t = t x + (1 - t) e."""
-        B, L, W = z.shape
-        m = self.batch_mul
-        z = z.reshape(B * L, W).repeat(m, 1)                            # (m B L, W)
-        x = target.reshape(B * L, -1).repeat(m, 1).float()              # (m B L, D)
-        if self.training and self.z_dropout > 0:
-            keep = torch.rand(z.shape[0], 1, device=z.device) >= self.z_dropout
-            z = z * keep.to(z.dtype)
+        B, L, _ = z.shape
+        z, x = self._train_inputs(z, target)                            # (m B L, W), (m B L, D)
         t = self._train_times(x.shape[0], x.device)                     # (m B L,)
         e = torch.randn_like(x)
         x_t = t[:, None] * x + (1 - t[:, None]) * e
         v = self(x_t, self.condition(t, z))                             # (m B L, D)
         loss = (v.float() - (x - e)).pow(2).mean(-1)                    # (m B L,)
-        return loss.view(m, B, L).mean(0)                               # (B, L)
+        return loss.view(self.batch_mul, B, L).mean(0)                  # (B, L)
 
     # ---- sampling -----------------------------------------------------------------------
     def time_grid(self, steps, device):
@@ -132,35 +200,46 @@ class FlowHead(nn.Module):
             raise ValueError(f"unknown time_schedule {self.time_schedule!r}")
         return t
 
-    def _guided_velocity(self, x, t, cz, guidance):
-        """Guided v (N, D) at x (N, D) and time t; cz are the embedded conditions, (2N, width)
-        [cond; uncond] for cfg, [z; 0] for x-CFG, else (N, width): one batched head call."""
-        c = cz + self.time_embed(torch.full((1,), float(t), device=x.device))  # (N or 2N, width)
-        if guidance.head_calls == 1:
-            return self(x, c).float()
-        v_a, v_b = self(torch.cat([x, x]), c).float().chunk(2)
-        w = guidance.cfg if guidance.kind == "cfg" else guidance.w_x
-        return v_b + w * (v_a - v_b)                                    # v_u + w (v_c - v_u)
+    def ode_step(self, x, t0, t1, cz, kind, w, solver):
+        """x (N, D) at t0 carried to t1 (0-d tensors) by one step of `solver`."""
+        dt = t1 - t0
+        v0 = self.evaluate(x, t0, cz, kind, w)                          # (N, D)
+        if solver == "euler":
+            return x + dt * v0
+        if solver == "midpoint":
+            return x + dt * self.evaluate(x + dt / 2 * v0, t0 + dt / 2, cz, kind, w)
+        v1 = self.evaluate(x + dt * v0, t1, cz, kind, w)                # heun: the trapezoid
+        return x + dt / 2 * (v0 + v1)
 
-    def sample(self, z, noise, steps, guidance=None, mode="ode"):
+    def nfe(self, steps, solver="euler", mode="ode"):
+        """Velocity evaluations (head calls) of one sample(): 1 for one_step, `steps` for Euler,
+        2 x steps for Heun and midpoint."""
+        if mode == "one_step":
+            return 1
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+        return steps if solver == "euler" else 2 * steps
+
+    def sample(self, z, noise, steps, guidance=None, mode="ode", *, solver="euler", temperature=1.0,
+               compile_head=False, step_noise=None):
         """Tokens (B, N, D) from conditions z (B, N, W), or (2B, N, W) [cond; uncond] when the
-        guidance needs the unconditional backbone; `mode` 'one_step' is the clean estimate
-        e + v(e, 0), one evaluation."""
+        guidance needs the unconditional backbone, integrating from temperature x noise (B, N, D).
+
+        `mode` 'one_step' is the clean estimate e + v(e, 0), one evaluation; `compile_head`
+        runs each step compiled on CUDA; `step_noise` is for ancestral heads (the ODE takes none).
+        """
         guidance = guidance or Guidance()
         B, N, D = noise.shape
-        if guidance.kind in ("z_cfg", "xz_cfg"):                        # guide in feature space
-            z_c, z_u = z.chunk(2)
-            z = z_u + guidance.w_z * (z_c - z_u)
-        z = z.reshape(-1, z.shape[-1])                                  # (B N, W); cfg: (2 B N, W)
-        if guidance.kind in ("x_cfg", "xz_cfg"):                        # the head at z and at 0
-            z = torch.cat([z, torch.zeros_like(z)])
-        cz = self.cond_embed(z)                                         # once, not per step
-        x = noise.reshape(B * N, D).float()
+        cz, w = self.guidance_inputs(z, guidance)
+        x = temperature * noise.reshape(B * N, D).float()
         if mode == "one_step":
-            return (x + self._guided_velocity(x, 0.0, cz, guidance)).view(B, N, D)
+            t0 = torch.zeros((), device=x.device)
+            return (x + self.evaluate(x, t0, cz, guidance.kind, w)).view(B, N, D)
         if mode != "ode":
             raise ValueError(f"unknown sampling mode {mode!r}")
-        ts = self.time_grid(steps, x.device).tolist()
-        for t0, t1 in zip(ts[:-1], ts[1:]):                             # Euler, t = 0 -> 1
-            x = x + (t1 - t0) * self._guided_velocity(x, t0, cz, guidance)
+        self.nfe(steps, solver)                                         # rejects an unknown solver
+        ts = self.time_grid(steps, x.device)                            # (steps + 1,)
+        step = compiled(FlowHead.ode_step, x.device) if compile_head else FlowHead.ode_step
+        for i in range(steps):                                          # t = 0 -> 1
+            x = step(self, x, ts[i], ts[i + 1], cz, guidance.kind, w, solver)
         return x.view(B, N, D)

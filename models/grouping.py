@@ -1,4 +1,18 @@
-"""Token groupings G_1..G_T and their dependency injections h(G_<t) (paper Fig. 8, DESIGN 3)."""
+"""Token groupings G_1..G_T and their dependency injections h(G_<t) (paper Fig. 8, DESIGN 3).
+
+Injections of next-neighbour (the paper's Fig. 8 table: Agg_AVG FID 4.40, Agg_SE FID 58.49):
+    avg   Agg_AVG, the mean of the already-made 4-neighbours of a cell (up and left).
+    se    Agg_SE. The paper does not define it; this project reads it as a single neighbour
+          instead of the average: the up neighbour when it is made, else the left one, with
+          no averaging. Every other grouping has one injection of its own and rejects "se".
+
+Next-scale schedules (`scales`): a list of sides, or a name resolved against the grid side:
+    powers-of-two   1, 2, 4, ..., side (VAR / FlexVAR style; the default)
+    var-10          VAR / FlexVAR's 10 scales 1, 2, 3, 4, 5, 6, 8, 10, 13, 16 (the refinement
+                    paper's "Step 10"), defined for a 16x16 grid. For another side each scale
+                    is multiplied by side / 16 and rounded half up, 1 and the side are always
+                    included, and duplicates are dropped: 8 -> 1, 2, 3, 4, 5, 7, 8.
+"""
 import math
 
 import torch
@@ -6,18 +20,26 @@ import torch.nn.functional as F
 
 GROUPINGS = ("next-token", "next-row", "next-layer", "next-neighbour", "next-scale")
 SHIFT_ALIGNED = ("next-token", "next-row", "next-scale")  # paper eq. 12: single stream, cost 1x
+INJECTIONS = ("avg", "se")
+VAR_10 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)                # VAR / FlexVAR, for a 16x16 grid
+SCALE_SCHEDULES = ("powers-of-two", "var-10")
 
 
 class Grouping:
     """An ordered partition of an h x w grid (or a scale pyramid) plus its injection h."""
 
-    def __init__(self, name, height, width, scales=None):
+    def __init__(self, name, height, width, scales=None, injection="avg"):
         if name not in GROUPINGS:
             raise ValueError(f"unknown grouping {name!r}; choose from {GROUPINGS}")
-        self.name, self.height, self.width = name, height, width
+        if injection not in INJECTIONS:
+            raise ValueError(f"unknown injection {injection!r}; choose from {INJECTIONS}")
+        if injection != "avg" and name != "next-neighbour":
+            raise ValueError(f"injection {injection!r} is defined for next-neighbour only; {name} has its own "
+                             f"injection (paper Fig. 8), leave injection at 'avg'")
+        self.name, self.height, self.width, self.injection = name, height, width, injection
         self.shift_aligned = name in SHIFT_ALIGNED
         if name == "next-scale":
-            scales = tuple(scales or _default_scales(height))
+            scales = resolve_scales(scales, height) or _default_scales(height)
             if height != width or scales[-1] != height or list(scales) != sorted(scales):
                 raise ValueError(f"next-scale needs a square grid and increasing scales ending at {height}")
             self.scales = scales
@@ -74,10 +96,13 @@ class Grouping:
                 lo_i, hi_i = _ring_box(h, g - 1)
                 lo_j, hi_j = _ring_box(w, g - 1)
                 m[p, pos[min(max(r, lo_i), hi_i), min(max(c, lo_j), hi_j)]] = 1.0
-            else:                                            # Agg_AVG: mean of made up/left neighbours
+            else:                                            # made up/left neighbours
                 made = [pos[a, b] for a, b in ((r - 1, c), (r, c - 1)) if a >= 0 and b >= 0]
-                for q in made:
-                    m[p, q] = 1.0 / len(made)
+                if self.injection == "se":                   # Agg_SE: the first made one, up else left
+                    m[p, made[0]] = 1.0
+                else:                                        # Agg_AVG: their mean
+                    for q in made:
+                        m[p, q] = 1.0 / len(made)
         self._injection_matrix = m
 
     def _build_scales(self):
@@ -157,6 +182,23 @@ def _default_scales(side):
     return tuple(sorted({min(2 ** k, side) for k in range(int(math.ceil(math.log2(side))) + 1)}))
 
 
+def _var_10(side):
+    """VAR's 10-scale schedule for a 16x16 grid, rescaled to `side` (module docstring)."""
+    return tuple(sorted({1, side} | {max(1, math.floor(s * side / 16 + 0.5)) for s in VAR_10}))
+
+
+def resolve_scales(scales, side):
+    """A scale schedule as a tuple of sides: a list as given, a name of SCALE_SCHEDULES for a
+    grid of `side`, None as None."""
+    if scales is None:
+        return None
+    if isinstance(scales, str):
+        if scales not in SCALE_SCHEDULES:
+            raise ValueError(f"unknown scale schedule {scales!r}; give a list of sides or one of {SCALE_SCHEDULES}")
+        return _default_scales(side) if scales == "powers-of-two" else _var_10(side)
+    return tuple(int(s) for s in scales)
+
+
 def _ring_box(n, r):
     """Index range [lo, hi] along an axis of length n whose centre distance floor(|i-(n-1)/2|) <= r."""
     idx = [i for i in range(n) if math.floor(abs(i - (n - 1) / 2)) <= r]
@@ -166,10 +208,10 @@ def _ring_box(n, r):
 _CACHE = {}
 
 
-def make_grouping(name, height, width, scales=None):
-    """Build (and memoise) the grouping `name` for an h x w grid."""
-    key = (name, height, width, tuple(scales) if scales else None)
+def make_grouping(name, height, width, scales=None, injection="avg"):
+    """Build (and memoise) the grouping `name` for an h x w grid; `scales` may be a schedule name."""
+    key = (name, height, width, resolve_scales(scales, height) or None, injection)
     if key not in _CACHE:
         with torch.device("cpu"):
-            _CACHE[key] = Grouping(name, height, width, scales)
+            _CACHE[key] = Grouping(name, height, width, key[3], injection)
     return _CACHE[key]

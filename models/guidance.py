@@ -35,7 +35,7 @@ class Guidance:
 
     @property
     def head_calls(self) -> int:
-        """Head evaluations per flow step: two for cfg, x_cfg and xz_cfg (batched into one call)."""
+        """Head branches per evaluation: two for cfg, x_cfg and xz_cfg, batched into one head call."""
         return 2 if self.kind in ("cfg", "x_cfg", "xz_cfg") else 1
 
     def at_step(self, t: int, num_groups: int) -> "Guidance":

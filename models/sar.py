@@ -1,8 +1,8 @@
 """SAR: spatial autoregression with self-token prediction (config, backbone, model, presets).
 
 Reads bottom-up as DiT's models.py: the config, helpers, attention masks, the block, the
-backbone, the model, then the size presets. The flow-matching head lives in flow_head.py,
-the guidance in guidance.py, the groupings in grouping.py.
+backbone, the model, then the size presets. The heads live in flow_head.py (flow matching)
+and ddpm_head.py (the DDPM ablation), the guidance in guidance.py, the groupings in grouping.py.
 """
 from dataclasses import asdict, dataclass, fields
 
@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from .ddpm_head import DDPMHead
 from .flow_head import FlowHead
-from .grouping import make_grouping
+from .grouping import INJECTIONS, make_grouping, resolve_scales
 from .guidance import Guidance
+
+HEADS = {"flow": FlowHead, "ddpm": DDPMHead}
 
 COND, CONTEXT, GENERATION = 0, 1, 2  # stream ids: the class token, context_stream, generation_stream
 
@@ -25,18 +28,21 @@ class SARConfig:
     height: int = 16             # token grid rows (256 px / stride 16)
     width: int = 16              # token grid columns
     grouping: str = "next-neighbour"  # best FID with Agg_AVG (paper Fig. 8 table); 31 steps at 16x16
-    scales: tuple[int, ...] | None = None  # next-scale only; None -> (1, 2, 4, ..., height)
+    injection: str = "avg"       # next-neighbour's h: 'avg' (Agg_AVG) | 'se' (Agg_SE, FID 58.49; grouping.py)
+    scales: tuple[int, ...] | str | None = None  # next-scale sides, or 'powers-of-two' | 'var-10' (resolved
+                                 # to sides for `height`, grouping.py); None -> (1, 2, 4, ..., height)
     num_classes: int = 1000
     depth: int = 12
     hidden_size: int = 768       # backbone width (DiT's name; `width` is the token grid's)
     num_heads: int = 12
     mlp_ratio: float = 4.0
     class_dropout: float = 0.1   # trains the unconditional backbone for CFG / z-CFG (DESIGN 3)
-    head_depth: int = 3          # residual AdaLN blocks in the flow head (MAR SimpleMLPAdaLN)
+    head: str = "flow"           # 'flow' (flow matching) | 'ddpm' (MAR's diffusion loss): paper Table 3
+    head_depth: int = 3          # residual AdaLN blocks in the head (MAR SimpleMLPAdaLN)
     head_width: int = 1024       # MAR's diffloss width
     head_batch_mul: int = 4      # t samples per token per step (MAR diffusion_batch_mul)
     z_dropout: float = 0.1       # z -> 0 trains the unconditional head branch for x-CFG (paper Fig. 12)
-    flow_steps: int = 50         # ODE steps from t=0 (noise) to t=1 (data)
+    flow_steps: int = 50         # ODE steps from t=0 (noise) to t=1 (data); ddpm: respaced steps
     time_schedule: str = "uniform"  # sampler grid: 'uniform' | 'shifted' (SD3 time shift toward noise)
     time_shift: float = 3.0      # shift s for 'shifted': sigma' = s*sigma / (1 + (s-1)*sigma), SD3 eq. 23
     train_time: str = "uniform"  # training t: 'uniform' | 'logit_normal' (SD3's logit-normal, m=0 s=1)
@@ -48,8 +54,11 @@ class SARConfig:
     RENAMED = {"width_dim": "hidden_size"}
 
     def __post_init__(self):
-        if self.scales is not None:
-            self.scales = tuple(int(s) for s in self.scales)
+        self.scales = resolve_scales(self.scales, self.height)
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose from {tuple(HEADS)}")
+        if self.injection not in INJECTIONS:
+            raise ValueError(f"unknown injection {self.injection!r}; choose from {INJECTIONS}")
 
     @classmethod
     def check_fields(cls, names):
@@ -227,7 +236,7 @@ class SARModel(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.grouping = make_grouping(config.grouping, config.height, config.width, config.scales)
+        self.grouping = make_grouping(config.grouping, config.height, config.width, config.scales, config.injection)
         self.single_stream = self.grouping.shift_aligned
         W, g = config.hidden_size, self.grouping
         self.input_proj = nn.Linear(config.token_dim, W)
@@ -238,7 +247,7 @@ class SARModel(nn.Module):
         pos = sincos_2d(g.coords, W, max(config.height, config.width))
         self.register_buffer("pos_embed", pos, persistent=False)    # (L, W)
         self.backbone = Backbone(config)
-        self.head = FlowHead(config)
+        self.head = HEADS[config.head](config)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -393,8 +402,12 @@ class SARModel(nn.Module):
                           for t in range(self.grouping.num_groups)], 1)
 
     @torch.no_grad()
-    def generate(self, labels, *, seeds, guidance=None, flow_steps=None, use_cache=True):
-        """Tokens (B, L, D), one group per step; sample i's noise comes from its own seed."""
+    def generate(self, labels, *, seeds, guidance=None, flow_steps=None, use_cache=True, solver="euler",
+                 temperature=1.0, compile_head=False):
+        """Tokens (B, L, D), one group per step; sample i's noise comes from its own seed.
+
+        solver, temperature and compile_head go to the head's sampler (flow_head.py, ddpm_head.py).
+        """
         guidance = guidance or Guidance()
         g, device = self.grouping, labels.device
         B, D = labels.shape[0], self.config.token_dim
@@ -411,9 +424,12 @@ class SARModel(nn.Module):
             else:
                 z = self.forward_group(x_in, cond_labels, t)
             sl = g.group_slice(t)
-            noise = gaussian_noise((B, sl.stop - sl.start, D), generators, device)
+            shape = (B, sl.stop - sl.start, D)
+            noise = gaussian_noise(shape, generators, device)
             x[:, sl] = self.head.sample(z.float(), noise, flow_steps or self.config.flow_steps,
-                                        guidance.at_step(t, g.num_groups))
+                                        guidance.at_step(t, g.num_groups), solver=solver, temperature=temperature,
+                                        compile_head=compile_head,
+                                        step_noise=lambda: gaussian_noise(shape, generators, device))
         return x
 
 

@@ -49,6 +49,17 @@ def token_grouping(name: str, h: int, w: int, scales: list[int] | None):
         raise SarError(f"model.grouping / model.scales: {err} (token grid {h}x{w})") from None
 
 
+def resolved_scales(scales: list[int] | str | None, side: int) -> list[int] | None:
+    """model.scales as sides for a grid of `side`: a schedule name ('var-10', ...) resolved."""
+    from models import resolve_scales
+
+    try:
+        resolved = resolve_scales(scales, side)
+    except ValueError as err:
+        raise SarError(f"model.scales: {err}") from None
+    return list(resolved) if resolved else None
+
+
 class EncodeLatents:
     """Ray Data actor stage: uint8 pixels -> token grids of each image and of its flip.
 
@@ -145,7 +156,7 @@ def dataset_header(job: EncodeJob, codec, listing: SourceListing) -> dict:
     """What the manifest says about the dataset as a whole (everything but its contents)."""
     h, w = codec.grid
     D = codec.token_dim
-    scales = list(job.scales) if job.scales else None
+    scales = resolved_scales(job.scales, h)
     columns = {KEY: [], LABEL: [], MEAN: [h, w, D], MEAN_FLIP: [h, w, D]}
     if codec.name != "raw":
         columns.update({LOGVAR: [h, w, D], LOGVAR_FLIP: [h, w, D]})

@@ -221,8 +221,12 @@ def tokens_from_batch(batch: dict[str, torch.Tensor], grouping, generator: torch
 
 
 def check_compatible(manifest: dict, *, token_dim: int, grid: tuple[int, int], grouping: str,
-                     scales: list[int] | None) -> None:
-    """Raise DatasetMismatch naming the first field where the dataset and the model differ."""
+                     scales: list[int] | str | None) -> None:
+    """Raise DatasetMismatch naming the first field where the dataset and the model differ; a
+    scale schedule name is resolved for the grid first (the manifest holds the sides)."""
+    from models import resolve_scales
+
+    scales = resolve_scales(scales, grid[0])
     wanted = {"token_dim": token_dim, "grid": list(grid), "grouping": grouping,
               "scales": list(scales) if scales else None}
     for name, want in wanted.items():

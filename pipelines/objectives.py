@@ -91,7 +91,8 @@ class RefineObjective(Objective):
         elif s.sample_mode == "x_cfg":
             guidance = Guidance("x_cfg", w_x=s.x_cfg_scale)
         noise = gaussian_noise(shape, generator, z_teacher.device)
-        return head.sample(z, noise, s.sample_steps, guidance)
+        return head.sample(z, noise, s.sample_steps, guidance,
+                           step_noise=lambda: gaussian_noise(shape, generator, z_teacher.device))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         drop = self.model.class_dropout_mask(labels)  # the same draw for both passes

@@ -117,12 +117,15 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def render(model, codec, labels, seeds, guidance, flow_steps: int, device: torch.device) -> np.ndarray:
-    """Images (B, H, W, 3) uint8 for class labels and per-sample seeds."""
+def render(model, codec, labels, seeds, guidance, flow_steps: int, device: torch.device,
+           sampler: dict[str, Any] | None = None) -> np.ndarray:
+    """Images (B, H, W, 3) uint8 for class labels and per-sample seeds; `sampler` holds the head's
+    sampling options (SampleSettings.sampler: solver, temperature, compile_head)."""
     labels = torch.as_tensor(np.array(labels), dtype=torch.long, device=device)
     seeds = [int(s) for s in seeds]
     with autocast(device):
-        tokens = model.generate(labels, seeds=seeds, guidance=guidance, flow_steps=flow_steps)  # (B, L, D)
+        tokens = model.generate(labels, seeds=seeds, guidance=guidance, flow_steps=flow_steps,
+                                **(sampler or {}))                                              # (B, L, D)
     grid = model.grouping.to_grid(tokens.float())                                               # (B, h, w, D)
     return to_uint8(codec.decode(grid))                                                         # (B, H, W, 3)
 
@@ -164,6 +167,14 @@ class SampleSettings:
     image_format: str = "png"       # "png" | "npz"
     shard_size: int = 1000          # images per npz shard
     batch_size: int = 64            # images per generate call
+    solver: str = "euler"           # the flow head's ODE solver: "euler" | "heun" | "midpoint"
+    temperature: float = 1.0        # noise scale of the head's sampler
+    compile_head: bool = False      # the head's steps compiled (CUDA graphs) on CUDA
+
+    @property
+    def sampler(self) -> dict[str, Any]:
+        """The head's sampling options, as SARModel.generate takes them."""
+        return {"solver": self.solver, "temperature": self.temperature, "compile_head": self.compile_head}
 
 
 def token_space(meta: dict[str, Any]) -> dict[str, Any]:
@@ -199,12 +210,14 @@ class SampleGenerator:
         self.model, self.codec, _ = load_generator(checkpoint, settings.weights, storage_options, self.device)
         self.samples_dir, self.storage_options = samples_dir, storage_options
         self.guidance, self.flow_steps = Guidance(**settings.guidance), settings.flow_steps
+        self.sampler = settings.sampler
         self.plan = plan
         self.format, self.shard_size, self.batch_size = settings.image_format, settings.shard_size, settings.batch_size
 
     def _render(self, rows: dict[str, np.ndarray]) -> np.ndarray:
         chunks = [render(self.model, self.codec, rows[LABEL][i:i + self.batch_size],
-                         rows[SEED][i:i + self.batch_size], self.guidance, self.flow_steps, self.device)
+                         rows[SEED][i:i + self.batch_size], self.guidance, self.flow_steps, self.device,
+                         self.sampler)
                   for i in range(0, len(rows[INDEX]), self.batch_size)]
         return np.concatenate(chunks)
 
@@ -255,13 +268,18 @@ def generation_spec(plan: SamplePlan, settings: SampleSettings, checkpoint: str,
     """Everything an image depends on: a resume must match it exactly."""
     return {"num_samples": plan.size, "per_class": plan.per_class, "classes": plan.num_classes,
             "seed": plan.seed, "guidance": dict(settings.guidance), "flow_steps": settings.flow_steps,
+            "solver": settings.solver, "temperature": settings.temperature,
             "weights": settings.weights, "format": settings.image_format, "npz_shard": settings.shard_size,
             "checkpoint": storage.redact(checkpoint), "checkpoint_digest": meta.get("digest"),
             "checkpoint_step": meta.get("step")}
 
 
+# Spec keys added after the first sets were written, and the value those sets were made with.
+_SPEC_DEFAULTS = {"solver": "euler", "temperature": 1.0}
+
+
 def _spec_difference(saved: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    return [k for k, v in spec.items() if k != "checkpoint" and saved.get(k) != v]
+    return [k for k, v in spec.items() if k != "checkpoint" and saved.get(k, _SPEC_DEFAULTS.get(k)) != v]
 
 
 def check_spec(samples_dir: str, spec: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
@@ -382,7 +400,7 @@ def write_preview(checkpoint: str, plan: SamplePlan, settings: SampleSettings, s
     rows = plan.rows([i for c in picked for i in plan.class_indices(int(c), per)])
     guidance, b = Guidance(**settings.guidance), settings.batch_size
     images = np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
-                                    settings.flow_steps, device)
+                                    settings.flow_steps, device, settings.sampler)
                              for i in range(0, len(rows[INDEX]), b)])
     url = storage.join(samples_dir, PREVIEW_FILE)
     storage.write_bytes(url, grid_png(images.reshape(len(picked), per, *images.shape[1:])), storage_options)

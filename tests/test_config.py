@@ -58,6 +58,9 @@ def test_overrides_apply_after_file_and_parse_types():
         ("model.overrides={head_dpeth: 7}", "model.overrides", "head_dpeth"),
         ("model.preset=sar-xl", "model.preset", '"sar-xl"'),
         ("pretrain.global_batch=30", "pretrain", "not a multiple of micro_batch 32"),
+        ("sample.solver=rk4", "sample.solver", '"rk4"'),
+        ("sample.temperature=-0.5", "sample.temperature", "-0.5"),
+        ("model.scales=var-11", "model.scales", '"var-11"'),
     ],
 )
 def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsys):
@@ -73,6 +76,15 @@ def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsy
 def test_next_scale_needs_a_schedule():
     with pytest.raises(ConfigError, match="model.scales"):
         load_config(None, ["model.grouping=next-scale"])
+    cfg = load_config(None, ["model.grouping=next-scale", "model.scales=var-10"])
+    assert cfg.model.scales == "var-10"
+
+
+def test_sampler_defaults_keep_euler_at_temperature_one():
+    s = load_config(None).sample
+    assert (s.solver, s.temperature, s.compile_head) == ("euler", 1.0, False)
+    s = load_config(None, ["sample.solver=heun", "sample.temperature=0.9", "sample.compile_head=true"]).sample
+    assert (s.solver, s.temperature, s.compile_head) == ("heun", 0.9, True)
 
 
 def test_bad_yaml_file_is_named(tmp_path):

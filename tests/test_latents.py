@@ -115,6 +115,20 @@ def test_check_compatible_names_field_and_values():
         L.check_compatible(m, token_dim=48, grid=(8, 8), grouping="next-neighbour", scales=[1, 2, 4, 8])
 
 
+def test_scale_schedule_names_resolve_to_the_manifest_sides():
+    """encode writes a named schedule as its sides; check_compatible resolves the model's name."""
+    from pipelines.encode import resolved_scales
+
+    var10 = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+    assert resolved_scales("var-10", 16) == var10 and resolved_scales(None, 16) is None
+    with pytest.raises(SarError, match="model.scales: unknown scale schedule"):
+        resolved_scales("var-11", 16)
+    m = {"token_dim": 16, "grid": [16, 16], "grouping": "next-scale", "scales": var10}
+    L.check_compatible(m, token_dim=16, grid=(16, 16), grouping="next-scale", scales="var-10")
+    with pytest.raises(DatasetMismatch, match=r"scales: dataset has \[1, 2, 3, .*model expects \[1, 2, 4, 8, 16\]"):
+        L.check_compatible(m, token_dim=16, grid=(16, 16), grouping="next-scale", scales="powers-of-two")
+
+
 def test_header_mismatch_and_growing_classes():
     assert L.header_mismatch(HEADER, dict(HEADER)) is None
     assert "encoder: dataset has raw, this run makes kl-vae" in L.header_mismatch(HEADER, dict(HEADER, encoder="kl-vae"))

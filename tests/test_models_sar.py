@@ -1,12 +1,14 @@
-"""SAR model: group-causal mask, one-pass vs cached decoding, flow head, guidance, presets."""
+"""SAR model: group-causal mask, one-pass vs cached decoding, flow and DDPM heads, solvers, guidance, presets."""
 import pytest
 import torch
 
-from models import (GROUPINGS, PRESETS, Guidance, SARConfig, build_model, count_parameters,
-                    make_grouping)
+from models import (GROUPINGS, GUIDANCE_KINDS, PRESETS, SOLVERS, FlowHead, Guidance, SARConfig, build_model,
+                    count_parameters, make_grouping, preset_config)
+from models.ddpm_head import DIFFUSION_STEPS, NoiseSchedule
 from models.sar import gaussian_noise
 
 CLASSES = 10
+INJECTED = [(name, "avg") for name in GROUPINGS] + [("next-neighbour", "se")]
 
 
 def tiny(name, **overrides):
@@ -57,11 +59,11 @@ def test_causal_attention_mask_matches_rules(name):
     assert torch.equal(model.attention_mask("cpu", "sdpa"), brute_force_mask(model.grouping, model.single_stream))
 
 
-@pytest.mark.parametrize("name", GROUPINGS)
-def test_causal_forward_and_cache(name):
+@pytest.mark.parametrize("name,injection", INJECTED)
+def test_causal_forward_and_cache(name, injection):
     """Changing ground truth of groups >= t leaves z of group t unchanged (one-pass and cached),
     and changing group t-1 does change it."""
-    model = tiny(name)
+    model = tiny(name, injection=injection)
     g = model.grouping
     x, labels = data(model)
     with torch.no_grad():
@@ -78,9 +80,9 @@ def test_causal_forward_and_cache(name):
                 assert not torch.allclose(model(x3, labels)[:, at_t], z[:, at_t], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", GROUPINGS)
-def test_cache_teacher_forced_equals_forward(name):
-    model = tiny(name)
+@pytest.mark.parametrize("name,injection", INJECTED)
+def test_cache_teacher_forced_equals_forward(name, injection):
+    model = tiny(name, injection=injection)
     x, labels = data(model, batch=3)
     with torch.no_grad():
         z = model(x, labels)
@@ -131,12 +133,13 @@ def test_guidance_unit_weights_equal_unguided():
     assert Guidance("cfg", cfg=3.0, ramp=True).at_step(3, 4).cfg == 3.0
 
 
-def test_per_sample_seeds_independent_of_batch():
-    model = tiny("next-scale")
+@pytest.mark.parametrize("head", ["flow", "ddpm"])
+def test_per_sample_seeds_independent_of_batch(head):
+    model = tiny("next-scale", head=head)
     guidance = Guidance("cfg", cfg=2.0)
     batch = model.generate(torch.tensor([3, 1, 4]), seeds=[10, 11, 12], flow_steps=3, guidance=guidance)
     alone = model.generate(torch.tensor([1]), seeds=torch.tensor([11]), flow_steps=3, guidance=guidance)
-    assert torch.allclose(batch[1:2], alone, atol=1e-5)
+    assert torch.allclose(batch[1:2], alone, rtol=1e-4, atol=1e-5)  # rtol: an untrained DDPM head is large
     assert not torch.allclose(batch[0], batch[2], atol=1e-3)
 
 
@@ -190,29 +193,41 @@ def test_training_step_dropout_checkpointing_bf16():
     loss.mean().backward()
 
 
-def test_flow_head_learns_gaussian_mixture():
-    """The head alone (z fixed at 0) fits a 4-mode 2-D mixture: samples land near modes, balanced."""
+GRID_MODES = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
+
+
+def train_on_mixture(head):
+    """A head alone (z fixed at 0) trained 300 steps on a 4-mode 2-D mixture (std 0.1), in eval()."""
     torch.manual_seed(0)
     model = build_model("tiny", token_dim=2, height=1, width=1, grouping="next-token", num_classes=1,
-                        head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0)
-    modes = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
+                        head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0, head=head)
     opt = torch.optim.Adam(model.head.parameters(), lr=3e-3)
     z = torch.zeros(256, 1, model.config.hidden_size)
     for _ in range(300):
-        x = modes[torch.randint(4, (256,))] + 0.1 * torch.randn(256, 2)
+        x = GRID_MODES[torch.randint(4, (256,))] + 0.1 * torch.randn(256, 2)
         loss = model.head.loss(z, x[:, None]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
-    with torch.no_grad():
-        noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
-        samples = model.head.sample(torch.zeros(1000, 1, 64), noise, 20)[:, 0]
-    dist = torch.cdist(samples, modes)
+    return model.eval()
+
+
+def assert_covers_modes(samples, max_share):
+    """Over 75% of the samples within 0.5 of a mode, every mode holding 15%..max_share of those."""
+    dist = torch.cdist(samples, GRID_MODES)
     near = dist.min(1).values < 0.5
     assert near.float().mean() > 0.75
     share = torch.bincount(dist.argmin(1)[near], minlength=4).float() / near.sum()
-    assert share.min() > 0.15 and share.max() < 0.35
+    assert share.min() > 0.15 and share.max() < max_share
+
+
+def test_flow_head_learns_gaussian_mixture():
+    """The head alone (z fixed at 0) fits a 4-mode 2-D mixture: samples land near modes, balanced."""
+    model = train_on_mixture("flow")
+    with torch.no_grad():
+        noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
+        samples = model.head.sample(torch.zeros(1000, 1, 64), noise, 20)[:, 0]
+    assert_covers_modes(samples, 0.35)
 
 
 @pytest.mark.parametrize("preset,target", [("sar-b", 141e6), ("sar-l", 714e6), ("sar-h", 1.3e9)])
@@ -249,3 +264,174 @@ def test_flex_equals_sdpa_cpu():
     x, labels = data(sdpa)
     with torch.no_grad():
         assert torch.allclose(flex(x, labels), sdpa(x, labels), atol=1e-4)
+
+
+# ---- ODE solvers, temperature, compiled steps ------------------------------------------------
+MODES = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-1.0, -3.0]])
+MODE_STD = 0.3
+
+
+class MixtureVelocity(FlowHead):
+    """The exact rectified-flow velocity E[x - e | x_t] of an equal-weight 2-D Gaussian mixture."""
+
+    def evaluate(self, x, t, cz, kind, w):
+        var = t ** 2 * MODE_STD ** 2 + (1 - t) ** 2                   # Var(x_t | mode k), per axis
+        d = x[:, None] - t * MODES[None]                               # (N, K, 2)
+        weight = torch.softmax(-d.pow(2).sum(-1) / (2 * var), -1)      # p(k | x_t)
+        v = MODES[None] + (t * MODE_STD ** 2 - (1 - t)) / var * d      # E[x - e | x_t, k]
+        return (weight[..., None] * v).sum(1)
+
+
+def test_heun_beats_euler_at_equal_evaluations():
+    """On an exact mixture field, Heun with n steps lands closer to a 200-step Euler reference
+    than Euler with 2n steps (the same evaluations), and its error falls ~4x per halving of dt."""
+    head = MixtureVelocity(preset_config("tiny", token_dim=2, height=1, width=1, grouping="next-token"))
+    noise = torch.randn(2000, 1, 2, generator=torch.Generator().manual_seed(0))
+    z = torch.zeros(2000, 1, head.cond_embed.in_features)
+    reference = head.sample(z, noise, 200)
+
+    def error(steps, solver):
+        return (head.sample(z, noise, steps, solver=solver) - reference).norm(dim=-1).mean().item()
+
+    heun, euler = {n: error(n, "heun") for n in (4, 8)}, {n: error(2 * n, "euler") for n in (4, 8)}
+    for n in (4, 8):
+        assert heun[n] < 0.5 * euler[n], (n, heun[n], euler[n])
+        assert error(n, "midpoint") < 0.5 * euler[n]
+    assert heun[4] / heun[8] > 2.8 and euler[4] / euler[8] < 2.5      # second vs first order
+    assert head.nfe(4, "heun") == head.nfe(8, "euler") == 8
+
+
+@pytest.mark.parametrize("head", ["flow", "ddpm"])
+def test_one_head_call_per_evaluation_for_every_guidance(head):
+    """Every guidance kind batches its branches: head calls == nfe(steps, solver), each call
+    on head_calls x N rows."""
+    model = tiny("next-row", head=head)
+    calls = []
+    model.head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    N, steps = 8, 3
+    for kind in GUIDANCE_KINDS:
+        guidance = Guidance(kind, cfg=2.0, w_x=1.5, w_z=2.0)
+        z = torch.randn(2 if guidance.needs_uncond_backbone else 1, N, model.config.hidden_size)
+        noise = torch.randn(1, N, model.config.token_dim)
+        for solver in (SOLVERS if head == "flow" else ["euler"]):
+            for mode in ("ode", "one_step"):
+                calls.clear()
+                out = model.head.sample(z, noise, steps, guidance, mode, solver=solver)
+                assert out.shape == noise.shape
+                assert len(calls) == model.head.nfe(steps, solver, mode), (kind, solver, mode)
+                assert set(calls) == {guidance.head_calls * N}
+    assert model.head.nfe(steps, "heun" if head == "flow" else "euler") == (6 if head == "flow" else 3)
+
+
+def test_temperature_scales_the_initial_noise():
+    model = tiny("next-neighbour")
+    labels = torch.tensor([2, 5])
+    cold = [model.generate(labels, seeds=s, flow_steps=3, temperature=0.0) for s in ([1, 2], [3, 4])]
+    warm = [model.generate(labels, seeds=s, flow_steps=3) for s in ([1, 2], [3, 4])]
+    assert torch.equal(cold[0], cold[1]) and not torch.allclose(warm[0], warm[1], atol=1e-3)
+    assert torch.equal(model.generate(labels, seeds=[1, 2], flow_steps=3, temperature=1.0), warm[0])
+    x, _ = data(model)
+    with torch.no_grad():
+        z, e = model(x, labels), torch.randn_like(x)
+        assert torch.allclose(model.head.sample(z, e, 3, temperature=0.5), model.head.sample(z, 0.5 * e, 3))
+
+
+def test_compile_head_is_a_no_op_on_cpu(monkeypatch):
+    """On CPU the head's steps run eagerly with compile_head: the same samples, bit for bit, and
+    torch.compile is never called."""
+    model = tiny("next-neighbour")
+    labels, guidance = torch.tensor([2, 5]), Guidance("xz_cfg", w_x=1.5, w_z=2.0)
+    plain = model.generate(labels, seeds=[1, 2], flow_steps=3, guidance=guidance, solver="heun")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile called on CPU")
+    monkeypatch.setattr(torch, "compile", refuse)
+    assert torch.equal(model.generate(labels, seeds=[1, 2], flow_steps=3, guidance=guidance, solver="heun",
+                                      compile_head=True), plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compile_head compiles (CUDA graphs) only on CUDA")
+@pytest.mark.parametrize("head,solver", [("flow", "euler"), ("flow", "heun"), ("ddpm", "euler")])
+def test_compile_head_same_samples_on_cuda(head, solver):
+    model = tiny("next-neighbour", head=head).cuda()
+    labels, guidance = torch.tensor([2, 5], device="cuda"), Guidance("xz_cfg", w_x=1.5, w_z=2.0, ramp=True)
+    kwargs = dict(seeds=[1, 2], flow_steps=4, guidance=guidance, solver=solver)
+    eager = model.generate(labels, **kwargs)
+    tol = 1e-4 * eager.abs().max().clamp(min=1)                     # an untrained DDPM head reaches ~1e4
+    for _ in range(2):                                              # recorded, then replayed
+        diff = (model.generate(labels, compile_head=True, **kwargs) - eager).abs().max()
+        assert diff <= tol, (diff, tol)
+
+
+def test_unknown_solver_rejected():
+    model = tiny("next-row")
+    with pytest.raises(ValueError, match="unknown solver"):
+        model.generate(torch.tensor([1]), seeds=[0], flow_steps=2, solver="rk4")
+    with pytest.raises(ValueError, match="samples ancestrally"):
+        tiny("next-row", head="ddpm").generate(torch.tensor([1]), seeds=[0], flow_steps=2, solver="heun")
+
+
+# ---- DDPM head -------------------------------------------------------------------------------
+def test_ddpm_schedule_and_respacing():
+    schedule = NoiseSchedule.cosine()
+    assert len(schedule.betas) == DIFFUSION_STEPS and schedule.betas.max() == 0.999
+    assert (schedule.alphas_cumprod.diff() < 0).all()
+    full = schedule.respaced(DIFFUSION_STEPS)                         # every step: the same chain
+    assert torch.allclose(full.betas, schedule.betas, rtol=1e-9) and full.timesteps == schedule.timesteps
+    fifty = schedule.respaced(50)
+    assert len(fifty.timesteps) == 50 and fifty.timesteps[0] == 0 and fifty.timesteps[-1] == DIFFUSION_STEPS - 1
+    assert torch.allclose(torch.cumprod(1 - fifty.betas, 0), schedule.alphas_cumprod[fifty.timesteps])
+
+
+def test_ddpm_head_shapes_loss_and_guidance():
+    flow, ddpm = tiny("next-neighbour"), tiny("next-neighbour", head="ddpm")
+    assert flow.state_dict().keys() == ddpm.state_dict().keys()       # the same MLP
+    assert ddpm.head.final.linear.out_features == 2 * ddpm.config.token_dim  # epsilon and variance
+    x, labels = data(ddpm)
+    loss = ddpm.train().head.loss(ddpm(x, labels), x)
+    assert loss.shape == (2, 16) and torch.isfinite(loss).all()
+    loss.mean().backward()
+    assert all(p.grad is not None for p in ddpm.head.parameters())
+    ddpm.eval()
+    assert ddpm.generate(labels, seeds=[7, 8], flow_steps=3).shape == x.shape
+    with torch.no_grad():                                           # guidance on epsilon, fixed z
+        z, e = ddpm(x, labels), torch.randn_like(x)
+        plain = ddpm.head.sample(z, e, 3, step_noise=lambda: torch.ones_like(e))
+        tol = 1e-4 * plain.abs().max()                              # untrained: ~1e4 (from t = 999)
+        for kind in ["cfg", "z_cfg", "x_cfg", "xz_cfg"]:
+            uncond = torch.cat([z, torch.randn_like(z)]) if Guidance(kind).needs_uncond_backbone else z
+            guided = ddpm.head.sample(uncond, e, 3, Guidance(kind), step_noise=lambda: torch.ones_like(e))
+            assert torch.allclose(guided, plain, atol=tol), kind
+        strong = ddpm.head.sample(z, e, 3, Guidance("x_cfg", w_x=3.0), step_noise=lambda: torch.ones_like(e))
+        assert not torch.allclose(strong, plain, atol=100 * tol)
+    with torch.no_grad():                                           # one_step: x_0 at t = 999
+        one = ddpm.head.sample(z, e, 1, mode="one_step")
+        c = ddpm.head.condition(torch.full((32,), 0.999), z.flatten(0, 1))
+        eps = ddpm.head(e.flatten(0, 1), c)[:, :x.shape[-1]].view_as(x)
+        abar = ddpm.head.schedule.alphas_cumprod[-1]
+        assert torch.allclose(one, (e - (1 - abar).sqrt() * eps) / abar.sqrt(), rtol=1e-3, atol=1e-2)
+
+
+def test_ddpm_temperature_scales_the_step_noise():
+    """MAR's temperature scales each ancestral step's noise: at 0 only the initial noise matters."""
+    model = tiny("next-row", head="ddpm")
+    x, labels = data(model)
+    with torch.no_grad():
+        z, e = model(x, labels), torch.randn_like(x)
+        draws = [lambda g=torch.Generator().manual_seed(s): torch.randn(x.shape, generator=g) for s in (1, 2)]
+        cold = [model.head.sample(z, e, 4, temperature=0.0, step_noise=d) for d in draws]
+        warm = [model.head.sample(z, e, 4, step_noise=d) for d in draws]
+    assert torch.equal(cold[0], cold[1]) and not torch.allclose(warm[0], warm[1], atol=1e-4)
+
+
+def test_ddpm_head_learns_gaussian_mixture():
+    """The DDPM head fits the flow head's mixture; sampled with the whole 1000-step chain, since a
+    respaced chain's first step (t = 999) multiplies the epsilon error by sqrt(1 / abar_999 - 1)
+    x coef1, ~2e4 sqrt(abar at the next step) (ddpm_head.py)."""
+    model = train_on_mixture("ddpm")
+    with torch.no_grad():
+        noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(1)
+        samples = model.head.sample(torch.zeros(1000, 1, 64), noise, DIFFUSION_STEPS,
+                                    step_noise=lambda: torch.randn(1000, 1, 2, generator=g))[:, 0]
+    assert_covers_modes(samples, 0.4)

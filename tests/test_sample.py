@@ -174,6 +174,35 @@ def test_resume_refuses_a_set_made_differently(cfg):
     cfg.sample.flow_steps = 9
     with pytest.raises(SarError, match=r"flow_steps=3.*would use 9.*sample\.output"):
         sampling.check_spec(cfg.samples_dir, sampling.generation_spec(plan, settings(cfg), ckpt, meta))
+    cfg.sample.flow_steps = 3
+    cfg.sample.solver = "heun"                          # another solver makes another set
+    with pytest.raises(SarError, match=r"solver='euler'.*would use 'heun'"):
+        sampling.check_spec(cfg.samples_dir, sampling.generation_spec(plan, settings(cfg), ckpt, meta))
+
+
+def test_spec_written_before_sampler_keys_matches_the_defaults(cfg):
+    """A set begun before the spec recorded solver and temperature was made with euler at 1.0."""
+    plan = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0)
+    ckpt = checkpoints.find_latest(cfg.pretrain_dir)
+    spec = sampling.generation_spec(plan, settings(cfg), ckpt, checkpoints.read_meta(ckpt))
+    old = {k: v for k, v in spec.items() if k not in ("solver", "temperature")}
+    storage.write_json(os.path.join(cfg.samples_dir, sampling.SPEC_FILE), old)
+    sampling.check_spec(cfg.samples_dir, spec)
+    with pytest.raises(SarError, match="temperature"):
+        sampling.check_spec(cfg.samples_dir, {**spec, "temperature": 0.5})
+
+
+def test_sampler_settings_reach_the_model(cfg):
+    """sample.solver / temperature travel from the config through SampleSettings into generate."""
+    cfg.sample.temperature, cfg.sample.solver = 0.0, "heun"
+    sampler = sample_job.settings(cfg).sampler
+    assert sampler == {"solver": "heun", "temperature": 0.0, "compile_head": False}
+    model, codec, _ = sampling.load_generator(checkpoints.find_latest(cfg.pretrain_dir), "ema", None,
+                                              torch.device("cpu"))
+    guidance, cpu = Guidance(), torch.device("cpu")
+    cold = [sampling.render(model, codec, [1], [s], guidance, 3, cpu, sampler) for s in (5, 6)]
+    warm = [sampling.render(model, codec, [1], [s], guidance, 3, cpu) for s in (5, 6)]
+    assert np.array_equal(cold[0], cold[1]) and not np.array_equal(warm[0], warm[1])
 
 
 def test_checkpoint_choice_and_missing_checkpoint(tmp_path):

@@ -101,7 +101,7 @@ def test_run_dir_refuses_another_config(tmp_path):
     bind()
     bind()  # same config: fine
     bind("pretrain.steps=999")  # a longer budget resumes
-    with pytest.raises(SarError, match=r"pretrain.optim.lr: run has 0.001, config has 0.5"):
+    with pytest.raises(SarError, match=r"pretrain.optim.lr: run has 0.002, config has 0.5"):
         bind("pretrain.optim.lr=0.5")
     bind("pretrain.optim.lr=0.5", "pretrain.allow_config_change=true")
 
@@ -229,3 +229,35 @@ def test_refine_length_and_ema_follow_the_dataset():
     fixed = resolve_length(refine.model_copy(update={"steps": 50, "ema_decay": 0.9}), 1_281_167)
     assert (fixed.steps, fixed.ema_decay) == (50, 0.9)  # explicit values win
     assert resolve_length(load_config(None).pretrain, 10).steps == 250_000
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic", "cfg"])
+def test_refine_runs_with_the_ddpm_head(mode):
+    """The refine objective trains a DDPM head (its loss) and samples it (ancestral steps drawing
+    their noise from the step's generator, so the sample step is reproducible)."""
+    model = tiny(head="ddpm")
+    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=3))
+    calls = []
+    model.backbone.register_forward_hook(lambda m, i, o: calls.append(o.requires_grad))
+    x, y = batch()
+    loss, _, _ = obj(x, y, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert sum(calls) == 2 and torch.isfinite(loss)
+    z = model(x, y).detach()
+    a, b = (obj.rollout_tokens(x, y, z, torch.Generator().manual_seed(4)) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_named_scale_schedule_resolves_for_the_dataset_grid():
+    from models.grouping import VAR_10
+    from pipelines.errors import DatasetMismatch
+    from pipelines.training import build_model_config, check_dataset
+
+    model = load_config(None, ["model.preset=tiny", "model.grouping=next-scale", "model.scales=var-10"]).model
+    manifest = {"grid": [16, 16], "token_dim": 6, "num_classes": 3, "grouping": "next-scale", "scales": list(VAR_10)}
+    model_config = build_model_config(model, manifest)
+    assert model_config["scales"] == list(VAR_10)
+    check_dataset(manifest, model_config, "pretrain")
+    with pytest.raises(DatasetMismatch, match=r"scales: dataset has \[1, 2, 4, 8, 16\]"):
+        check_dataset({**manifest, "scales": [1, 2, 4, 8, 16]}, model_config, "pretrain")
+    assert build_model_config(model, {**manifest, "grid": [8, 8]})["scales"] == [1, 2, 3, 4, 5, 7, 8]
