@@ -72,7 +72,7 @@ def cpu_benchmark(images: int, batch: int, actors: int, flow_steps: int) -> None
               f"{run.steady_rate:.1f} images/s after it")
 
 
-def cuda_benchmark(images: int, batch: int, flow_steps: int, guidance: Guidance) -> None:
+def cuda_benchmark(images: int, batch: int, flow_steps: int, guidance: Guidance, sampler: dict) -> None:
     if not torch.cuda.is_available():
         print("cuda SAR-B benchmark skipped: no CUDA device here (run this script on a GPU machine)")
         return
@@ -95,19 +95,22 @@ def cuda_benchmark(images: int, batch: int, flow_steps: int, guidance: Guidance)
         made = 0
         for b in range(n_batches):
             out = sampling.render(model, codec, labels.cpu().numpy(), range(b * batch, (b + 1) * batch), guidance,
-                                  flow_steps, device)
+                                  flow_steps, device, sampler)
             made += len(out)
         torch.cuda.synchronize()
         return made
 
-    run(1)  # warm-up: kernels, allocator
+    t0 = time.perf_counter()
+    run(1)  # warm-up: kernels, allocator, compilation
+    print(f"     warm-up batch (compilation included): {time.perf_counter() - t0:.1f} s")
     n_batches = max(1, images // batch)
     start = time.perf_counter()
     made = run(n_batches)
     secs = time.perf_counter() - start
     rate = made / secs
     print(f"cuda SAR-B ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, {steps} AR steps, {guidance}, "
-          f"{flow_steps} flow steps, bf16), batch {batch}, {made} images on {torch.cuda.get_device_name()}")
+          f"{flow_steps} {sampler['solver']} flow steps{', compiled head' if sampler['compile_head'] else ''}, bf16), "
+          f"batch {batch}, {made} images on {torch.cuda.get_device_name()}")
     print(f"     {rate:.1f} images/s; 50,000 images: {50_000 / rate / 60:.1f} min on one GPU "
           f"(generate + KL-VAE decode + uint8, no PNG writes)")
 
@@ -120,6 +123,8 @@ def main() -> None:
     p.add_argument("--flow-steps", type=int, default=50, help="Euler steps of the flow head (sample.flow_steps)")
     p.add_argument("--cuda-batch", type=int, default=256)
     p.add_argument("--cuda-only", action="store_true", help="skip the CPU actor-pool measurement")
+    p.add_argument("--solver", default="euler", choices=["euler", "heun", "midpoint"], help="sample.solver")
+    p.add_argument("--compile-head", action="store_true", help="sample.compile_head (CUDA graphs of the head's steps)")
     p.add_argument("--cuda-images", type=int, default=1024)
     p.add_argument("--guidance", default="xz_cfg", help="sample.guidance.kind on CUDA")
     p.add_argument("--w-x", type=float, default=1.35, help="x-CFG weight (SAR-B, self-token paper Table 4)")
@@ -130,7 +135,8 @@ def main() -> None:
     if not args.cuda_only:
         cpu_benchmark(args.images, args.batch, args.actors, args.flow_steps)
     cuda_benchmark(args.cuda_images, args.cuda_batch, args.flow_steps,
-                   Guidance(args.guidance, cfg=args.cfg, w_x=args.w_x, w_z=args.w_z))
+                   Guidance(args.guidance, cfg=args.cfg, w_x=args.w_x, w_z=args.w_z),
+                   {"solver": args.solver, "temperature": 1.0, "compile_head": args.compile_head})
 
 
 if __name__ == "__main__":
