@@ -106,6 +106,16 @@ class ModelConfig(_Section):
         return v
 
 
+def _custom_resources(resources: dict[str, float], instead: str) -> dict[str, float]:
+    """A custom-resource request: no CPU / GPU / memory key (other fields size those), no negative amount."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory"):
+            raise ValueError(f"{name!r} is not a custom resource; {instead} size it")
+        if amount < 0:
+            raise ValueError(f"{name!r}: a resource amount cannot be negative")
+    return resources
+
+
 class OptimConfig(_Section):
     """AdamW and its schedule."""
 
@@ -142,10 +152,23 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=0)  # Ray Train workers; 0 = local mode in this process
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Where the workers go: the strategy of the worker group's Ray placement group. PACK (Ray's
+    # default) fills one node before the next; SPREAD puts the workers on distinct nodes while there
+    # are nodes to spare and packs them onto the survivors when one is lost (a restart after a node
+    # failure still starts); STRICT_SPREAD waits for one node per worker. docs/cluster.md compares them.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Custom resources each worker reserves on top of CPU / GPU, to keep training on the nodes that
+    # advertise them (`ray start --resources '{"trainer": 8}'`). {} reserves none.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     max_failures: int = Field(3, ge=-1)
     output: str | None = None
     allow_config_change: bool = False  # let a run directory continue under a changed config
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(v, "cpus_per_worker and use_gpu")
 
     @model_validator(mode="after")
     def _has_a_length(self) -> "TrainConfig":
@@ -232,8 +255,16 @@ class SampleConfig(_Section):
     batch_size: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(1.0, ge=0)
+    # Custom resources each sampling actor reserves, to keep the pool on the nodes that advertise
+    # them. Ray Data already spreads the actors over the nodes that fit them.
+    resources_per_actor: dict[str, float] = Field(default_factory=dict)
     format: Literal["png", "npz"] = "png"
     npz_shard: int = Field(1000, ge=1)
+
+    @field_validator("resources_per_actor")
+    @classmethod
+    def _custom_resources_only(cls, v: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(v, "gpus_per_actor")
 
 
 class DomainEvaluatorConfig(_Section):

@@ -333,8 +333,10 @@ class PoolRun:
 
 
 def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, samples_dir: str, missing: list[int],
-             num_actors: int, gpus_per_actor: float, storage_options: dict[str, Any] | None = None) -> PoolRun:
-    """Generate the `missing` indices with a Ray Data actor pool of `num_actors` SampleGenerators."""
+             num_actors: int, gpus_per_actor: float, storage_options: dict[str, Any] | None = None,
+             resources_per_actor: dict[str, float] | None = None) -> PoolRun:
+    """Generate the `missing` indices with a Ray Data actor pool of `num_actors` SampleGenerators, each
+    reserving `resources_per_actor` (custom resources) besides its GPU share."""
     import ray
 
     from pipelines.ray_runtime import cluster_gpus
@@ -354,6 +356,7 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
         batch_size=batch_size,
         concurrency=num_actors,
         num_gpus=gpus_per_actor if cluster_gpus() else 0,  # the job, not the stage, decides resources
+        resources=resources_per_actor or None,
     )
     run = PoolRun()
     start = time.perf_counter()

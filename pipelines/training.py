@@ -536,8 +536,9 @@ def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, An
         _worker,
         train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers, use_gpu=loop.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if loop.use_gpu else {})}),
+            num_workers=train.num_workers, use_gpu=loop.use_gpu, placement_strategy=train.placement_strategy,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if loop.use_gpu else {}),
+                                  **train.resources_per_worker}),
         run_config=ray.train.RunConfig(
             name="ray", storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
