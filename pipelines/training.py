@@ -430,14 +430,18 @@ def evaluate_now(evaluate: TrainingEvaluator, t: Trainer, st: LoopState, loop: L
     return row
 
 
-def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int) -> None:
-    """With SAR_FAIL_AT_STEP=N and SAR_FAIL_MARKER=FILE set at launch, the last worker exits hard
-    once after step N, so an operator (or a test) can watch FailureConfig restart the group."""
+def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int,
+                  storage_options: dict[str, Any] | None = None) -> None:
+    """With SAR_FAIL_AT_STEP=N and SAR_FAIL_MARKER=LOCATION set at launch, the last worker exits hard
+    once after step N, so an operator (or a test) can watch FailureConfig restart the group.
+
+    The marker that makes it "once" is a storage location: on a cluster an object-store URL, since
+    the restarted worker may run on a node that cannot see another node's local file."""
     if not drill:
         return
     at, marker = drill
-    if step == at and rank == world - 1 and not os.path.exists(marker):
-        open(marker, "w").close()
+    if step == at and rank == world - 1 and not storage.exists(marker, storage_options):
+        storage.write_bytes(marker, b"", storage_options)
         log.warning("failure drill: worker %d exits after step %d", rank, step)
         os._exit(1)
 
@@ -490,7 +494,7 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
             evaluate_now(evaluate, t, st, loop)
         if st.step % train.checkpoint_every == 0 or st.step == train.steps:
             save_checkpoint(t, st, loop)
-        failure_drill(loop.failure_drill, st.step, rank, world)
+        failure_drill(loop.failure_drill, st.step, rank, world, loop.storage_options)
     if rank == 0 and loop.plot:
         plot_curves(st.history, storage.join(loop.stage_dir, "loss.png"), loop.storage_options)
     return st
