@@ -524,7 +524,8 @@ def failure_drill_from_env() -> tuple[int, str] | None:
 
 
 def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, Any]:
-    """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0); return the last metrics."""
+    """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0); return the last
+    logged metrics (the final row of metrics.jsonl)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -548,5 +549,14 @@ def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, An
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
-    return dict(result.metrics or {})
+    trainer.fit()
+    # Ray Train's result holds the metrics of checkpoint reports only, and this loop persists its
+    # own checkpoints: the last row is the one metrics.jsonl got with the final checkpoint.
+    return last_row(loop.stage_dir, loop.storage_options)
+
+
+def last_row(stage_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The newest row of `{stage_dir}/metrics.jsonl`, {} before the first checkpoint."""
+    url = storage.join(stage_dir, METRICS)
+    rows = storage.read_text(url, storage_options).splitlines() if storage.exists(url, storage_options) else []
+    return json.loads(rows[-1]) if rows else {}
