@@ -7,7 +7,7 @@
     sar sample        --config FILE [--set ...] [--preview]
     sar run           --config FILE [--set ...] [--from STAGE | --only STAGE]
     sar demo          [--run-dir DIR]
-    sar submit        --address http://HEAD:8265 [--follow] -- <sar subcommand and arguments>
+    sar submit        --address http://HEAD:8265 [--follow] [--env NAME[=VALUE] ...] -- <sar subcommand and arguments>
 
 Each stage lives in `jobs/<stage>.py` as `main(config, args) -> exit code`.
 """
@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="the Ray dashboard, e.g. http://HEAD:8265")
     p.add_argument("--follow", action="store_true", help="stream the logs and exit with the job's status")
     p.add_argument("--working-dir", default=".", help="project folder to ship (default: .)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="set a variable in the job's environment, on every node (the value from this "
+                        "environment when none is given); repeatable")
     p.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the sar subcommand and its arguments")
 
     p = _command(sub, "synth-imagenet", "write a procedural ImageNet-layout dataset",

@@ -1,6 +1,6 @@
 """`sar submit`: run one `sar` command on a Ray cluster as a Ray Job.
 
-    sar submit --address http://HEAD:8265 [--follow] [--working-dir DIR] -- pretrain --config FILE ...
+    sar submit --address http://HEAD:8265 [--follow] [--working-dir DIR] [--env NAME[=VALUE] ...] -- pretrain ...
 
 Reads: the project folder (`--working-dir`, default `.`), which is uploaded to the cluster as
 the job's `working_dir`: the code travels with every submission, so editing a stage needs no
@@ -12,6 +12,9 @@ uploaded folder, so `sar` need not be on the cluster's PATH and the uploaded cod
 any copy installed in the image. The Python packages come from the cluster's image (built
 from `infra/Dockerfile` with `uv sync --locked`), not from the runtime environment: resolving
 torch and CUDA wheels per job is slow and can drift from `uv.lock`. See docs/cluster.md.
+`--env` adds variables to the job's runtime environment, so the driver and every task and
+actor it starts, on every node, see them (an object-store endpoint, a setting); the values
+are visible in the job's record on the dashboard, so credentials belong to the cluster.
 
 Without `--follow` it prints the job id and returns at once. With `--follow` it streams the
 job's logs and ends with the job's final status; the exit code is 0 only for SUCCEEDED.
@@ -78,12 +81,28 @@ def entrypoint(command: list[str]) -> str:
     return f"python -m jobs.cli {shlex.join(command)}"
 
 
-def runtime_env(working_dir: str | Path) -> dict[str, Any]:
-    """The job's runtime environment: the project folder as working_dir, minus the excludes."""
+def env_vars(assignments: list[str]) -> dict[str, str]:
+    """`--env NAME=VALUE` as given, `--env NAME` with this environment's value; ValueError when unset."""
+    out = {}
+    for item in assignments:
+        name, sep, value = item.partition("=")
+        if not name:
+            raise ValueError(f"--env {item!r}: expected NAME or NAME=VALUE")
+        if not sep:
+            if name not in os.environ:
+                raise ValueError(f"--env {name}: not set in this environment; give NAME=VALUE")
+            value = os.environ[name]
+        out[name] = value
+    return out
+
+
+def runtime_env(working_dir: str | Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The job's runtime environment: the project folder as working_dir, minus the excludes, and
+    `env` as environment variables of the driver and of every task and actor it starts."""
     root = Path(working_dir).resolve()
     if not (root / "jobs" / "cli.py").is_file():
         raise ValueError(f"--working-dir {working_dir}: not the project folder (no jobs/cli.py in {root})")
-    return {"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES)}
+    return {"working_dir": str(root), "excludes": list(WORKING_DIR_EXCLUDES), **({"env_vars": env} if env else {})}
 
 
 def local_outputs(command: list[str], working_dir: str | Path) -> list[str]:
@@ -193,7 +212,7 @@ def main(config: None, args: argparse.Namespace) -> int:
     """Submit `args.argv` as a Ray Job to `args.address`; optionally follow it to the end."""
     try:
         command = job_argv(args.argv)
-        env = runtime_env(args.working_dir)
+        env = runtime_env(args.working_dir, env_vars(getattr(args, "env", [])))
     except ValueError as err:
         print(f"sar submit: {err}", file=sys.stderr)
         return 2

@@ -108,6 +108,18 @@ def test_runtime_env_ships_the_project_without_heavy_folders(tmp_path):
         submit.runtime_env(tmp_path)
 
 
+def test_env_goes_into_the_runtime_env(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://store:9000")
+    monkeypatch.delenv("SAR_NOT_SET", raising=False)
+    env = submit.env_vars(["AWS_ENDPOINT_URL_S3", "SAR_FAIL_AT_STEP=20", "EMPTY="])
+    assert env == {"AWS_ENDPOINT_URL_S3": "http://store:9000", "SAR_FAIL_AT_STEP": "20", "EMPTY": ""}
+    assert submit.runtime_env(REPO, env)["env_vars"] == env
+    assert "env_vars" not in submit.runtime_env(REPO)  # nothing asked, nothing set
+    with pytest.raises(ValueError, match="SAR_NOT_SET: not set in this environment"):
+        submit.env_vars(["SAR_NOT_SET"])
+    assert main(["submit", "--address", "http://127.0.0.1:9", "--env", "SAR_NOT_SET", "--", "config", "show"]) == 2
+
+
 def test_empty_command_exits_2(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:9", "--"]) == 2
     assert "no command to run" in capsys.readouterr().err
