@@ -41,8 +41,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
 
     # Loop: Ray Train workers (or this process with num_workers 0).
     init_ray(cfg.cluster)
-    dataset, _ = latents.open_latents(cfg.latents_dir, so)
-    metrics = training.run_training(loop, dataset, latents.data_bytes(manifest))
+    metrics = training.run_training(loop, training.training_dataset(loop, cfg.latents_dir, manifest))
 
     # Save: the record of this run.
     latest = checkpoints.find_latest(cfg.pretrain_dir, so)

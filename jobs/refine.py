@@ -54,8 +54,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
 
     # Loop: Ray Train.
     init_ray(cfg.cluster)
-    dataset, _ = latents.open_latents(cfg.latents_dir, so)
-    metrics = training.run_training(loop, dataset, latents.data_bytes(manifest))
+    metrics = training.run_training(loop, training.training_dataset(loop, cfg.latents_dir, manifest))
 
     # Save: the record of this run.
     training.write_record(loop, started, time.perf_counter() - t0, checkpoints.find_latest(cfg.refine_dir, so))

@@ -160,6 +160,23 @@ def open_latents(latents_url: str, storage_options: dict | None = None):
     return ray.data.read_parquet(paths, filesystem=fs), manifest
 
 
+def read_into_object_store(latents_url: str, manifest: dict, columns: Iterable[str],
+                           storage_options: dict | None = None):
+    """A Ray Dataset of the committed shards' `columns`, read by this process and put in Ray's object
+    store, one block per shard: the same rows and types as `open_latents`, with no read task.
+
+    For small datasets only: the rows pass through this process's memory and, on a cluster, all
+    live in its node's object store.
+    """
+    import ray
+
+    fs, _ = storage.pyarrow_filesystem(latents_url, storage_options)
+    wanted = [c for c in columns if c in manifest["columns"]]
+    tables = [pq.read_table(storage.pyarrow_filesystem(url, storage_options)[1], columns=wanted, filesystem=fs)
+              for url in shard_urls(latents_url, manifest)]
+    return ray.data.from_arrow(tables)
+
+
 def dataset_digest(latents_url: str, storage_options: dict | None = None) -> str | None:
     """Digest of the committed dataset: its manifest without timestamps and config; None when absent."""
     from pipelines.rundir import digest_of

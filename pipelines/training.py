@@ -37,7 +37,8 @@ import torch.nn as nn
 from pipelines import checkpoints, rundir, storage
 from pipelines.errors import DatasetMismatch, SarError
 from pipelines.evaluation import EvalSettings, TrainingEvaluator, settings_for, write_evals
-from pipelines.latents import TRAIN_COLUMNS, check_compatible, read_manifest, tokens_from_batch
+from pipelines.latents import (TRAIN_COLUMNS, check_compatible, data_bytes, open_latents, read_into_object_store,
+                               read_manifest, tokens_from_batch)
 from pipelines.objectives import Objective, group_buckets, make_objective
 from pipelines.plots import plot_curves
 
@@ -506,16 +507,32 @@ def _worker(config: dict[str, Any]) -> None:
 
 
 # The driver ------------------------------------------------------------------------------------
-def cache_if_small(dataset, data_bytes: int, share: float = 0.25):
-    """Read a small dataset into the object store once instead of from Parquet at every epoch.
+# Bytes of Parquet up to which a stage's driver reads the latents itself (see training_dataset).
+DRIVER_READ_MAX = 256 << 20
 
-    Each epoch re-executes the dataset; for a few MB of latents that start-up dominates the step
-    (the demo's data-wait fraction fell from ~0.7 to ~0). Large datasets keep streaming.
+
+def training_dataset(loop: LoopConfig, latents_url: str, manifest: dict, share: float = 0.25):
+    """The Ray Dataset a stage trains on: the training columns of the committed shards.
+
+    A dataset that fits in `share` of the object store is read into it once instead of from
+    Parquet at every epoch: each epoch re-executes a streaming dataset, and for a few MB of
+    latents that start-up dominated the step (the demo's data-wait fraction fell from ~0.7 to
+    ~0). Up to DRIVER_READ_MAX this process reads the shards itself: for small shards Ray Data's
+    read tasks cost far more than the read (two shards of 128 rows: 9 to 80 s of worker start-up
+    on the loaded 2-core machine, against 0.1 s), and the blocks, owned by the driver, outlive
+    the loss of any other node. Larger datasets that fit are materialized by Ray Data's tasks;
+    the others stream.
     """
     import ray
 
+    columns = [c for c in TRAIN_COLUMNS if c in loop.token_space.get("columns", TRAIN_COLUMNS)]
+    size = data_bytes(manifest)
     budget = ray.available_resources().get("object_store_memory", 0) * share
-    return dataset.materialize() if 0 < data_bytes <= budget else dataset
+    if 0 < size <= min(budget, DRIVER_READ_MAX):
+        return read_into_object_store(latents_url, manifest, columns, loop.storage_options)
+    dataset, _ = open_latents(latents_url, loop.storage_options)
+    dataset = dataset.select_columns(columns)  # the source key and token-order copies stay on disk
+    return dataset.materialize() if 0 < size <= budget else dataset
 
 
 def failure_drill_from_env() -> tuple[int, str] | None:
@@ -523,9 +540,9 @@ def failure_drill_from_env() -> tuple[int, str] | None:
     return (int(at), marker) if at and marker else None
 
 
-def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, Any]:
-    """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0); return the last
-    logged metrics (the final row of metrics.jsonl)."""
+def run_training(loop: LoopConfig, dataset) -> dict[str, Any]:
+    """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0) on `dataset`
+    (`training_dataset`'s); return the last logged metrics (the final row of metrics.jsonl)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -533,9 +550,6 @@ def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, An
 
     train = loop.train
     loop.use_gpu = cluster_gpus() > 0 if train.use_gpu is None else train.use_gpu
-    columns = [c for c in TRAIN_COLUMNS if c in loop.token_space.get("columns", TRAIN_COLUMNS)]
-    dataset = dataset.select_columns(columns)  # the source key and token-order copies stay on disk
-    dataset = cache_if_small(dataset, data_bytes)
     fs, path = storage.pyarrow_filesystem(loop.stage_dir, loop.storage_options)
     trainer = TorchTrainer(
         _worker,

@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -98,6 +99,45 @@ def test_checkpoints_to_object_storage(tmp_path, raw_latents, s3_bucket):
     assert latest == f"{s3_bucket}/run/pretrain/checkpoints/step_00000010"
     model, meta = checkpoints.load_model(latest, "ema")
     assert meta["step"] == 10 and meta["latents"]["token_dim"] == 48
+
+
+def test_small_latents_are_read_by_the_driver_larger_ones_by_ray_data(raw_latents, monkeypatch):
+    import numpy as np
+
+    from pipelines import latents, training
+
+    manifest = latents.read_manifest(raw_latents)
+    loop = SimpleNamespace(token_space={"columns": list(manifest["columns"])}, storage_options={})
+    dataset = training.training_dataset(loop, raw_latents, manifest)
+    assert dataset.num_blocks() == len(manifest["shards"])  # one block per shard, no read task
+    assert dataset.columns() == ["label", "mean", "mean_flip"]  # the training columns only
+    rows, expected = dataset.take_batch(1000, batch_format="numpy"), latents.load_arrays(raw_latents)
+    assert expected.keys() == rows.keys() and all(np.array_equal(rows[c], expected[c]) for c in expected)
+
+    # Past DRIVER_READ_MAX (and within the object-store budget) Ray Data materializes it; past the budget it streams.
+    class Streaming:
+        def __init__(self):
+            self.calls = []
+
+        def select_columns(self, columns):
+            self.calls.append(("select_columns", columns))
+            return self
+
+        def materialize(self):
+            self.calls.append(("materialize",))
+            return self
+
+    def driver_read(*args):
+        raise AssertionError("read by the driver")
+
+    monkeypatch.setattr(training, "read_into_object_store", driver_read)
+    monkeypatch.setattr(training, "DRIVER_READ_MAX", 0)
+    for share, calls in [(0.25, [("select_columns", ["label", "mean", "mean_flip"]), ("materialize",)]),
+                         (1e-12, [("select_columns", ["label", "mean", "mean_flip"])])]:
+        streaming = Streaming()
+        monkeypatch.setattr(training, "open_latents", lambda url, so: (streaming, manifest))
+        assert training.training_dataset(loop, raw_latents, manifest, share=share) is streaming
+        assert streaming.calls == calls
 
 
 @pytest.mark.slow
