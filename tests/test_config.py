@@ -104,7 +104,7 @@ def test_public_dict_redacts_storage_options():
 
 
 @pytest.mark.parametrize("name", ["demo", "imagenet256-sar-b-klvae", "imagenet256-sar-l-klvae",
-                                  "imagenet256-sar-h-klvae", "imagenet256-sar-b-raw"])
+                                  "imagenet256-sar-h-klvae", "imagenet256-sar-b-raw", "imagenet256-sar-b-wan"])
 def test_shipped_configs_validate(name):
     cfg = load_config(f"{REPO}/configs/{name}.yaml")
     assert isinstance(cfg, PipelineConfig)
