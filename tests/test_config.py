@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from jobs.cli import main
-from jobs.config import ConfigError, PipelineConfig, load_config
+from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
 from tests.conftest import DEMO_CONFIG, REPO
 
 
@@ -58,6 +58,7 @@ def test_overrides_apply_after_file_and_parse_types():
         ("model.overrides={head_dpeth: 7}", "model.overrides", "head_dpeth"),
         ("model.preset=sar-xl", "model.preset", '"sar-xl"'),
         ("pretrain.global_batch=30", "pretrain", "not a multiple of micro_batch 32"),
+        ("tracking.backend=wandb", "tracking.backend", '"wandb"'),
     ],
 )
 def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsys):
@@ -89,6 +90,9 @@ def test_public_dict_redacts_storage_options():
     dumped = str(cfg.public_dict())
     assert "hunter2" not in dumped and "AKIA123" not in dumped
     assert cfg.data.storage_options["secret"] == "hunter2"
+    cfg = load_config(None, ["tracking.uri=https://alice:s3cret@mlflow.example.com:5000"])
+    assert cfg.public_dict()["tracking"]["uri"] == "https://mlflow.example.com:5000"
+    assert "s3cret" not in dump_yaml(cfg) and cfg.tracking.uri.startswith("https://alice:s3cret@")
 
 
 @pytest.mark.parametrize("name", ["demo", "imagenet256-sar-b-klvae", "imagenet256-sar-l-klvae",
