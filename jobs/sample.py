@@ -84,7 +84,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
     if missing:
         init_ray(cfg.cluster)
         sampling.run_pool(ckpt, plan, settings(cfg), samples_dir, missing, cfg.sample.num_actors,
-                          cfg.sample.gpus_per_actor, so)
+                          cfg.sample.gpus_per_actor, so, cfg.tracking.progress_interval_s)
 
     # Save: check the set is whole, then the index and (last) the manifest.
     sampling.finish_set(samples_dir, plan, settings(cfg), spec, meta, cfg.public_dict(), so)

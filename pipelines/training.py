@@ -38,6 +38,7 @@ from pipelines.errors import DatasetMismatch, SarError
 from pipelines.latents import TRAIN_COLUMNS, check_compatible, tokens_from_batch
 from pipelines.objectives import Objective, group_buckets, make_objective
 from pipelines.plots import plot_curves
+from pipelines.progress import Progress
 
 log = logging.getLogger("sar.train")
 
@@ -62,6 +63,7 @@ class LoopConfig:
     failure_drill: tuple[int, str] | None = None  # (step, marker file): see `failure_drill`
     plot: bool = True
     start_step: int = 0             # the newest checkpoint's step when the run was launched
+    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/progress.py)
 
 
 @dataclass
@@ -147,7 +149,8 @@ def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, An
                       token_space=checkpoints.token_space(manifest), inputs=inputs, run_config=public,
                       storage_options=so, init=init, accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
                       failure_drill=failure_drill_from_env(),
-                      start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0)
+                      start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0,
+                      progress_interval_s=cfg.tracking.progress_interval_s)
 
 
 def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | None) -> None:
@@ -425,6 +428,9 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     buckets = {k: v.to(device) for k, v in group_buckets(grouping.group_index, grouping.num_groups).items()}
     amp = device.type == "cuda" and train.precision == "bf16"
 
+    progress = Progress(train.steps, what="steps", desc=loop.stage, initial=st.step,
+                        interval_s=loop.progress_interval_s) if rank == 0 else None
+
     window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log
     t_window, wait_s, n_steps, images = time.perf_counter(), 0.0, 0, 0
     batches = step_batches(shard, train, st, rank, loop.accum)
@@ -440,13 +446,16 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
             row = log_row(st, window, n_steps, time.perf_counter() - t_window, wait_s, images,
                           grouping.seq_len, t.sched.get_last_lr()[0])
             st.history.append(row)
-            if rank == 0:
-                print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            if rank == 0:  # one line per row (a terminal's progress line stays below it)
+                progress.write(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+                progress.set(st.step)
             ray.train.report(row)
             window, t_window, wait_s, n_steps, images = {}, time.perf_counter(), 0.0, 0, 0
         if st.step % train.checkpoint_every == 0 or st.step == train.steps:
             save_checkpoint(t, st, loop)
         failure_drill(loop.failure_drill, st.step, rank, world)
+    if rank == 0:
+        progress.close()
     if rank == 0 and loop.plot:
         plot_curves(st.history, storage.join(loop.stage_dir, "loss.png"), loop.storage_options)
     return st
@@ -484,6 +493,10 @@ def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, An
 
     train = loop.train
     loop.use_gpu = cluster_gpus() > 0 if train.use_gpu is None else train.use_gpu
+    if train.num_workers == 0:
+        # Local mode echoes every ray.train.report() as "Reported metrics: {...}" (Ray Train's
+        # LoggingConfig reaches worker processes only); the loop already prints one line per row.
+        logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
     columns = [c for c in TRAIN_COLUMNS if c in loop.token_space.get("columns", TRAIN_COLUMNS)]
     dataset = dataset.select_columns(columns)  # the source key and token-order copies stay on disk
     dataset = cache_if_small(dataset, data_bytes)
