@@ -23,6 +23,7 @@ from jobs.config import PipelineConfig
 from pipelines import checkpoints, rundir, sampling, storage
 from pipelines.errors import SarError
 from pipelines.ray_runtime import init_ray
+from pipelines.tracking import NULL
 
 STAGE = "sample"
 
@@ -73,6 +74,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
     if getattr(args, "preview", False):
         url = sampling.write_preview(ckpt, plan, settings(cfg), samples_dir, cfg.fid.grid_classes,
                                      cfg.fid.grid_per_class, so)
+        (getattr(args, "tracker", None) or NULL).log_artifact(url)  # this stage's run (jobs/run.py)
         print(f"preview of {storage.redact(ckpt)} written to {storage.redact(url)}")
         return 0
     sampling.check_spec(samples_dir, spec, so)

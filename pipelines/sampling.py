@@ -350,8 +350,6 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
             run.written += n
             run.seconds = time.perf_counter() - start
             progress.update(n)
-    log.info("sample: %d images, %.1f/s after start-up (%.0f s to the first batch)", run.written,
-             run.steady_rate, run.first_batch_s)
     return run
 
 
