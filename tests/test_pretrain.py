@@ -1,12 +1,14 @@
 """Pretraining end to end on Ray: local mode, 2 DDP workers with a worker failure, object storage."""
 
+import argparse
 import json
+import logging
 import os
 
 import pytest
 import torch
 
-from pipelines import checkpoints
+from pipelines import checkpoints, tracking
 from jobs.config import load_config
 from pipelines.errors import DatasetMismatch
 from tests.conftest import DEMO_CONFIG
@@ -29,6 +31,17 @@ def mean_loss(rows):
     return sum(r["loss"] for r in rows) / len(rows)
 
 
+class Records(logging.Handler):
+    """The messages a logger emits."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsys):
     from jobs import pretrain
 
@@ -42,13 +55,30 @@ def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsy
     assert os.path.getsize(os.path.join(cfg.pretrain_dir, "loss.png")) > 1000
     assert checkpoints.list_steps(cfg.pretrain_dir) == [20, 40]
 
-    # Re-launching with a larger budget continues from the newest checkpoint.
+    # Re-launching with a larger budget continues from the newest checkpoint, now in a tracked run:
+    # the loop re-sends the rows before the resume (the store lacks them), then logs its own.
     capsys.readouterr()
     longer = config(tmp_path, raw_latents, "pretrain.steps=50", "pretrain.checkpoint_every=20")
-    assert pretrain.main(longer) == 0
-    assert "resumed from step 40" in capsys.readouterr().out
-    steps = [r["step"] for r in history(cfg.pretrain_dir)]
-    assert steps == list(range(5, 51, 5))  # continued, nothing repeated
+    ray_logger, echoed = logging.getLogger("ray"), Records()
+    level = ray_logger.level
+    ray_logger.setLevel(logging.INFO)  # as a command's Ray logs: INFO reaches the console
+    ray_logger.addHandler(echoed)
+    try:
+        with tracking.open_run(str(tmp_path)) as tr, tr.stage("pretrain", longer.pretrain_dir) as st:
+            assert pretrain.main(longer, argparse.Namespace(tracker=st)) == 0
+    finally:
+        ray_logger.removeHandler(echoed)
+        ray_logger.setLevel(level)
+    out = capsys.readouterr().out
+    assert "resumed from step 40" in out
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("step=")] == ["step=45", "step=50"]
+    assert not [m for m in echoed.messages if "Reported metrics" in m]  # one line per row, not two
+    rows = history(cfg.pretrain_dir)
+    assert [r["step"] for r in rows] == list(range(5, 51, 5))  # continued, nothing repeated
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(tracking.default_uri(str(tmp_path))).get_metric_history(st.run_id, "loss")
+    assert sorted((m.step, m.value) for m in logged) == [(r["step"], pytest.approx(r["loss"])) for r in rows]
     state, meta = checkpoints.load_state(checkpoints.find_latest(cfg.pretrain_dir))
     assert state["step"] == meta["step"] == 50 and meta["config"]["pretrain"]["steps"] == 50
     assert set(state) >= {"model", "ema", "optimizer", "scheduler", "data"}

@@ -193,6 +193,23 @@ def test_report_on_an_object_store(tmp_path, s3_bucket):
     assert len(_srcs(page)) == 10
 
 
+def test_sar_report_writes_the_report_of_a_run_directory(tmp_path, capsys):
+    from jobs import cli
+    from tests.conftest import DEMO_CONFIG
+
+    digests = make_run(tmp_path / "run")
+    assert cli.main(["report", "--config", DEMO_CONFIG, "--set", f"run_dir={tmp_path / 'run'}"]) == 0
+    assert capsys.readouterr().out == f"report: {tmp_path / 'run' / 'report.html'}\n"
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert all(d[:12] in page for d in digests.values())
+
+    assert cli.main(["report", "--config", DEMO_CONFIG, "--set", f"run_dir={tmp_path / 'nothing'}"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"sar report: error: no run directory at {tmp_path / 'nothing'}: set run_dir (--config, " \
+                  "--set run_dir=DIR) to one that `sar run` or a stage wrote\n"
+    assert not (tmp_path / "nothing").exists()
+
+
 # In a real browser -----------------------------------------------------------------------------------
 def test_report_in_a_headless_browser(tmp_path):
     if not os.path.exists(CHROMIUM):
