@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             rc = int(module.main(cfg, args) or 0)
         if rc == 0:
-            tracker.set_tags(lineage_tags(cfg))
             status = "FINISHED"
+            if tracker.enabled:
+                tracker.set_tags(lineage_tags(cfg))
         return rc
     except ConfigError as err:
         print(f"sar {command}: {err}", file=sys.stderr)

@@ -62,7 +62,7 @@ def run_stage(cfg: PipelineConfig, name: str, stage: ModuleType, args: argparse.
             st.close("FAILED")
             return rc
         record = rundir.read_stage_record(out, cfg.data.storage_options)
-        if record and record["finished"] >= started:  # written by this launch (a preview writes none)
+        if record and record.get("finished", "") >= started:  # written by this launch (a preview writes none)
             st.set_tags({f"{side}.{k}": v for side in ("inputs", "outputs") for k, v in record[side].items()})
             st.log_metrics({k: record[k] for k in ("wall_s", "images", "images_per_s")}, prefix="stage/")
     return 0
@@ -71,7 +71,7 @@ def run_stage(cfg: PipelineConfig, name: str, stage: ModuleType, args: argparse.
 def run_pipeline(cfg: PipelineConfig, args: argparse.Namespace,
                  stages: dict[str, ModuleType] | None = None) -> int:
     """Run the chosen stages, then write the run report; returns the first non-zero exit code, else 0."""
-    from jobs import report  # matplotlib and the report's readers, loaded when a run ends
+    from jobs import report  # its readers load torch; parsing a command line should not
 
     force = getattr(args, "force", False)
     tracker = getattr(args, "tracker", None) or tracking.NULL
