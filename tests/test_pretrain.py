@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -69,8 +70,9 @@ def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsy
     finally:
         ray_logger.removeHandler(echoed)
         ray_logger.setLevel(level)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "resumed from step 40" in out
+    assert re.search(r"^pretrain: 50/50 steps in \S+, [\d.,]+ steps/s$", err, re.M), err  # rate of this launch
     assert [line.split()[0] for line in out.splitlines() if line.startswith("step=")] == ["step=45", "step=50"]
     assert not [m for m in echoed.messages if "Reported metrics" in m]  # one line per row, not two
     rows = history(cfg.pretrain_dir)

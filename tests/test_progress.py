@@ -114,6 +114,21 @@ def test_other_lines_leave_the_progress_line_whole():
     assert cleared.strip() == "" and row == "step=50 loss=0.5\n" and "50/100" in bar
 
 
+def test_ray_data_progress_bars_only_on_a_terminal(monkeypatch):
+    from ray.data import DataContext
+
+    from pipelines.ray_runtime import quiet_data_progress
+
+    ctx = DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    quiet_data_progress()
+    assert ctx.enable_progress_bars  # a terminal keeps Ray Data's bars
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    quiet_data_progress()
+    assert not ctx.enable_progress_bars  # a log would get a block of lines every few seconds
+
+
 def test_format_duration():
     assert [format_duration(s) for s in (0, 42.4, 61, 3599, 3600, 7322)] == ["0s", "42s", "1m01s", "59m59s",
                                                                          "1h00m", "2h02m"]
