@@ -7,8 +7,7 @@ Reads   the sample set (fid.samples, default cfg.samples_dir: _manifest.json, in
 Writes  cfg.eval_dir (default {run_dir}/eval): metrics.json (fid, inception_score {mean, std},
         precision, recall, num_samples, the guidance, flow steps and checkpoint digest of the
         samples, the resolved config), grid.png (fid.grid_classes x fid.grid_per_class),
-        reference_features.npz when the reference is a folder (its features, computed once); the
-        final metrics, metrics.json and grid.png also go to the stage's MLflow run.
+        reference_features.npz when the reference is a folder (its features, computed once).
 Launch  sar fid --config configs/imagenet256-sar-b-klvae.yaml
         --set fid.reference=s3://bucket/VIRTUAL_imagenet256_labeled.npz
         --set fid.inception_weights=s3://bucket/weights-inception-2015-12-05-6726825d.pth
@@ -25,12 +24,10 @@ import tempfile
 import time
 
 from jobs.config import PipelineConfig
-from pipelines import fid, rundir, sampling, storage, tracking
+from pipelines import fid, rundir, sampling, storage
 from pipelines.errors import SarError
 
 STAGE = "fid"
-# What goes to the stage's MLflow run as final metrics (`domain`: the domain evaluator's, when scored).
-TRACKED_METRICS = ("fid", "inception_score", "precision", "recall", "domain")
 
 
 def output(cfg: PipelineConfig) -> str:
@@ -45,20 +42,12 @@ def status(cfg: PipelineConfig) -> rundir.StageStatus:
     return fid.metrics_status(cfg.eval_dir, samples_dir(cfg), cfg.data.storage_options)
 
 
-def track(tracker: tracking.Tracker, eval_dir: str, metrics: dict) -> None:
-    """The final metrics, metrics.json and the grid, to this stage's run (jobs/run.py)."""
-    tracker.log_metrics({k: metrics.get(k) for k in TRACKED_METRICS})
-    for name in (fid.METRICS_FILE, fid.GRID_FILE):
-        tracker.log_artifact(storage.join(eval_dir, name))
-
-
 def main(cfg: PipelineConfig, args=None) -> int:
     import torch
 
     # Setup: the finished sample set and its grid.
     so, f, eval_dir, t0 = cfg.data.storage_options, cfg.fid, cfg.eval_dir, time.time()
     started, source = rundir.now_utc(), samples_dir(cfg)
-    tracker = getattr(args, "tracker", None) or tracking.NULL
     manifest = sampling.read_manifest(source, so)
     index = sampling.read_index(source, so)
     if len(index) != manifest["num_samples"]:
@@ -77,7 +66,6 @@ def main(cfg: PipelineConfig, args=None) -> int:
         if f.inception_weights or f.on_missing_weights != "skip":
             raise
         fid.write_metrics(eval_dir, fid.skipped_metrics(str(err)) | record, so)
-        track(tracker, eval_dir, fid.skipped_metrics(str(err)))
         print(f"metrics written to {storage.redact(eval_dir)}/{fid.METRICS_FILE} without FID/IS: {err}")
         return 0
     extractor_id = fid.weights_id(f.inception_weights, so)
@@ -106,7 +94,6 @@ def main(cfg: PipelineConfig, args=None) -> int:
                "reference_count": reference.count if reference else None,
                "num_samples": scores["num_samples"], "seconds": round(time.time() - t0, 1)}
     fid.write_metrics(eval_dir, metrics, so)
-    track(tracker, eval_dir, metrics)
     rundir.write_stage_record(eval_dir, STAGE, started=started, seconds=time.time() - t0,
                               images=scores["num_samples"], inputs={"samples": manifest.get("checkpoint_digest")},
                               outputs={k: metrics[k] for k in ("fid", "precision", "recall")}, storage_options=so)
@@ -115,3 +102,11 @@ def main(cfg: PipelineConfig, args=None) -> int:
     for what, why in scores["skipped"].items():
         print(f"  {what} not computed: {why}")
     return 0
+
+
+def tracked(cfg: PipelineConfig) -> tuple[dict, list[str]]:
+    """What this stage's MLflow run gets once it succeeds (jobs/run.py): the final metrics (with the
+    domain evaluator's `domain` dict when it scored), metrics.json and the grid."""
+    metrics = storage.read_json(storage.join(cfg.eval_dir, fid.METRICS_FILE), cfg.data.storage_options)
+    final = {k: metrics.get(k) for k in ("fid", "inception_score", "precision", "recall", "domain")}
+    return final, [storage.join(cfg.eval_dir, name) for name in (fid.METRICS_FILE, fid.GRID_FILE)]

@@ -46,7 +46,8 @@ def main(cfg: PipelineConfig, args=None) -> int:
     init_ray(cfg.cluster)
     dataset, _ = latents.open_latents(cfg.latents_dir, so)
     tracker = getattr(args, "tracker", None) or NULL
-    metrics = training.run_training(loop, dataset, latents.data_bytes(manifest), tracker)
+    metrics = training.run_training(loop, dataset, latents.data_bytes(manifest), tracker,
+                                    cfg.tracking.progress_interval_s)
 
     # Save: the record of this run.
     latest = checkpoints.find_latest(cfg.pretrain_dir, so)

@@ -53,7 +53,8 @@ def run_stage(cfg: PipelineConfig, name: str, stage: ModuleType, args: argparse.
     """`stage.main` inside a run nested under `tracker`, passed on as `args.tracker`.
 
     The nested run gets the stage's config section as params and, when the stage succeeds, what
-    its `_stage.json` says it consumed and made (digests, as tags) and took (wall time, images/s).
+    its `_stage.json` says it consumed and made (digests, as tags) and took (wall time, images/s),
+    and what the stage's `tracked(cfg)`, where it has one, names: final metrics and files.
     """
     out, started = stage.output(cfg), rundir.now_utc()
     with tracker.stage(name, out, params={name: cfg.public_dict()[name]}) as st:
@@ -65,6 +66,11 @@ def run_stage(cfg: PipelineConfig, name: str, stage: ModuleType, args: argparse.
         if record and record.get("finished", "") >= started:  # written by this launch (a preview writes none)
             st.set_tags({f"{side}.{k}": v for side in ("inputs", "outputs") for k, v in record[side].items()})
             st.log_metrics({k: record[k] for k in ("wall_s", "images", "images_per_s")}, prefix="stage/")
+        if hasattr(stage, "tracked"):
+            metrics, files = stage.tracked(cfg)
+            st.log_metrics(metrics)
+            for url in files:
+                st.log_artifact(url)
     return 0
 
 

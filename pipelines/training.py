@@ -65,10 +65,10 @@ class LoopConfig:
     use_gpu: bool = False
     accum: int = 1                  # micro-batches per optimizer step on each worker
     failure_drill: tuple[int, str] | None = None  # (step, marker file): see `failure_drill`
+    tracking: dict[str, Any] | None = None  # the stage run's tracking.handoff(): rank 0 logs into it
+    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/progress.py)
     plot: bool = True
     start_step: int = 0             # the newest checkpoint's step when the run was launched
-    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/progress.py)
-    tracking: dict[str, Any] | None = None  # the stage run's tracking.handoff(): rank 0 logs into it
 
 
 @dataclass
@@ -154,8 +154,7 @@ def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, An
                       token_space=checkpoints.token_space(manifest), inputs=inputs, run_config=public,
                       storage_options=so, init=init, accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
                       failure_drill=failure_drill_from_env(),
-                      start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0,
-                      progress_interval_s=cfg.tracking.progress_interval_s)
+                      start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0)
 
 
 def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | None) -> None:
@@ -396,11 +395,23 @@ def save_checkpoint(t: Trainer, st: LoopState, loop: LoopConfig) -> None:
     storage.write_text(storage.join(loop.stage_dir, METRICS), "".join(json.dumps(h) + "\n" for h in st.history), so)
 
 
+def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int) -> None:
+    """With SAR_FAIL_AT_STEP=N and SAR_FAIL_MARKER=FILE set at launch, the last worker exits hard
+    once after step N, so an operator (or a test) can watch FailureConfig restart the group."""
+    if not drill:
+        return
+    at, marker = drill
+    if step == at and rank == world - 1 and not os.path.exists(marker):
+        open(marker, "w").close()
+        log.warning("failure drill: worker %d exits after step %d", rank, step)
+        os._exit(1)
+
+
 def track_evals(tracker: tracking.Tracker, loop: LoopConfig, after: float) -> float:
     """Send the in-training evaluations past step `after`: each row of `{stage_dir}/evals.jsonl` as
     metrics under `eval/`, its grid as an artifact under `evals/`; returns the last step sent.
 
-    An evaluation appends its row to the file; the loop calls this at its start (a resumed run
+    An evaluation adds its row to the file; the loop calls this at its start (a resumed run
     re-sends what the store may lack; steps it has are dropped) and after each checkpoint.
     """
     if not tracker.enabled:
@@ -421,18 +432,6 @@ def track_evals(tracker: tracking.Tracker, loop: LoopConfig, after: float) -> fl
             tracker.log_artifact(storage.join(loop.stage_dir, row["grid"]), folder="evals")
         after = row["step"]
     return after
-
-
-def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int) -> None:
-    """With SAR_FAIL_AT_STEP=N and SAR_FAIL_MARKER=FILE set at launch, the last worker exits hard
-    once after step N, so an operator (or a test) can watch FailureConfig restart the group."""
-    if not drill:
-        return
-    at, marker = drill
-    if step == at and rank == world - 1 and not os.path.exists(marker):
-        open(marker, "w").close()
-        log.warning("failure drill: worker %d exits after step %d", rank, step)
-        os._exit(1)
 
 
 # The loop -------------------------------------------------------------------------------------
@@ -524,11 +523,12 @@ def failure_drill_from_env() -> tuple[int, str] | None:
     return (int(at), marker) if at and marker else None
 
 
-def run_training(loop: LoopConfig, dataset, data_bytes: int = 0,
-                 tracker: tracking.Tracker = tracking.NULL) -> dict[str, Any]:
+def run_training(loop: LoopConfig, dataset, data_bytes: int = 0, tracker: tracking.Tracker = tracking.NULL,
+                 progress_interval_s: float = 30.0) -> dict[str, Any]:
     """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0); return the last metrics.
 
     `tracker` is the stage's run: rank 0 logs the training rows into it, then loss.png is added.
+    Rank 0 writes a progress line every `progress_interval_s` in a log (pipelines/progress.py).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -544,7 +544,7 @@ def run_training(loop: LoopConfig, dataset, data_bytes: int = 0,
     columns = [c for c in TRAIN_COLUMNS if c in loop.token_space.get("columns", TRAIN_COLUMNS)]
     dataset = dataset.select_columns(columns)  # the source key and token-order copies stay on disk
     dataset = cache_if_small(dataset, data_bytes)
-    loop.tracking = tracker.handoff()
+    loop.tracking, loop.progress_interval_s = tracker.handoff(), progress_interval_s
     fs, path = storage.pyarrow_filesystem(loop.stage_dir, loop.storage_options)
     trainer = TorchTrainer(
         _worker,

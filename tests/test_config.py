@@ -50,6 +50,7 @@ def test_overrides_apply_after_file_and_parse_types():
 @pytest.mark.parametrize(
     "override, field, value",
     [
+        ("tracking.backend=wandb", "tracking.backend", '"wandb"'),
         ("pretrain.stepz=5", "pretrain.stepz", None),
         ("encode.encoder=foo", "encode.encoder", '"foo"'),
         ("pretrain.steps=-1", "pretrain.steps", "-1"),
@@ -58,7 +59,6 @@ def test_overrides_apply_after_file_and_parse_types():
         ("model.overrides={head_dpeth: 7}", "model.overrides", "head_dpeth"),
         ("model.preset=sar-xl", "model.preset", '"sar-xl"'),
         ("pretrain.global_batch=30", "pretrain", "not a multiple of micro_batch 32"),
-        ("tracking.backend=wandb", "tracking.backend", '"wandb"'),
     ],
 )
 def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsys):

@@ -195,15 +195,6 @@ def test_csf_on_one_group_only():
         RefineObjective(model, refine_cfg(group=99))
 
 
-def test_bfloat16_shards_are_read_as_values():
-    g = make_grouping_for_grid()
-    mean = torch.randn(2, 4, 4, 3).to(torch.bfloat16)
-    bits = mean.view(torch.uint16)  # what a bfloat16 Parquet shard holds
-    rows = {"mean": bits, "mean_flip": bits, "label": torch.tensor([0, 1])}
-    x, _ = tokens_from_batch(rows, g, torch.Generator().manual_seed(0), torch.device("cpu"))
-    assert torch.equal(g.to_grid(x), mean.float())
-
-
 def test_in_training_evaluations_reach_the_stage_run(tmp_path):
     """The rows an evaluation appends to evals.jsonl go to the tracker under eval/, each once, with their grid."""
     import json
@@ -232,3 +223,12 @@ def test_in_training_evaluations_reach_the_stage_run(tmp_path):
     assert history == [(10, 50.0), (20, 40.0)]  # each step once
     assert "eval/accuracy" in client.get_run(st.run_id).data.metrics
     assert [a.path for a in client.list_artifacts(st.run_id, "evals")] == ["evals/step_00000010.png"]
+
+
+def test_bfloat16_shards_are_read_as_values():
+    g = make_grouping_for_grid()
+    mean = torch.randn(2, 4, 4, 3).to(torch.bfloat16)
+    bits = mean.view(torch.uint16)  # what a bfloat16 Parquet shard holds
+    rows = {"mean": bits, "mean_flip": bits, "label": torch.tensor([0, 1])}
+    x, _ = tokens_from_batch(rows, g, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert torch.equal(g.to_grid(x), mean.float())
