@@ -7,9 +7,12 @@
     sar sample        --config FILE [--set ...] [--preview]
     sar run           --config FILE [--set ...] [--from STAGE | --only STAGE]
     sar demo          [--run-dir DIR]
+    sar report        --config FILE [--set run_dir=DIR]
     sar submit        --address http://HEAD:8265 [--follow] -- <sar subcommand and arguments>
 
-Each stage lives in `jobs/<stage>.py` as `main(config, args) -> exit code`.
+Each stage lives in `jobs/<stage>.py` as `main(config, args) -> exit code`. A stage, `run` and
+`demo` log into the run directory's MLflow run (jobs/run.py, `tracking` in the config) and end
+with a line saying how to look at it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import sys
 from pathlib import Path
 
 from jobs.config import ConfigError, dump_yaml, load_config
-from jobs.run import STAGES
+from jobs.run import STAGES, TRACKED, lineage_tags, open_tracker, run_stage
+from pipelines import tracking
 from pipelines.errors import SarError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -85,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                  _doc("demo"))
     p.add_argument("--run-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
     _add_config_args(p, default=f"configs/{DEMO_CONFIG.name}")
+
+    p = _command(sub, "report", "write the run report (report.html) of a run directory", _doc("report"))
+    _add_config_args(p)
 
     p = _command(sub, "submit", "run a sar command as a Ray Job on a cluster",
                  _doc("submit"))
@@ -155,15 +162,33 @@ def main(argv: list[str] | None = None) -> int:
     if command == "config":
         sys.stdout.write(dump_yaml(cfg))
         return 0
-    entry = importlib.import_module(f"jobs.{command}").main
+    cfg = cfg.with_absolute_paths()
+    module = importlib.import_module(f"jobs.{command}")
+    tracker = open_tracker(cfg, command) if command in TRACKED else tracking.NULL
+    args.tracker, status = tracker, "FAILED"
     try:
-        return int(entry(cfg.with_absolute_paths(), args) or 0)
+        if command in STAGES:  # a stage alone: nested in the command's run, as `sar run` does
+            rc = run_stage(cfg, command, module, args, tracker)
+        else:
+            rc = int(module.main(cfg, args) or 0)
+        if rc == 0:
+            status = "FINISHED"
+            if tracker.enabled:
+                tracker.set_tags(lineage_tags(cfg))
+        return rc
     except ConfigError as err:
         print(f"sar {command}: {err}", file=sys.stderr)
         return 2
     except SarError as err:
         print(f"sar {command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if command in TRACKED:
+            tracker.close(status)
+            print(tracker.hint(), flush=True)
 
 
 if __name__ == "__main__":

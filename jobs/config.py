@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines import storage
+
 # Fields that hold a location (local path or URL).
 PATH_FIELDS = ("run_dir", "data.source", "encode.weights", "encode.output", "pretrain.output", "refine.output",
                "refine.init", "sample.output", "sample.checkpoint", "fid.output", "fid.samples", "fid.reference",
@@ -270,6 +272,19 @@ class FidConfig(_Section):
     grid_per_class: int = Field(8, ge=1)
 
 
+class TrackingConfig(_Section):
+    """Where runs are recorded (pipelines/tracking.py) and how often progress is written."""
+
+    backend: Literal["mlflow", "none"] = "mlflow"
+    # None: the embedded SQLite store under {run_dir}/mlflow/ (tracking.default_uri). A server
+    # (http://host:5000) for multi-node training; credentials in the URL are never written out.
+    uri: str | None = None
+    experiment: str = "sar"
+    # Seconds between progress lines of encode, sample and training when the output is a log,
+    # not a terminal (a terminal gets one redrawn line).
+    progress_interval_s: float = Field(30.0, gt=0)
+
+
 class ClusterConfig(_Section):
     """Where the Ray program runs."""
 
@@ -297,6 +312,7 @@ class PipelineConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     fid: FidConfig = Field(default_factory=FidConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("run_dir")
     @classmethod
@@ -354,9 +370,12 @@ class PipelineConfig(_Section):
         return self.fid.domain.path or f"{self.run_dir}/evaluator.pt"
 
     def public_dict(self) -> dict[str, Any]:
-        """The resolved config as saved with outputs: storage options are redacted."""
+        """The resolved config as saved with outputs: storage options and credentials in the
+        tracking URI are redacted."""
         d = self.model_dump(mode="json")
         d["data"]["storage_options"] = {k: "<redacted>" for k in d["data"]["storage_options"]}
+        if d["tracking"]["uri"]:
+            d["tracking"]["uri"] = storage.redact(d["tracking"]["uri"])
         return d
 
 

@@ -31,7 +31,8 @@ def output(cfg: PipelineConfig) -> str:
 
 def job(cfg: PipelineConfig) -> EncodeJob:
     return EncodeJob(data=cfg.data, encode=cfg.encode, grouping=cfg.model.grouping, scales=cfg.model.scales,
-                     out=cfg.latents_dir, run_config=cfg.public_dict())
+                     out=cfg.latents_dir, run_config=cfg.public_dict(),
+                     progress_interval_s=cfg.tracking.progress_interval_s)
 
 
 def status(cfg: PipelineConfig) -> rundir.StageStatus:

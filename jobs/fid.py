@@ -158,3 +158,11 @@ def main(cfg: PipelineConfig, args=None) -> int:
                               outputs={"metrics": fid.METRICS_FILE}, storage_options=so)
     print(f"metrics written to {storage.redact(eval_dir)}/{fid.METRICS_FILE}: {summary(metrics)}")
     return 0
+
+
+def tracked(cfg: PipelineConfig) -> tuple[dict, list[str]]:
+    """What this stage's MLflow run gets once it succeeds (jobs/run.py): the final metrics (with the
+    domain evaluator's `domain` dict when it scored), metrics.json and the grid."""
+    metrics = storage.read_json(storage.join(cfg.eval_dir, fid.METRICS_FILE), cfg.data.storage_options)
+    final = {k: metrics.get(k) for k in ("fid", "inception_score", "precision", "recall", "domain")}
+    return final, [storage.join(cfg.eval_dir, name) for name in (fid.METRICS_FILE, fid.GRID_FILE)]

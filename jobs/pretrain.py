@@ -15,6 +15,7 @@ from typing import Any
 from jobs.config import PipelineConfig
 from pipelines import checkpoints, latents, rundir, storage, training
 from pipelines.ray_runtime import init_ray
+from pipelines.tracking import NULL
 
 STAGE = "pretrain"
 
@@ -33,6 +34,7 @@ def status(cfg: PipelineConfig) -> rundir.StageStatus:
 
 
 def main(cfg: PipelineConfig, args=None) -> int:
+    """Check the dataset, train on Ray Train (rank 0 logs each row into `args.tracker`), record the run."""
     # Setup: the dataset, the model and the run directory are checked before Ray starts.
     so, started, t0 = cfg.data.storage_options, rundir.now_utc(), time.perf_counter()
     manifest = latents.read_manifest(cfg.latents_dir, so)
@@ -42,7 +44,9 @@ def main(cfg: PipelineConfig, args=None) -> int:
     # Loop: Ray Train workers (or this process with num_workers 0).
     init_ray(cfg.cluster)
     dataset, _ = latents.open_latents(cfg.latents_dir, so)
-    metrics = training.run_training(loop, dataset, latents.data_bytes(manifest))
+    tracker = getattr(args, "tracker", None) or NULL
+    metrics = training.run_training(loop, dataset, latents.data_bytes(manifest), tracker,
+                                    cfg.tracking.progress_interval_s)
 
     # Save: the record of this run.
     latest = checkpoints.find_latest(cfg.pretrain_dir, so)

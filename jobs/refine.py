@@ -15,6 +15,7 @@ from jobs.config import PipelineConfig
 from pipelines import checkpoints, latents, rundir, storage, training
 from pipelines.errors import SarError
 from pipelines.ray_runtime import init_ray
+from pipelines.tracking import NULL
 
 STAGE = "refine"
 
@@ -40,6 +41,7 @@ def status(cfg: PipelineConfig) -> rundir.StageStatus:
 
 
 def main(cfg: PipelineConfig, args=None) -> int:
+    """Start from the pretrain checkpoint, refine on Ray Train (rank 0 logs into `args.tracker`), record."""
     # Setup: the start checkpoint, the dataset and the run directory, before Ray starts.
     so, started, t0 = cfg.data.storage_options, rundir.now_utc(), time.perf_counter()
     init = start_checkpoint(cfg)
@@ -55,7 +57,9 @@ def main(cfg: PipelineConfig, args=None) -> int:
     # Loop: Ray Train.
     init_ray(cfg.cluster)
     dataset, _ = latents.open_latents(cfg.latents_dir, so)
-    metrics = training.run_training(loop, dataset, latents.data_bytes(manifest))
+    tracker = getattr(args, "tracker", None) or NULL
+    metrics = training.run_training(loop, dataset, latents.data_bytes(manifest), tracker,
+                                    cfg.tracking.progress_interval_s)
 
     # Save: the record of this run.
     training.write_record(loop, started, time.perf_counter() - t0, checkpoints.find_latest(cfg.refine_dir, so))

@@ -23,6 +23,7 @@ from jobs.config import PipelineConfig
 from pipelines import checkpoints, rundir, sampling, storage
 from pipelines.errors import SarError
 from pipelines.ray_runtime import init_ray
+from pipelines.tracking import NULL
 
 STAGE = "sample"
 
@@ -74,6 +75,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
     if getattr(args, "preview", False):
         url = sampling.write_preview(ckpt, plan, settings(cfg), samples_dir, cfg.fid.grid_classes,
                                      cfg.fid.grid_per_class, so)
+        (getattr(args, "tracker", None) or NULL).log_artifact(url)  # this stage's run (jobs/run.py)
         print(f"preview of {storage.redact(ckpt)} written to {storage.redact(url)}")
         return 0
     sampling.check_spec(samples_dir, spec, so)
@@ -85,7 +87,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
     if missing:
         init_ray(cfg.cluster)
         sampling.run_pool(ckpt, plan, settings(cfg), samples_dir, missing, cfg.sample.num_actors,
-                          cfg.sample.gpus_per_actor, so)
+                          cfg.sample.gpus_per_actor, so, cfg.tracking.progress_interval_s)
 
     # Save: check the set is whole, then the index and (last) the manifest.
     sampling.finish_set(samples_dir, plan, settings(cfg), spec, meta, cfg.public_dict(), so)

@@ -13,6 +13,9 @@
     sampling.py     the evaluation set: seeds, the Ray Data actor pool, PNG/NPZ layout
     fid.py          FID / IS / precision / recall with torch-fidelity
     plots.py        training curves;  synth.py  a procedural ImageNet-layout dataset
+    tracking.py     MLflow runs: one per run directory, one nested per stage, queued off the caller
+    report.py       the run report: one self-contained HTML page of a run directory
+    progress.py     progress lines of encode, sample and training (redrawn on a terminal)
     ray_runtime.py  starting or joining Ray
 
 Library functions take the config's sections (jobs/config.py's pydantic models) as plain

@@ -32,6 +32,7 @@ from pipelines.imagenet import SourceListing, list_imagenet
 from pipelines.latents import (ERROR, KEY, LABEL, LOGVAR, LOGVAR_FLIP, MEAN, MEAN_FLIP, PYRAMID, TOKENS,
                                storage_array)
 from pipelines.preprocess import PIXELS, hflip, read_and_decode, to_model_input
+from pipelines.progress import Progress
 from pipelines.ray_runtime import cluster_gpus
 
 log = logging.getLogger("sar.encode")
@@ -146,6 +147,7 @@ class EncodeJob:
     scales: list[int] | None
     out: str               # the latents folder
     run_config: dict[str, Any]  # the resolved public config, saved in the manifest
+    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/progress.py)
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -259,8 +261,10 @@ def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = C
     start = last_commit = time.monotonic()
     shards = 0
     manifest = previous
+    progress = Progress(len(new_items), what="images", desc="encode", interval_s=job.progress_interval_s)
     for result in build_pipeline(job, new_items, run_id).iter_rows():
         committer.add(result)
+        progress.set(committer.new_rows + committer.new_rejected)  # one writer result: a shard's images
         shards += bool(result["file"])
         if time.monotonic() - last_commit >= commit_interval_s:
             manifest = committer.commit()
@@ -271,6 +275,7 @@ def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = C
         manifest = committer.commit()
         if on_commit:
             on_commit(manifest)
+    progress.close()
     seconds = time.monotonic() - start
 
     # Save: nothing outside the manifest may remain (a retried writer task leaves its first file).

@@ -160,16 +160,24 @@ def open_latents(latents_url: str, storage_options: dict | None = None):
     return ray.data.read_parquet(paths, filesystem=fs), manifest
 
 
-def dataset_digest(latents_url: str, storage_options: dict | None = None) -> str | None:
-    """Digest of the committed dataset: its manifest without timestamps and config; None when absent."""
+# Manifest fields left out of the dataset digest: they change without changing the data.
+VOLATILE_MANIFEST_FIELDS = {"created", "updated", "config", "elapsed_s", "summary"}
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The digest of a dataset (what training stages record as `inputs.latents`): its manifest
+    without timestamps and config."""
     from pipelines.rundir import digest_of
 
+    return digest_of({k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS})
+
+
+def dataset_digest(latents_url: str, storage_options: dict | None = None) -> str | None:
+    """Digest of the committed dataset (`manifest_digest`); None when absent."""
     url = storage.join(latents_url, MANIFEST)
     if not storage.exists(url, storage_options):
         return None
-    manifest = storage.read_json(url, storage_options)
-    volatile = {"created", "updated", "config", "elapsed_s", "summary"}
-    return digest_of({k: v for k, v in manifest.items() if k not in volatile})
+    return manifest_digest(storage.read_json(url, storage_options))
 
 
 def load_arrays(latents_url: str, columns: Iterable[str] = TRAIN_COLUMNS,

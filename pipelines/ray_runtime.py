@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,7 @@ def init_ray(cluster: Any) -> None:
     """
     import ray
 
+    quiet_data_progress()
     if ray.is_initialized():
         return
     address = cluster.address or os.environ.get("RAY_ADDRESS")
@@ -27,6 +29,19 @@ def init_ray(cluster: Any) -> None:
         ray.init(address=address, runtime_env=runtime_env)
     else:
         ray.init(num_cpus=cluster.num_cpus, object_store_memory=cluster.object_store_memory, runtime_env=runtime_env)
+
+
+def quiet_data_progress() -> None:
+    """No Ray Data progress bars when stderr is not a terminal.
+
+    Off a terminal (a log file, a Ray Job's log) Ray Data logs a block of lines per operator every
+    few seconds instead of redrawing bars; the stages write their own progress lines
+    (pipelines/progress.py). On a terminal the bars stay.
+    """
+    if not sys.stderr.isatty():
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
 
 
 def cluster_gpus() -> float:

@@ -87,14 +87,24 @@ def bind_run_dir(stage_dir: str, fingerprint: dict[str, Any], stage: str, allow_
 
 
 # Stage records ---------------------------------------------------------------------------------
-def write_stage_record(out_dir: str, stage: str, *, started: str, seconds: float, images: int,
+def write_stage_record(out_dir: str, stage: str, *, started: str, seconds: float, images: int | None,
                        inputs: dict[str, Any], outputs: dict[str, Any],
-                       storage_options: dict[str, Any] | None = None) -> None:
-    """`{out_dir}/_stage.json`: when the stage ran, how long, how many images, what it consumed and made."""
-    storage.write_json(storage.join(out_dir, STAGE_RECORD), {
-        "stage": stage, "started": started, "finished": now_utc(), "wall_s": round(seconds, 2),
-        "images": images, "images_per_s": round(images / seconds, 3) if seconds > 0 else None,
-        "inputs": inputs, "outputs": outputs}, storage_options)
+                       storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`{out_dir}/_stage.json`: when the stage ran (ISO UTC), how long, how many images, what it
+    consumed and made (by digest); returns the record. The run report and the tracker read it."""
+    record = {"stage": stage, "started": started, "finished": now_utc(), "wall_s": round(seconds, 2),
+              "images": images, "images_per_s": round(images / seconds, 3) if images and seconds > 0 else None,
+              "inputs": inputs, "outputs": outputs}
+    storage.write_json(storage.join(out_dir, STAGE_RECORD), record, storage_options)
+    return record
+
+
+def read_stage_record(out_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """`{out_dir}/_stage.json`, or None when the stage has not completed there."""
+    try:
+        return storage.read_json(storage.join(out_dir, STAGE_RECORD), storage_options)
+    except storage.NotFound:
+        return None
 
 
 # Stale outputs ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.errors import SarError
+from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +334,10 @@ class PoolRun:
 
 
 def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, samples_dir: str, missing: list[int],
-             num_actors: int, gpus_per_actor: float, storage_options: dict[str, Any] | None = None) -> PoolRun:
-    """Generate the `missing` indices with a Ray Data actor pool of `num_actors` SampleGenerators."""
+             num_actors: int, gpus_per_actor: float, storage_options: dict[str, Any] | None = None,
+             progress_interval_s: float = 30.0) -> PoolRun:
+    """Generate the `missing` indices with a Ray Data actor pool of `num_actors` SampleGenerators;
+    a progress line (pipelines/progress.py) every `progress_interval_s` in a log."""
     import ray
 
     from pipelines.ray_runtime import cluster_gpus
@@ -357,13 +360,14 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
     )
     run = PoolRun()
     start = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n = len(batch[INDEX])
-        if run.written == 0:
-            run.first_batch_s, run.first_batch = time.perf_counter() - start, n
-        run.written += n
-        run.seconds = time.perf_counter() - start
-        log.info("sample: %d/%d images (%.1f/s after start-up)", run.written, len(missing), run.steady_rate)
+    with Progress(len(missing), what="images", desc="sample", interval_s=progress_interval_s) as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch[INDEX])
+            if run.written == 0:
+                run.first_batch_s, run.first_batch = time.perf_counter() - start, n
+            run.written += n
+            run.seconds = time.perf_counter() - start
+            progress.update(n)
     return run
 
 

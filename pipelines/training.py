@@ -11,12 +11,14 @@ A stage's driver fills a `LoopConfig` and calls `run_training`; every worker the
     train_step          one optimizer step over its micro-batches (accumulation, clipping, EMA)
     log_row             the metrics of the steps since the last log, as one row
     save_checkpoint     full (gathered) state to `{stage_dir}/checkpoints/step_N`, then metrics.jsonl
+    track_evals         the in-training evaluations (`{stage_dir}/evals.jsonl`) to the tracker
 
 Checkpoints go through the storage module (pipelines/checkpoints.py), written by rank 0, in
 local mode and on a cluster alike: Ray Train's local mode persists no checkpoints of its own,
 so the loop owns persistence and pruning (Ray's `storage_path` keeps its run state beside
 them). A restarted worker group (FailureConfig) or a re-launched run resumes from the newest
-checkpoint. Metrics go to `ray.train.report` and `{stage_dir}/metrics.jsonl`.
+checkpoint. Metrics go to `ray.train.report`, `{stage_dir}/metrics.jsonl` and, from rank 0, the
+stage's MLflow run (pipelines/tracking.py: queued, so a slow store never holds up a step).
 """
 
 from __future__ import annotations
@@ -34,16 +36,19 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from pipelines import checkpoints, rundir, storage
+from pipelines import checkpoints, rundir, storage, tracking
 from pipelines.errors import DatasetMismatch, SarError
 from pipelines.evaluation import EvalSettings, TrainingEvaluator, settings_for, write_evals
 from pipelines.latents import TRAIN_COLUMNS, check_compatible, read_manifest, tokens_from_batch
 from pipelines.objectives import Objective, group_buckets, make_objective
 from pipelines.plots import plot_curves
+from pipelines.progress import Progress
 
 log = logging.getLogger("sar.train")
 
 METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+EVALS = "evals.jsonl"  # one row per in-training evaluation: step, fid, ..., grid (relative to stage_dir)
 
 
 @dataclass
@@ -63,6 +68,8 @@ class LoopConfig:
     hflip: bool = True              # data.hflip
     accum: int = 1                  # micro-batches per optimizer step on each worker
     failure_drill: tuple[int, str] | None = None  # (step, marker file): see `failure_drill`
+    tracking: dict[str, Any] | None = None  # the stage run's tracking.handoff(): rank 0 logs into it
+    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/progress.py)
     plot: bool = True
     start_step: int = 0             # the newest checkpoint's step when the run was launched
     evaluation: EvalSettings | None = None  # in-training evaluation (pipelines/evaluation.py)
@@ -442,6 +449,33 @@ def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: in
         os._exit(1)
 
 
+def track_evals(tracker: tracking.Tracker, loop: LoopConfig, after: float) -> float:
+    """Send the in-training evaluations past step `after`: each row of `{stage_dir}/evals.jsonl` as
+    metrics under `eval/`, its grid as an artifact under `evals/`; returns the last step sent.
+
+    An evaluation adds its row to the file; the loop calls this at its start (a resumed run
+    re-sends what the store may lack; steps it has are dropped) and after each checkpoint.
+    """
+    if not tracker.enabled:
+        return after
+    try:
+        text = storage.read_text(storage.join(loop.stage_dir, EVALS), loop.storage_options)
+    except storage.StorageError:  # none yet (or unreadable now): the next call reads it again
+        return after
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line being written, or damaged: the report names it; training goes on
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)) or row["step"] <= after:
+            continue
+        tracker.log_metrics(row, prefix="eval/")
+        if isinstance(row.get("grid"), str):
+            tracker.log_artifact(storage.join(loop.stage_dir, row["grid"]), folder="evals")
+        after = row["step"]
+    return after
+
+
 # The loop -------------------------------------------------------------------------------------
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -467,6 +501,13 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     if rank == 0 and loop.evaluation is not None:
         evaluate = TrainingEvaluator(loop.evaluation, loop.stage_dir, device, loop.storage_options)
 
+    progress = Progress(train.steps, what="steps", desc=loop.stage, initial=st.step,
+                        interval_s=loop.progress_interval_s) if rank == 0 else None
+    tracker = tracking.attach(loop.tracking, loop.storage_options) if rank == 0 else tracking.NULL
+    for row in st.history:  # after a resume: rows the store lacks are sent, steps it has are dropped
+        tracker.log_metrics(row)
+    evals_sent = track_evals(tracker, loop, after=-1)
+
     window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log
     t_window, wait_s, n_steps, images = time.perf_counter(), 0.0, 0, 0
     batches = step_batches(shard, train, st, rank, loop.accum)
@@ -482,17 +523,24 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
             row = log_row(st, window, n_steps, time.perf_counter() - t_window, wait_s, images,
                           t.model.grouping.seq_len, t.sched.get_last_lr()[0])
             st.history.append(row)
-            if rank == 0:
-                print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            if rank == 0:  # one line per row (a terminal's progress line stays below it)
+                progress.write(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+                progress.set(st.step)
+                tracker.log_metrics(row)
             ray.train.report(row)
             window, t_window, wait_s, n_steps, images = {}, time.perf_counter(), 0.0, 0, 0
         if evaluate is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps):
             evaluate_now(evaluate, t, st, loop)
         if st.step % train.checkpoint_every == 0 or st.step == train.steps:
             save_checkpoint(t, st, loop)
+            evals_sent = track_evals(tracker, loop, evals_sent)
+            tracker.sync(wait=False)  # an object-store run directory: mirror the store with the checkpoint
         failure_drill(loop.failure_drill, st.step, rank, world)
+    if rank == 0:
+        progress.close()
+    tracker.close()  # sends what is queued; the run itself stays open for the driver to end
     if rank == 0 and loop.plot:
-        plot_curves(st.history, storage.join(loop.stage_dir, "loss.png"), loop.storage_options)
+        plot_curves(st.history, storage.join(loop.stage_dir, PLOT), loop.storage_options)
     return st
 
 
@@ -519,8 +567,13 @@ def failure_drill_from_env() -> tuple[int, str] | None:
     return (int(at), marker) if at and marker else None
 
 
-def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, Any]:
-    """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0); return the last metrics."""
+def run_training(loop: LoopConfig, dataset, data_bytes: int = 0, tracker: tracking.Tracker = tracking.NULL,
+                 progress_interval_s: float = 30.0) -> dict[str, Any]:
+    """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0); return the last metrics.
+
+    `tracker` is the stage's run: rank 0 logs the training rows into it, then loss.png is added.
+    Rank 0 writes a progress line every `progress_interval_s` in a log (pipelines/progress.py).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -528,9 +581,14 @@ def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, An
 
     train = loop.train
     loop.use_gpu = cluster_gpus() > 0 if train.use_gpu is None else train.use_gpu
+    if train.num_workers == 0:
+        # Local mode echoes every ray.train.report() as "Reported metrics: {...}" (Ray Train's
+        # LoggingConfig reaches worker processes only); the loop already prints one line per row.
+        logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
     columns = [c for c in TRAIN_COLUMNS if c in loop.token_space.get("columns", TRAIN_COLUMNS)]
     dataset = dataset.select_columns(columns)  # the source key and token-order copies stay on disk
     dataset = cache_if_small(dataset, data_bytes)
+    loop.tracking, loop.progress_interval_s = tracker.handoff(), progress_interval_s
     fs, path = storage.pyarrow_filesystem(loop.stage_dir, loop.storage_options)
     trainer = TorchTrainer(
         _worker,
@@ -544,4 +602,6 @@ def run_training(loop: LoopConfig, dataset, data_bytes: int = 0) -> dict[str, An
         datasets={"train": dataset},
     )
     result = trainer.fit()
+    if loop.plot:
+        tracker.log_artifact(storage.join(loop.stage_dir, PLOT))
     return dict(result.metrics or {})

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from jobs.cli import main
-from jobs.config import ConfigError, PipelineConfig, load_config
+from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
 from tests.conftest import DEMO_CONFIG, REPO
 
 
@@ -50,6 +50,7 @@ def test_overrides_apply_after_file_and_parse_types():
 @pytest.mark.parametrize(
     "override, field, value",
     [
+        ("tracking.backend=wandb", "tracking.backend", '"wandb"'),
         ("pretrain.stepz=5", "pretrain.stepz", None),
         ("encode.encoder=foo", "encode.encoder", '"foo"'),
         ("pretrain.steps=-1", "pretrain.steps", "-1"),
@@ -101,6 +102,9 @@ def test_public_dict_redacts_storage_options():
     dumped = str(cfg.public_dict())
     assert "hunter2" not in dumped and "AKIA123" not in dumped
     assert cfg.data.storage_options["secret"] == "hunter2"
+    cfg = load_config(None, ["tracking.uri=https://alice:s3cret@mlflow.example.com:5000"])
+    assert cfg.public_dict()["tracking"]["uri"] == "https://mlflow.example.com:5000"
+    assert "s3cret" not in dump_yaml(cfg) and cfg.tracking.uri.startswith("https://alice:s3cret@")
 
 
 @pytest.mark.parametrize("name", ["demo", "imagenet256-sar-b-klvae", "imagenet256-sar-l-klvae",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def test_quirks_idempotent_incremental_force(ray_local, tmp_path, capsys):
             "--set", "encode.encoder=raw", "--set", "encode.image_size=16", "--set", "encode.patch=8",
             "--set", "model.grouping=next-row", "--force"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "wrote 23 rows" in out and "rejected 2" in out and "images/s" in out and "MB" in out
+    assert re.search(r"^encode: 25/25 images in \S+, [\d.,]+ images/s$", err, re.M), err  # the progress line
     manifest = L.read_manifest(cfg.latents_dir)
     assert manifest["patch"] == 8 and manifest["num_rows"] == 23 and manifest["scales"] is None
     assert not set(_shard_files(cfg.latents_dir)) & {s["file"] for s in first_shards}

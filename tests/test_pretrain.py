@@ -1,12 +1,15 @@
 """Pretraining end to end on Ray: local mode, 2 DDP workers with a worker failure, object storage."""
 
+import argparse
 import json
+import logging
 import os
+import re
 
 import pytest
 import torch
 
-from pipelines import checkpoints
+from pipelines import checkpoints, tracking
 from jobs.config import load_config
 from pipelines.errors import DatasetMismatch
 from tests.conftest import DEMO_CONFIG
@@ -27,6 +30,17 @@ def history(stage_dir):
 
 def mean_loss(rows):
     return sum(r["loss"] for r in rows) / len(rows)
+
+
+class Records(logging.Handler):
+    """The messages a logger emits."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsys):
@@ -52,13 +66,31 @@ def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsy
     assert all(e["fid"] > 0 and 0 <= e["accuracy"] <= 1 and e["num_samples"] == 8 for e in evals)
     assert os.path.getsize(os.path.join(cfg.pretrain_dir, evals[-1]["grid"])) > 100
 
-    # Re-launching with a larger budget continues from the newest checkpoint.
+    # Re-launching with a larger budget continues from the newest checkpoint, now in a tracked run:
+    # the loop re-sends the rows before the resume (the store lacks them), then logs its own.
     capsys.readouterr()
     longer = config(tmp_path, raw_latents, "pretrain.steps=50", "pretrain.checkpoint_every=20", *evaluation)
-    assert pretrain.main(longer) == 0
-    assert "resumed from step 40" in capsys.readouterr().out
-    steps = [r["step"] for r in history(cfg.pretrain_dir)]
-    assert steps == list(range(5, 51, 5))  # continued, nothing repeated
+    ray_logger, echoed = logging.getLogger("ray"), Records()
+    level = ray_logger.level
+    ray_logger.setLevel(logging.INFO)  # as a command's Ray logs: INFO reaches the console
+    ray_logger.addHandler(echoed)
+    try:
+        with tracking.open_run(str(tmp_path)) as tr, tr.stage("pretrain", longer.pretrain_dir) as st:
+            assert pretrain.main(longer, argparse.Namespace(tracker=st)) == 0
+    finally:
+        ray_logger.removeHandler(echoed)
+        ray_logger.setLevel(level)
+    out, err = capsys.readouterr()
+    assert "resumed from step 40" in out
+    assert re.search(r"^pretrain: 50/50 steps in \S+, [\d.,]+ steps/s$", err, re.M), err  # rate of this launch
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("step=")] == ["step=45", "step=50"]
+    assert not [m for m in echoed.messages if "Reported metrics" in m]  # one line per row, not two
+    rows = history(cfg.pretrain_dir)
+    assert [r["step"] for r in rows] == list(range(5, 51, 5))  # continued, nothing repeated
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(tracking.default_uri(str(tmp_path))).get_metric_history(st.run_id, "loss")
+    assert sorted((m.step, m.value) for m in logged) == [(r["step"], pytest.approx(r["loss"])) for r in rows]
     evals = [json.loads(line) for line in open(os.path.join(cfg.pretrain_dir, "evals.jsonl"))]
     assert [e["step"] for e in evals] == [20, 40, 50]
     state, meta = checkpoints.load_state(checkpoints.find_latest(cfg.pretrain_dir))
