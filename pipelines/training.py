@@ -11,7 +11,7 @@ A stage's driver fills a `LoopConfig` and calls `run_training`; every worker the
     train_step          one optimizer step over its micro-batches (accumulation, clipping, EMA)
     log_row             the metrics of the steps since the last log, as one row
     save_checkpoint     full (gathered) state to `{stage_dir}/checkpoints/step_N`, then metrics.jsonl
-    track_evals         the in-training evaluations (`{stage_dir}/evals.jsonl`) to the tracker
+    evaluate_now        in-training evaluation of the EMA weights (pipelines/evaluation.py), to the tracker
 
 Checkpoints go through the storage module (pipelines/checkpoints.py), written by rank 0, in
 local mode and on a cluster alike: Ray Train's local mode persists no checkpoints of its own,
@@ -48,7 +48,6 @@ log = logging.getLogger("sar.train")
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
-EVALS = "evals.jsonl"  # one row per in-training evaluation: step, fid, ..., grid (relative to stage_dir)
 
 
 @dataclass
@@ -426,11 +425,19 @@ def save_checkpoint(t: Trainer, st: LoopState, loop: LoopConfig) -> None:
     storage.write_text(storage.join(loop.stage_dir, METRICS), "".join(json.dumps(h) + "\n" for h in st.history), so)
 
 
-def evaluate_now(evaluate: TrainingEvaluator, t: Trainer, st: LoopState, loop: LoopConfig) -> dict[str, Any]:
-    """Score the EMA weights on the fixed evaluation set; the row goes to evals.jsonl."""
+def track_evaluation(tracker: tracking.Tracker, loop: LoopConfig, row: dict[str, Any]) -> None:
+    """An in-training evaluation to the tracker: its numbers under `eval/`, its grid under `evals/`."""
+    tracker.log_metrics(row, prefix="eval/")
+    tracker.log_artifact(storage.join(loop.stage_dir, row["grid"]), folder="evals")
+
+
+def evaluate_now(evaluate: TrainingEvaluator, t: Trainer, st: LoopState, loop: LoopConfig,
+                 tracker: tracking.Tracker) -> dict[str, Any]:
+    """Score the EMA weights on the fixed evaluation set; the row goes to evals.jsonl and the tracker."""
     row = evaluate(t.ema.module, st.step)
     st.evals.append(row)
     write_evals(loop.stage_dir, st.evals, loop.storage_options)
+    track_evaluation(tracker, loop, row)
     shown = " ".join(f"{k}={_fmt(row[k])}" for k in ("fid", "accuracy", "precision", "recall") if row[k] is not None)
     print(f"eval step={st.step} {row['evaluator']} {shown} ({row['num_samples']} samples, {row['seconds']:.1f} s)",
           flush=True)
@@ -447,33 +454,6 @@ def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: in
         open(marker, "w").close()
         log.warning("failure drill: worker %d exits after step %d", rank, step)
         os._exit(1)
-
-
-def track_evals(tracker: tracking.Tracker, loop: LoopConfig, after: float) -> float:
-    """Send the in-training evaluations past step `after`: each row of `{stage_dir}/evals.jsonl` as
-    metrics under `eval/`, its grid as an artifact under `evals/`; returns the last step sent.
-
-    An evaluation adds its row to the file; the loop calls this at its start (a resumed run
-    re-sends what the store may lack; steps it has are dropped) and after each checkpoint.
-    """
-    if not tracker.enabled:
-        return after
-    try:
-        text = storage.read_text(storage.join(loop.stage_dir, EVALS), loop.storage_options)
-    except storage.StorageError:  # none yet (or unreadable now): the next call reads it again
-        return after
-    for line in text.splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line being written, or damaged: the report names it; training goes on
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)) or row["step"] <= after:
-            continue
-        tracker.log_metrics(row, prefix="eval/")
-        if isinstance(row.get("grid"), str):
-            tracker.log_artifact(storage.join(loop.stage_dir, row["grid"]), folder="evals")
-        after = row["step"]
-    return after
 
 
 # The loop -------------------------------------------------------------------------------------
@@ -506,7 +486,8 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     tracker = tracking.attach(loop.tracking, loop.storage_options) if rank == 0 else tracking.NULL
     for row in st.history:  # after a resume: rows the store lacks are sent, steps it has are dropped
         tracker.log_metrics(row)
-    evals_sent = track_evals(tracker, loop, after=-1)
+    for row in st.evals:
+        track_evaluation(tracker, loop, row)
 
     window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log
     t_window, wait_s, n_steps, images = time.perf_counter(), 0.0, 0, 0
@@ -530,10 +511,9 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
             ray.train.report(row)
             window, t_window, wait_s, n_steps, images = {}, time.perf_counter(), 0.0, 0, 0
         if evaluate is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps):
-            evaluate_now(evaluate, t, st, loop)
+            evaluate_now(evaluate, t, st, loop, tracker)
         if st.step % train.checkpoint_every == 0 or st.step == train.steps:
             save_checkpoint(t, st, loop)
-            evals_sent = track_evals(tracker, loop, evals_sent)
             tracker.sync(wait=False)  # an object-store run directory: mirror the store with the checkpoint
         failure_drill(loop.failure_drill, st.step, rank, world)
     if rank == 0:

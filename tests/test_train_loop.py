@@ -210,33 +210,30 @@ def test_csf_on_one_group_only():
 
 
 def test_in_training_evaluations_reach_the_stage_run(tmp_path):
-    """The rows an evaluation appends to evals.jsonl go to the tracker under eval/, each once, with their grid."""
-    import json
+    """An evaluation's row goes to the tracker under eval/, each step once (a resume re-sends them), with its grid."""
     from types import SimpleNamespace
 
     from mlflow.tracking import MlflowClient
 
     from pipelines import tracking
-    from pipelines.training import EVALS, track_evals
+    from pipelines.training import track_evaluation
 
     stage_dir = tmp_path / "pretrain"
     (stage_dir / "evals").mkdir(parents=True)
-    (stage_dir / "evals" / "step_00000010.png").write_bytes(b"png of step 10")
-    rows = [{"step": 10, "fid": 50.0, "accuracy": 0.25, "evaluator": "domain", "grid": "evals/step_00000010.png"},
-            {"step": 20, "fid": 40.0, "accuracy": 0.5, "evaluator": "domain"}]
-    (stage_dir / EVALS).write_text(json.dumps(rows[0]) + "\n{torn li")
+    for step in (10, 20):
+        (stage_dir / "evals" / f"step_{step:08d}.png").write_bytes(b"png of step %d" % step)
+    rows = [{"step": s, "fid": f, "accuracy": a, "evaluator": "domain", "grid": f"evals/step_{s:08d}.png"}
+            for s, f, a in ((10, 50.0, 0.25), (20, 40.0, 0.5))]
     loop = SimpleNamespace(stage_dir=str(stage_dir), storage_options={})
-    assert track_evals(tracking.NULL, loop, after=-1) == -1  # tracking off: the file is not even read
     with tracking.open_run(str(tmp_path)) as tr, tr.stage("pretrain", str(stage_dir)) as st:
-        assert track_evals(st, loop, after=-1) == 10  # the torn line is skipped
-        (stage_dir / EVALS).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        assert track_evals(st, loop, after=10) == 20
-        assert track_evals(st, loop, after=-1) == 20  # a resumed loop sends them all again
+        for row in rows + rows:  # the second pass: what a resumed loop re-sends
+            track_evaluation(st, loop, row)
     client = MlflowClient(tracking.default_uri(str(tmp_path)))
     history = sorted((m.step, m.value) for m in client.get_metric_history(st.run_id, "eval/fid"))
     assert history == [(10, 50.0), (20, 40.0)]  # each step once
     assert "eval/accuracy" in client.get_run(st.run_id).data.metrics
-    assert [a.path for a in client.list_artifacts(st.run_id, "evals")] == ["evals/step_00000010.png"]
+    assert sorted(a.path for a in client.list_artifacts(st.run_id, "evals")) == [
+        "evals/step_00000010.png", "evals/step_00000020.png"]
 
 
 def test_bfloat16_shards_are_read_as_values():
