@@ -119,6 +119,9 @@ _THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLi
                      "RequestThrottled", "ServiceUnavailable", "503"}
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 _SECRET_OPTION = re.compile(r"secret|token|password|key", re.IGNORECASE)
+_UMASK = os.umask(0o022)  # read the process's umask (os.umask sets it), then restore it
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 MAX_MESSAGE = 400  # characters of a store's own message kept in ours
 
 
@@ -415,6 +418,7 @@ def open_atomic(url: str, mode: str = "wb", storage_options: dict[str, Any] | No
                     f.flush()
                     os.fsync(f.fileno())
             with translate_errors(url):
+                os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; an output has the mode a plain open would give
                 os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

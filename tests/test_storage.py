@@ -280,3 +280,11 @@ def test_local_failures_are_one_line(tmp_path):
     with pytest.raises(storage.StorageError) as info:
         storage.write_bytes(below, b"x")
     assert_one_line(info.value, below)
+
+
+def test_local_outputs_get_the_mode_a_plain_open_would_give(tmp_path):
+    url = str(tmp_path / "out.json")
+    storage.write_json(url, {"v": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(url).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: others can read results
