@@ -107,16 +107,22 @@ def test_run_dir_refuses_another_config(tmp_path):
 
 
 # Refinement ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode, forwards", [("deterministic", 2), ("stochastic", 2), ("x_cfg", 2), ("cfg", 3)])
-def test_refine_step_is_one_extra_backbone_pass(mode, forwards):
-    """Pass 1 and pass 2, plus the unconditional pass of real CFG in the sample step (no gradient)."""
-    model = tiny()
-    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=3))
+def refine_step(head="flow", **settings):
+    """One refine step of a tiny model: (objective, whether each backbone forward carried a gradient, loss, batch)."""
+    model = tiny(head=head)
+    obj = RefineObjective(model, refine_cfg(sample_steps=3, **settings))
     calls = []
     model.backbone.register_forward_hook(lambda m, i, o: calls.append(o.requires_grad))
     x, y = batch()
     loss, _, _ = obj(x, y, torch.Generator().manual_seed(0))
     loss.backward()
+    return obj, calls, loss, (x, y)
+
+
+@pytest.mark.parametrize("mode, forwards", [("deterministic", 2), ("stochastic", 2), ("x_cfg", 2), ("cfg", 3)])
+def test_refine_step_is_one_extra_backbone_pass(mode, forwards):
+    """Pass 1 and pass 2, plus the unconditional pass of real CFG in the sample step (no gradient)."""
+    _, calls, _, _ = refine_step(sample_mode=mode)
     assert len(calls) == forwards and sum(calls) == 2  # exactly two passes carry a gradient
 
 
@@ -262,15 +268,9 @@ def test_refine_length_and_ema_follow_the_dataset():
 def test_refine_runs_with_the_ddpm_head(mode):
     """The refine objective trains a DDPM head (its loss) and samples it (ancestral steps drawing
     their noise from the step's generator, so the sample step is reproducible)."""
-    model = tiny(head="ddpm")
-    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=3))
-    calls = []
-    model.backbone.register_forward_hook(lambda m, i, o: calls.append(o.requires_grad))
-    x, y = batch()
-    loss, _, _ = obj(x, y, torch.Generator().manual_seed(0))
-    loss.backward()
+    obj, calls, loss, (x, y) = refine_step(head="ddpm", sample_mode=mode)
     assert sum(calls) == 2 and torch.isfinite(loss)
-    z = model(x, y).detach()
+    z = obj.model(x, y).detach()
     a, b = (obj.rollout_tokens(x, y, z, torch.Generator().manual_seed(4)) for _ in range(2))
     assert torch.equal(a, b)
 
