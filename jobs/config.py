@@ -331,6 +331,20 @@ class PipelineConfig(_Section):
     samples_dir = _output("sample", "samples")
     eval_dir = _output("fid", "eval")
 
+    def field_of(self, url: str) -> str | None:
+        """The path field a location comes from: the one whose value is the longest prefix of `url`."""
+        from pipelines.storage import redact
+
+        url, best = redact(url).rstrip("/"), (0, None)
+        for name in PATH_FIELDS:
+            value = self._get(name)
+            if not isinstance(value, str) or not value:
+                continue
+            value = redact(value).rstrip("/")
+            if (url == value or url.startswith(value + "/")) and len(value) > best[0]:
+                best = (len(value), name)
+        return best[1]
+
     @property
     def evaluator_path(self) -> str:
         """The domain evaluator file: fid.domain.path, else {run_dir}/evaluator.pt."""
