@@ -30,6 +30,7 @@ import numpy as np
 from jobs.config import PipelineConfig
 from pipelines import evaluator, fid, latents, rundir, sampling, storage
 from pipelines.errors import SarError
+from pipelines.lease import stage_lease
 
 STAGE = "fid"
 
@@ -127,6 +128,12 @@ def summary(metrics: dict[str, Any]) -> str:
 
 
 def main(cfg: PipelineConfig, args=None) -> int:
+    """Score the set holding eval/'s writer lease (one run at a time writes it; a second exits 75)."""
+    with stage_lease(cfg.eval_dir, cfg.cluster, cfg.data.storage_options) as lease:
+        return score(cfg, lease)
+
+
+def score(cfg: PipelineConfig, lease) -> int:
     # Setup: the finished sample set and its grid.
     so, f, eval_dir, t0 = cfg.data.storage_options, cfg.fid, cfg.eval_dir, time.time()
     started, source = rundir.now_utc(), samples_dir(cfg)
@@ -150,6 +157,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
             scores = inception_metrics(cfg, dataset, manifest)
 
     # Save.
+    lease.check()
     metrics = {**fid.sample_fields(manifest), **scores, "evaluator": f.evaluator, "samples": storage.redact(source),
                "seconds": round(time.time() - t0, 1), "config": cfg.public_dict()}
     fid.write_metrics(eval_dir, metrics, so)
