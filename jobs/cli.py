@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True,
     )
+    if not args.verbose:  # the object-store clients' INFO lines (endpoint discovery, ...) say nothing to a user
+        for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     command = args.command
     if command == "synth-imagenet":
         return _synth(args)

@@ -104,6 +104,7 @@ def _list_split(root: str, split: str, classes: int | None, per_class: int | Non
     split_path = f"{root_path}/{split}"
     fs.invalidate_cache(split_path)  # a grown source must be listed afresh, not from a cache
     if not fs.isdir(split_path):
+        storage.listdir(root, storage_options)  # a missing bucket says so, rather than "no train/ folder"
         raise SarError(f"data.source: no {split}/ folder under {storage.redact(root)}")
 
     files = sorted(p for p in fs.find(split_path) if _is_image(p))
