@@ -117,7 +117,8 @@ _WARNED: set[str] = set()
 
 def _sha256(url: str, storage_options: dict[str, Any] | None) -> str:
     if storage.is_local(url):
-        return storage.sha256_file(url.removeprefix("file://"))
+        with storage.translate_errors(url):
+            return storage.sha256_file(url.removeprefix("file://"))
     fs, path = storage.filesystem(url, storage_options)
     h = hashlib.sha256()
     with storage.translate_errors(url, storage_options), fs.open(path, "rb") as f:

@@ -11,7 +11,6 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pytest
 import yaml
 
@@ -20,7 +19,7 @@ from jobs.config import load_config
 from pipelines import checkpoints, latents, training
 from pipelines.lease import LEASE_FILE, LeaseLost, WriterLease
 from pipelines.synth import make_synthetic_imagenet
-from tests.conftest import REPO
+from tests.conftest import REPO, encode_in_process
 
 TINY = {
     "encode": {"encoder": "raw", "image_size": 16, "patch": 4, "shard_rows": 4, "batch_size": 4,
@@ -40,27 +39,6 @@ def tiny(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "data": {"source": str(source)}, **TINY}))
     return str(path), load_config(path)
-
-
-def encode_in_process(cfg) -> None:
-    """The latents of `cfg` written by the library's own stages, called in this process (no Ray)."""
-    from jobs.encode import job
-    from pipelines import encode
-    from pipelines.codecs import make_codec
-    from pipelines.preprocess import read_and_decode
-
-    j, enc = job(cfg), cfg.encode
-    listing = encode.list_source(j)
-    batch = {latents.KEY: np.array(listing.keys, dtype=object),
-             latents.LABEL: np.array([label for _, label in listing.items])}
-    rows = encode.EncodeLatents(enc.encoder, None, enc.image_size, enc.patch, None, cfg.model.grouping, None,
-                                enc.storage_dtype)(read_and_decode(batch, root=cfg.data.source, image_size=enc.image_size))
-    written = latents.write_shard(rows, latents_url=cfg.latents_dir, run_id="test")
-    committer = latents.Committer(cfg.latents_dir, encode.dataset_header(j, make_codec("raw", None, enc.image_size,
-                                                                                       enc.patch, None), listing),
-                                  None, set(), [])
-    committer.add({k: v[0] for k, v in written.items()})
-    committer.commit()
 
 
 SAR = os.path.join(os.path.dirname(sys.executable), "sar")  # the console script
