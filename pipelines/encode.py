@@ -35,7 +35,7 @@ from pipelines.lease import WriterLease
 from pipelines.latents import (ERROR, KEY, LABEL, LOGVAR, LOGVAR_FLIP, MEAN, MEAN_FLIP, PYRAMID, TOKENS,
                                storage_array)
 from pipelines.preprocess import PIXELS, hflip, read_and_decode, to_model_input
-from pipelines.ray_runtime import actor_pool_args, cluster_gpus
+from pipelines.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
 
 log = logging.getLogger("sar.encode")
 
@@ -191,16 +191,17 @@ def build_pipeline(job: EncodeJob, items: list[tuple[str, int]], run_id: str):
     # On a GPU cluster the decode tasks and the GPU actors are separate operators (decode on
     # every CPU); without GPUs, Ray Data fuses decode into the CPU actors, saving a copy.
     gpu = {"num_gpus": enc.gpus_per_actor} if cluster_gpus() > 0 and enc.gpus_per_actor > 0 else {}
-    ds = ds.map_batches(
-        EncodeLatents, batch_size=enc.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
-        fn_constructor_kwargs={
-            "encoder": enc.encoder, "weights": enc.weights, "image_size": enc.image_size, "patch": enc.patch,
-            "scale_factor": enc.scale_factor, "grouping": job.grouping, "scales": job.scales,
-            "storage_dtype": enc.storage_dtype, "storage_options": so,
-        },
-        **gpu, **actor_pool_args(),
-    )
+    with pool_args_accepted():
+        ds = ds.map_batches(
+            EncodeLatents, batch_size=enc.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
+            fn_constructor_kwargs={
+                "encoder": enc.encoder, "weights": enc.weights, "image_size": enc.image_size, "patch": enc.patch,
+                "scale_factor": enc.scale_factor, "grouping": job.grouping, "scales": job.scales,
+                "storage_dtype": enc.storage_dtype, "storage_options": so,
+            },
+            **gpu, **actor_pool_args(),
+        )
     return ds.map_batches(L.write_shard, batch_size=enc.shard_rows, batch_format="numpy",
                           fn_kwargs={"latents_url": job.out, "run_id": run_id, "storage_options": so})
 

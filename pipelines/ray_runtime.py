@@ -6,9 +6,11 @@ lease is held, so a bad input, an up-to-date output or a busy output never waits
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 from pipelines.errors import SarError
 
@@ -77,6 +79,19 @@ def actor_pool_args() -> dict[str, Any]:
     Ray Data's default.
     """
     return {"max_restarts": 0} if started_locally() else {}
+
+
+@contextlib.contextmanager
+def pool_args_accepted() -> Iterator[None]:
+    """Around a map_batches call given `actor_pool_args()`.
+
+    Ray 2.60 takes max_restarts only through map_batches' **ray_remote_args (its own docs say
+    so: `map_batches(..., max_restarts=0)`), and marks those arguments deprecated in favour of
+    named ones, of which max_restarts has none yet. That one warning is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        yield
 
 
 def cluster_gpus() -> float:

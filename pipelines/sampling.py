@@ -319,7 +319,7 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
     """Generate the `missing` indices with a Ray Data actor pool of `num_actors` SampleGenerators."""
     import ray
 
-    from pipelines.ray_runtime import actor_pool_args, cluster_gpus
+    from pipelines.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
 
     if settings.image_format == "npz":
         shards = sorted({i // settings.shard_size for i in missing})
@@ -329,15 +329,16 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
         rows = plan.rows(missing)
         ds = ray.data.from_items([{k: int(rows[k][j]) for k in rows} for j in range(len(missing))])
         batch_size = settings.batch_size
-    ds = ds.map_batches(
-        SampleGenerator,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "samples_dir": samples_dir, "settings": settings,
-                               "plan": plan, "storage_options": storage_options},
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_gpus=gpus_per_actor if cluster_gpus() else 0,  # the job, not the stage, decides resources
-        **actor_pool_args(),
-    )
+    with pool_args_accepted():
+        ds = ds.map_batches(
+            SampleGenerator,
+            fn_constructor_kwargs={"checkpoint": checkpoint, "samples_dir": samples_dir, "settings": settings,
+                                   "plan": plan, "storage_options": storage_options},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=gpus_per_actor if cluster_gpus() else 0,  # the job, not the stage, decides resources
+            **actor_pool_args(),
+        )
     run = PoolRun()
     start = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
