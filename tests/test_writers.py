@@ -44,10 +44,6 @@ def tiny(tmp_path):
 SAR = os.path.join(os.path.dirname(sys.executable), "sar")  # the console script
 
 
-def sar(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([SAR, *args], cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
 def hold_once_leased(proc: subprocess.Popen, folder: str, timeout: float = 180.0) -> None:
     """Wait until `proc` holds the writer lease of `folder`, then stop it there (SIGSTOP), so the
     second launch meets a live lease however fast or slow this machine is."""
@@ -59,12 +55,21 @@ def hold_once_leased(proc: subprocess.Popen, folder: str, timeout: float = 180.0
     os.kill(proc.pid, signal.SIGSTOP)
 
 
-def second_launch_refuses(first: subprocess.Popen, command: str, config: str, folder: str) -> None:
-    hold_once_leased(first, folder)
+def two_launches(command: str, config: str, folder: str) -> str:
+    """`sar COMMAND -c CONFIG` twice at once: the second must refuse in one line naming the first,
+    before starting Ray; the first must finish. Returns the first one's stdout."""
+    first = subprocess.Popen([SAR, command, "-c", config], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
     try:
-        second = subprocess.run([SAR, command, "-c", config], cwd=REPO, text=True, capture_output=True, timeout=300)
+        hold_once_leased(first, folder)
+        try:
+            second = subprocess.run([SAR, command, "-c", config], cwd=REPO, text=True, capture_output=True,
+                                    timeout=300)
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        out, err = first.communicate(timeout=600)
     finally:
-        os.kill(first.pid, signal.SIGCONT)
+        first.kill()
     assert second.returncode == EX_TEMPFAIL, second.stderr
     assert second.stderr.count("\n") == 1, second.stderr  # one line
     line = second.stderr.strip()
@@ -72,38 +77,26 @@ def second_launch_refuses(first: subprocess.Popen, command: str, config: str, fo
                            f"pid {first.pid} since "), line
     assert f"(sar {command} -c {config})" in line  # the owner's command line
     assert "Ray" not in second.stdout + second.stderr  # refused before Ray started
+    assert first.returncode == 0, err[-3000:]
+    assert "max_restarts" not in err  # Ray core's warning about actor restarts: none on a local Ray
+    assert not os.path.exists(os.path.join(folder, LEASE_FILE))  # released
+    return out
 
 
 @pytest.mark.ray
 def test_two_encodes_on_one_run_directory(tiny):
     config, cfg = tiny
-    first = sar("encode", "-c", config)
-    try:
-        second_launch_refuses(first, "encode", config, cfg.latents_dir)
-        out, err = first.communicate(timeout=600)
-    finally:
-        first.kill()
-    assert first.returncode == 0, err[-3000:]
-    assert "wrote 8 rows" in out
-    assert "max_restarts" not in err  # Ray core's warning about actor restarts: none on a local Ray
+    assert "wrote 8 rows" in two_launches("encode", config, cfg.latents_dir)
     manifest = latents.read_manifest(cfg.latents_dir)
     assert manifest["num_rows"] == 8 and len(manifest["shards"]) == 2
     assert all(os.path.exists(os.path.join(cfg.latents_dir, s["file"])) for s in manifest["shards"])
-    assert not os.path.exists(os.path.join(cfg.latents_dir, LEASE_FILE))
 
 
 @pytest.mark.ray
 def test_two_pretrains_on_one_run_directory(tiny):
     config, cfg = tiny
     encode_in_process(cfg)
-    first = sar("pretrain", "-c", config)
-    try:
-        second_launch_refuses(first, "pretrain", config, cfg.pretrain_dir)
-        out, err = first.communicate(timeout=600)
-    finally:
-        first.kill()
-    assert first.returncode == 0, err[-3000:]
-    assert "pretrain done: step 4" in out
+    assert "pretrain done: step 4" in two_launches("pretrain", config, cfg.pretrain_dir)
     assert checkpoints.list_steps(cfg.pretrain_dir) == [2, 4]
     checkpoints.load_state(checkpoints.find_latest(cfg.pretrain_dir))  # whole: its digest matches
 
@@ -147,7 +140,9 @@ def test_object_store_failures_are_one_line_naming_the_field(case, s3_bucket, tm
     source, run_dir = f"{s3_bucket}/imagenet", str(tmp_path / "run")
     env: dict[str, str | None] = {"AWS_SECRET_ACCESS_KEY": secret}
     if case == "no credentials":
-        env.update(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None, AWS_EC2_METADATA_DISABLED="true",
+        env.update(AWS_ACCESS_KEY_ID=None, AWS_SECRET_ACCESS_KEY=None, AWS_SESSION_TOKEN=None, AWS_PROFILE=None,
+                   AWS_WEB_IDENTITY_TOKEN_FILE=None, AWS_CONTAINER_CREDENTIALS_FULL_URI=None,
+                   AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=None, AWS_EC2_METADATA_DISABLED="true",
                    AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
         field, url, code, said = "data.source", source, 1, "no credentials found"
     elif case == "missing bucket":
