@@ -42,6 +42,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
     so, started, t0 = cfg.data.storage_options, rundir.now_utc(), time.perf_counter()
     manifest = latents.read_manifest(cfg.latents_dir, so)
     model_config = training.build_model_config(cfg.model, manifest)
+    training.check_inputs(cfg, STAGE, model_config, manifest)
     with stage_lease(cfg.pretrain_dir, cfg.cluster, so) as lease:
         loop = training.prepare_run(cfg, STAGE, cfg.pretrain_dir, model_config, manifest, inputs(cfg), lease=lease)
 

@@ -51,6 +51,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
                        f"first or set refine.init")
     meta = checkpoints.read_meta(init, so)
     manifest = latents.read_manifest(cfg.latents_dir, so)
+    training.check_inputs(cfg, STAGE, meta["model_config"], manifest)
     with stage_lease(cfg.refine_dir, cfg.cluster, so) as lease:
         loop = training.prepare_run(cfg, STAGE, cfg.refine_dir, meta["model_config"], manifest, inputs(cfg),
                                     init=(init, cfg.refine.init_weights), lease=lease)

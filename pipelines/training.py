@@ -144,7 +144,7 @@ def check_resumable(stage_dir: str, model_config: dict[str, Any], storage_option
 
 def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: dict[str, Any]) -> None:
     """Refuse latents made with other encode settings or another token space than this run's, and
-    warn (once, here) about a warm-up longer than the run; reads nothing but `manifest`."""
+    warn (once, here) about a warm-up longer than the run; writes nothing, needs no Ray."""
     train = getattr(cfg, stage)
     where = storage.redact(cfg.latents_dir)
     check_encode_settings(manifest, cfg.encode, where, cfg.data.storage_options)
@@ -161,14 +161,15 @@ def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, An
     """Check the dataset and the run directory, bind it to this config, and describe the run.
 
     `cfg` is the resolved jobs.config.PipelineConfig; nothing here needs Ray, so a wrong
-    dataset or a changed config is refused before any worker starts. `lease` is the stage
+    dataset or a changed config is refused before any worker starts (a stage calls
+    `check_inputs` first, before it takes the folder's lease). `lease` is the stage
     folder's writer lease, held by the caller: this run owns the folder, so checkpoints that
     do not load are moved aside (checkpoints.set_aside_corrupt) and the run resumes from the
     newest one that does.
     """
     train, so = getattr(cfg, stage), cfg.data.storage_options
     public = cfg.public_dict()
-    check_inputs(cfg, stage, model_config, manifest)
+    check_dataset(manifest, model_config, storage.redact(cfg.latents_dir))
     if lease is not None:
         checkpoints.set_aside_corrupt(stage_dir, so)
     check_resumable(stage_dir, model_config, so)
