@@ -25,16 +25,22 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.config import ConfigError, dump_yaml, load_config
+from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
 from jobs.run import STAGES, TRACKED, lineage_tags, open_tracker, run_stage
 from pipelines import tracking
 from pipelines.errors import SarError
+from pipelines.lease import LeaseHeld, LeaseLost
+from pipelines.storage import StorageError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 EXIT_CODES = """exit status:
-  0  success
-  1  a stage failed; one line on stderr says why (a missing input, a storage error, ...)
-  2  a bad config, override or argument; one line names the field and the value"""
+  0   success
+  1   a stage failed; one line on stderr says why (a missing input, a storage error, Ray
+      did not start, ...)
+  2   a bad config, override or argument; one line names the field and the value
+  75  try again later (EX_TEMPFAIL): another live process is writing the same output (the
+      line names it), or the object store did not answer or kept throttling"""
+EX_TEMPFAIL = 75
 
 
 def _doc(module: str) -> str:
@@ -144,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True,
     )
+    if not args.verbose:  # the object-store clients' INFO lines (endpoint discovery, ...) say nothing to a user
+        for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     command = args.command
     if command == "synth-imagenet":
         return _synth(args)
@@ -176,19 +185,51 @@ def main(argv: list[str] | None = None) -> int:
             if tracker.enabled:
                 tracker.set_tags(lineage_tags(cfg))
         return rc
-    except ConfigError as err:
-        print(f"sar {command}: {err}", file=sys.stderr)
-        return 2
-    except SarError as err:
-        print(f"sar {command}: error: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as err:
+        failure = _user_error(err)
+        if failure is None:
+            raise
+        code, message = _exit_status(failure, cfg)
+        print(f"sar {command}: {message}", file=sys.stderr)
+        return code
     finally:
         if command in TRACKED:
             tracker.close(status)
             print(tracker.hint(), flush=True)
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The error to show the user: a config, stage or storage error, found inside whatever wrapped it
+    (a Ray task's RayTaskError keeps it as `cause`; Ray Data chains it as __cause__)."""
+    queue, seen = [err], set()
+    while queue:
+        e = queue.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):  # the task's own exception, not Ray's traceback-laden copy
+            queue.insert(0, cause)
+            continue
+        if isinstance(e, (ConfigError, SarError, StorageError)):
+            return e
+        queue += [e.__cause__, e.__context__]
+    return None
+
+
+def _exit_status(err: BaseException, cfg: PipelineConfig) -> tuple[int, str]:
+    """(exit status, one line) for a user-facing error."""
+    text = " ".join(str(err).split())
+    if isinstance(err, ConfigError):
+        return 2, text
+    if isinstance(err, StorageError) and err.field is None:
+        field = cfg.field_of(err.url) if err.url else None
+        text = f"{field} {text}" if field else text
+    temporary = isinstance(err, (LeaseHeld, LeaseLost)) or (isinstance(err, StorageError) and err.transient)
+    return (EX_TEMPFAIL if temporary else 1), f"error: {text}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The library: Ray Data stages, the Ray Train loop, storage and data formats, checkpoints, evaluation.
 
     storage.py      every read and write: local paths, s3:// and any fsspec protocol, atomically
+    lease.py        writer leases: one process at a time writes a stage's output folder
     imagenet.py     the ImageNet layout: which files make a split, and their labels
     preprocess.py   read, decode and centre-crop images (Ray Data CPU stage)
     codecs.py       token spaces: raw pixels, KL-VAE, Wan VAE (ldm_vae.py converts LDM checkpoints)

@@ -4,7 +4,8 @@
                                   stage's training settings); a relaunch with another is refused
     {stage_dir}/_stage.json       the last completed run of a stage: times, images, inputs, outputs
     {run_dir}/archive/<stage>-<time>/   an output made from other inputs, moved aside before
-                                  the stage re-makes it (nothing written is lost)
+                                  the stage re-makes it (nothing written is lost), under the
+                                  folder's writer lease (never while a stage writes it)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from pipelines import storage
 from pipelines.errors import SarError
+from pipelines.lease import LEASE_PREFIX, WriterLease
 
 RUN_CONFIG = "run_config.json"
 STAGE_RECORD = "_stage.json"
@@ -118,5 +120,10 @@ def archive(run_dir: str, stage_dir: str, stage: str, storage_options: dict[str,
     _, dst = storage.filesystem(dest, storage_options)
     if storage.is_local(run_dir):
         fs.makedirs(storage.join(run_dir, "archive"), exist_ok=True)
-    fs.mv(src, dst, recursive=True)
+    with WriterLease(stage_dir, storage_options):  # no stage may be writing what is moved
+        with storage.translate_errors(stage_dir, storage_options):
+            fs.mv(src, dst, recursive=True)
+        for name in storage.listdir(dest, storage_options):  # the lease went along: not part of the archive
+            if name.startswith(LEASE_PREFIX):
+                storage.remove(storage.join(dest, name), storage_options=storage_options)
     return dest

@@ -340,7 +340,7 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
     a progress line (pipelines/progress.py) every `progress_interval_s` in a log."""
     import ray
 
-    from pipelines.ray_runtime import cluster_gpus
+    from pipelines.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
 
     if settings.image_format == "npz":
         shards = sorted({i // settings.shard_size for i in missing})
@@ -350,14 +350,16 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
         rows = plan.rows(missing)
         ds = ray.data.from_items([{k: int(rows[k][j]) for k in rows} for j in range(len(missing))])
         batch_size = settings.batch_size
-    ds = ds.map_batches(
-        SampleGenerator,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "samples_dir": samples_dir, "settings": settings,
-                               "plan": plan, "storage_options": storage_options},
-        batch_size=batch_size,
-        concurrency=num_actors,
-        num_gpus=gpus_per_actor if cluster_gpus() else 0,  # the job, not the stage, decides resources
-    )
+    with pool_args_accepted():
+        ds = ds.map_batches(
+            SampleGenerator,
+            fn_constructor_kwargs={"checkpoint": checkpoint, "samples_dir": samples_dir, "settings": settings,
+                                   "plan": plan, "storage_options": storage_options},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=gpus_per_actor if cluster_gpus() else 0,  # the job, not the stage, decides resources
+            **actor_pool_args(),
+        )
     run = PoolRun()
     start = time.perf_counter()
     with Progress(len(missing), what="images", desc="sample", interval_s=progress_interval_s) as progress:
@@ -373,18 +375,22 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
 
 def finish_set(samples_dir: str, plan: SamplePlan, settings: SampleSettings, spec: dict[str, Any],
                meta: dict[str, Any], run_config: dict[str, Any],
-               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               storage_options: dict[str, Any] | None = None, lease=None) -> dict[str, Any]:
     """Check the set is whole, then write the index and, last, the manifest; returns the manifest.
 
-    `meta` is the checkpoint's meta.json (its token space gives the images' size)."""
+    `meta` is the checkpoint's meta.json (its token space gives the images' size); `lease`, the
+    folder's writer lease (pipelines.lease.WriterLease), is checked before each of the two commits."""
+    check = lease.check if lease is not None else (lambda: None)
     missing = missing_indices(samples_dir, plan, settings, storage_options)
     if missing:
         raise SarError(f"{storage.redact(samples_dir)}: {len(missing)} of {plan.size} images are "
                        f"still missing after the run; run `sar sample` again to finish")
+    check()
     storage.write_json(storage.join(samples_dir, INDEX_FILE),
                        index_rows(plan, settings.image_format, settings.shard_size), storage_options)
     manifest = {**spec, "index": INDEX_FILE, "num_classes_trained": meta.get("num_classes"),
                 "image_size": token_space(meta).get("image_size"), "config": run_config}
+    check()
     storage.write_json(storage.join(samples_dir, MANIFEST_FILE), manifest, storage_options)
     return manifest
 

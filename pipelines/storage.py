@@ -72,6 +72,7 @@ class StorageError(OSError):
     """A storage operation failed; the message (one line) names the location."""
 
     transient = False  # True when trying again later may succeed
+    field: str | None = None  # the config field the URL came from, once `field()` named it
 
     def __init__(self, message: str, url: str | None = None):
         super().__init__(message)
@@ -223,12 +224,17 @@ def translate_errors(url: str, storage_options: dict[str, Any] | None = None) ->
 
 @contextlib.contextmanager
 def field(name: str) -> Iterator[None]:
-    """Prefix storage errors raised inside the block with the config field the URL came from."""
+    """Prefix storage errors raised inside the block with the config field the URL came from.
+
+    The innermost field wins: an error already named (a read of data.source inside a block
+    about run_dir) keeps its field.
+    """
     try:
         yield
     except StorageError as err:
-        if err.args and isinstance(err.args[0], str) and not err.args[0].startswith(f"{name} "):
+        if err.field is None and err.args and isinstance(err.args[0], str):
             err.args = (f"{name} {err.args[0]}",)
+            err.field = name
         raise
 
 

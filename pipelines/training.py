@@ -19,6 +19,12 @@ so the loop owns persistence and pruning (Ray's `storage_path` keeps its run sta
 them). A restarted worker group (FailureConfig) or a re-launched run resumes from the newest
 checkpoint. Metrics go to `ray.train.report`, `{stage_dir}/metrics.jsonl` and, from rank 0, the
 stage's MLflow run (pipelines/tracking.py: queued, so a slow store never holds up a step).
+
+The driver holds the stage folder's writer lease (pipelines/lease.py) for the whole run; its
+token travels in the LoopConfig. Before each step that writes (a checkpoint, metrics, an
+evaluation), rank 0 checks the lease and every rank learns the verdict: a lost lease stops
+every worker at that step without writing. The workers return rather than raise, so
+FailureConfig does not restart them into the same loss; the driver raises LeaseLost.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ import torch.nn as nn
 from pipelines import checkpoints, rundir, storage, tracking
 from pipelines.errors import DatasetMismatch, SarError
 from pipelines.evaluation import EvalSettings, TrainingEvaluator, settings_for, write_evals
-from pipelines.latents import TRAIN_COLUMNS, check_compatible, read_manifest, tokens_from_batch
+from pipelines.latents import (TRAIN_COLUMNS, check_compatible, check_encode_settings, read_manifest,
+                               tokens_from_batch)
+from pipelines.lease import LeaseLost, LeaseToken, WriterLease
 from pipelines.objectives import Objective, group_buckets, make_objective
 from pipelines.plots import plot_curves
 from pipelines.progress import Progress
@@ -48,6 +56,7 @@ log = logging.getLogger("sar.train")
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
+LEASE_LOST = "lease_lost"  # the metric by which the workers tell the driver why they stopped
 
 
 @dataclass
@@ -72,6 +81,7 @@ class LoopConfig:
     plot: bool = True
     start_step: int = 0             # the newest checkpoint's step when the run was launched
     evaluation: EvalSettings | None = None  # in-training evaluation (pipelines/evaluation.py)
+    lease: LeaseToken | None = None  # the driver's writer lease of stage_dir, checked before each write
 
 
 @dataclass
@@ -158,25 +168,46 @@ def resolve_length(train: Any, num_rows: int) -> Any:
     return train.model_copy(update={"steps": steps, "ema_decay": decay})
 
 
+def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Refuse latents made with other encode settings or another token space than this run's, and
+    warn (once, here) about a warm-up longer than the run; writes nothing, needs no Ray."""
+    train = resolve_length(getattr(cfg, stage), manifest["num_rows"])
+    where = storage.redact(cfg.latents_dir)
+    check_encode_settings(manifest, cfg.encode, where, cfg.data.storage_options)
+    check_dataset(manifest, model_config, where)
+    if train.optim.warmup_steps > train.steps:
+        log.warning("%s.optim.warmup_steps %d is more than %s.steps %d: the whole run is warm-up (the learning "
+                    "rate reaches %s.optim.lr only at the last step)", stage, train.optim.warmup_steps, stage,
+                    train.steps, stage)
+
+
 def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
-                inputs: dict[str, Any], init: tuple[str, str] | None = None) -> LoopConfig:
+                inputs: dict[str, Any], init: tuple[str, str] | None = None,
+                lease: WriterLease | None = None) -> LoopConfig:
     """Check the dataset and the run directory, bind it to this config, and describe the run.
 
     `cfg` is the resolved jobs.config.PipelineConfig; nothing here needs Ray, so a wrong
-    dataset or a changed config is refused before any worker starts.
+    dataset or a changed config is refused before any worker starts (a stage calls
+    `check_inputs` first, before it takes the folder's lease). `lease` is the stage
+    folder's writer lease, held by the caller: this run owns the folder, so checkpoints that
+    do not load are moved aside (checkpoints.set_aside_corrupt) and the run resumes from the
+    newest one that does.
     """
     train, so = resolve_length(getattr(cfg, stage), manifest["num_rows"]), cfg.data.storage_options
     public = cfg.public_dict()
     check_dataset(manifest, model_config, storage.redact(cfg.latents_dir))
+    if lease is not None:
+        checkpoints.set_aside_corrupt(stage_dir, so)
     check_resumable(stage_dir, model_config, so)
     latest = checkpoints.find_latest(stage_dir, so)
     rundir.bind_run_dir(stage_dir, rundir.config_fingerprint(public, stage), stage, train.allow_config_change, so)
     return LoopConfig(stage=stage, stage_dir=stage_dir, train=train, model_config=model_config,
                       token_space=checkpoints.token_space(manifest), inputs=inputs, run_config=public,
-                      storage_options=so, init=init, hflip=cfg.data.hflip, accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
+                      storage_options=so, init=init, hflip=cfg.data.hflip,
+                      accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
                       failure_drill=failure_drill_from_env(),
                       start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0,
-                      evaluation=settings_for(cfg, stage, manifest))
+                      evaluation=settings_for(cfg, stage, manifest), lease=lease.token() if lease else None)
 
 
 def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | None) -> None:
@@ -444,6 +475,25 @@ def evaluate_now(evaluate: TrainingEvaluator, t: Trainer, st: LoopState, loop: L
     return row
 
 
+def lease_lost(loop: LoopConfig, t: Trainer) -> str | None:
+    """Why this run may no longer write its stage folder, the same on every rank; None while it may.
+
+    Rank 0 reads the writer lease (one small read); the verdict is broadcast, so every rank
+    stops at the same step and none waits in a collective for one that stopped.
+    """
+    reason = None
+    if t.rank == 0 and loop.lease is not None:
+        try:
+            loop.lease.check(loop.storage_options)
+        except LeaseLost as err:
+            reason = str(err)
+    if t.world > 1 and torch.distributed.is_initialized():
+        verdict = [reason]
+        torch.distributed.broadcast_object_list(verdict, src=0, device=t.device if t.device.type == "cuda" else None)
+        reason = verdict[0]
+    return reason
+
+
 def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int) -> None:
     """With SAR_FAIL_AT_STEP=N and SAR_FAIL_MARKER=FILE set at launch, the last worker exits hard
     once after step N, so an operator (or a test) can watch FailureConfig restart the group."""
@@ -510,9 +560,16 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
                 tracker.log_metrics(row)
             ray.train.report(row)
             window, t_window, wait_s, n_steps, images = {}, time.perf_counter(), 0.0, 0, 0
-        if evaluate is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps):
+        evaluating = loop.evaluation is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps)
+        saving = st.step % train.checkpoint_every == 0 or st.step == train.steps
+        lost = lease_lost(loop, t) if evaluating or saving else None
+        if lost:
+            log.error("step %d: %s", st.step, lost)
+            ray.train.report({"step": st.step, LEASE_LOST: lost})
+            return st
+        if evaluate is not None and evaluating:
             evaluate_now(evaluate, t, st, loop, tracker)
-        if st.step % train.checkpoint_every == 0 or st.step == train.steps:
+        if saving:
             save_checkpoint(t, st, loop)
             tracker.sync(wait=False)  # an object-store run directory: mirror the store with the checkpoint
         failure_drill(loop.failure_drill, st.step, rank, world)
@@ -582,6 +639,9 @@ def run_training(loop: LoopConfig, dataset, data_bytes: int = 0, tracker: tracki
         datasets={"train": dataset},
     )
     result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    if metrics.get(LEASE_LOST):
+        raise LeaseLost(metrics[LEASE_LOST])
     if loop.plot:
         tracker.log_artifact(storage.join(loop.stage_dir, PLOT))
-    return dict(result.metrics or {})
+    return metrics

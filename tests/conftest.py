@@ -121,3 +121,26 @@ def raw_latents(tmp_path_factory, ray_local):
                                     "encode.patch=4", f"encode.output={out}/latents"])
     assert encode.main(cfg, argparse.Namespace(force=False)) == 0
     return f"{out}/latents"
+
+
+def encode_in_process(cfg) -> None:
+    """The latents of `cfg` written by the library's own stages, called in this process (no Ray)."""
+    import numpy as np
+
+    from jobs.encode import job
+    from pipelines import encode, latents
+    from pipelines.codecs import make_codec
+    from pipelines.preprocess import read_and_decode
+
+    j, enc = job(cfg), cfg.encode
+    listing = encode.list_source(j)
+    batch = {latents.KEY: np.array(listing.keys, dtype=object),
+             latents.LABEL: np.array([label for _, label in listing.items])}
+    rows = encode.EncodeLatents(enc.encoder, None, enc.image_size, enc.patch, None, cfg.model.grouping, None,
+                                enc.storage_dtype)(read_and_decode(batch, root=cfg.data.source, image_size=enc.image_size))
+    written = latents.write_shard(rows, latents_url=cfg.latents_dir, run_id="test")
+    committer = latents.Committer(cfg.latents_dir, encode.dataset_header(j, make_codec("raw", None, enc.image_size,
+                                                                                       enc.patch, None), listing),
+                                  None, set(), [])
+    committer.add({k: v[0] for k, v in written.items()})
+    committer.commit()

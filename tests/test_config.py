@@ -62,6 +62,20 @@ def test_overrides_apply_after_file_and_parse_types():
         ("sample.solver=rk4", "sample.solver", '"rk4"'),
         ("sample.temperature=-0.5", "sample.temperature", "-0.5"),
         ("model.scales=var-11", "model.scales", '"var-11"'),
+        # Values that must be positive or in a range: each one used to train without a word.
+        ("pretrain.optim.lr=-0.001", "pretrain.optim.lr", "-0.001"),
+        ("refine.optim.lr=0", "refine.optim.lr", "0"),
+        ("pretrain.optim.betas=[0.9,1.0]", "pretrain.optim.betas", "[0.9, 1.0]"),
+        ("pretrain.optim.betas=[-0.1,0.95]", "pretrain.optim.betas", "[-0.1, 0.95]"),
+        ("pretrain.optim.weight_decay=-0.01", "pretrain.optim.weight_decay", "-0.01"),
+        ("refine.ema_decay=1.0", "refine.ema_decay", "1.0"),
+        ("refine.gamma=-1", "refine.gamma", "-1"),
+        ("refine.cfg_scale=0.5", "refine.cfg_scale", "0.5"),
+        ("sample.guidance.w_z=-1", "sample.guidance.w_z", "-1"),
+        ("encode.scale_factor=0", "encode.scale_factor", "0"),
+        ("encode.read_parallelism=0", "encode.read_parallelism", "0"),
+        ("cluster.lease_ttl_s=0", "cluster.lease_ttl_s", "0"),
+        ("cluster.lease_wait_s=-5", "cluster.lease_wait_s", "-5"),
     ],
 )
 def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsys):
@@ -88,10 +102,13 @@ def test_sampler_defaults_keep_euler_at_temperature_one():
     assert (s.solver, s.temperature, s.compile_head) == ("heun", 0.9, True)
 
 
-def test_bad_yaml_file_is_named(tmp_path):
+def test_bad_yaml_file_is_named_with_line_and_column(tmp_path):
     bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: runs/x\npretrain:\n  steps: 10\n    log_every: 5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:4:14: not valid YAML \(mapping values are not allowed here\)"):
+        load_config(bad)
     bad.write_text("run_dir: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:1: not valid YAML"):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

@@ -19,8 +19,9 @@ TRAIN = ["pretrain.global_batch=8", "pretrain.micro_batch=8", "pretrain.log_ever
 
 
 def config(tmp_path, latents, *extra):
-    """The demo config training on `latents` at test scale."""
-    return load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", f"encode.output={latents}", *TRAIN, *extra])
+    """The demo config training on `latents` (16 px images) at test scale."""
+    return load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", f"encode.output={latents}", "encode.image_size=16",
+                                     *TRAIN, *extra])
 
 
 def history(stage_dir):
@@ -196,3 +197,35 @@ def test_fsdp_two_workers_resume_after_a_failure(tmp_path, raw_latents, monkeypa
     assert state["strategy"] == "fsdp" and meta["step"] == 8
     model, _ = checkpoints.load_model(checkpoints.find_latest(cfg.pretrain_dir), "ema")  # strict, unsharded
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), state["model"].values()))
+
+
+def test_latents_made_with_other_encode_settings_are_refused(tmp_path, synth_root, caplog):
+    """Training follows the latents' token space whatever the config says, and records the config:
+    patch-4 latents under `encode.patch: 8` would train and say patch 8. Nothing here needs Ray."""
+    import logging
+
+    from pipelines import training
+    from pipelines.latents import read_manifest
+    from tests.conftest import encode_in_process
+
+    base = [f"run_dir={tmp_path}", f"data.source={synth_root}", "encode.image_size=16", "encode.patch=4"]
+    cfg = load_config(DEMO_CONFIG, base)
+    encode_in_process(cfg)
+    manifest = read_manifest(cfg.latents_dir)
+    model_config = training.build_model_config(cfg.model, manifest)
+    for override, message in [
+        ("encode.patch=8", "encode.patch: the latents at .* were made with 4, the config says 8; set encode.patch=4"),
+        ("encode.image_size=32", "encode.image_size: .* made with 16, the config says 32"),
+        ("encode.encoder=kl-vae", "encode.encoder: .* made with raw, the config says kl-vae"),
+        ("encode.patch=null", "encode.patch: .* made with 4, the config says 16"),  # raw's default patch
+    ]:
+        with pytest.raises(DatasetMismatch, match=message):
+            training.check_inputs(load_config(DEMO_CONFIG, [*base, override]), "pretrain", model_config, manifest)
+
+    # A warm-up longer than the run is allowed (the schedule compresses it), and said once.
+    long_warmup = load_config(DEMO_CONFIG, [*base, "pretrain.steps=10", "pretrain.optim.warmup_steps=50"])
+    with caplog.at_level(logging.WARNING):
+        training.check_inputs(long_warmup, "pretrain", model_config, manifest)
+        training.check_inputs(cfg, "pretrain", model_config, manifest)
+    assert caplog.text.count("warmup_steps") == 1
+    assert "pretrain.optim.warmup_steps 50 is more than pretrain.steps 10" in caplog.text

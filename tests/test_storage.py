@@ -153,6 +153,14 @@ def test_no_credentials_names_the_field(s3_bucket, monkeypatch, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_the_innermost_field_names_an_error(tmp_path):
+    url = str(tmp_path / "nowhere.json")
+    with pytest.raises(storage.NotFound) as info:
+        with storage.field("run_dir"), storage.field("data.source"):
+            storage.read_json(url)
+    assert str(info.value) == f"data.source not found: {url}" and info.value.field == "data.source"
+
+
 def _closed_port() -> int:
     import socket
 
