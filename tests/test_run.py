@@ -17,7 +17,7 @@ from pipelines.synth import make_synthetic_imagenet
 from tests.conftest import DEMO_CONFIG
 from tests.test_fid import _random_inception
 
-TINY = ["encode.image_size=16", "encode.patch=4", "encode.shard_rows=64",
+TINY = ["encode.image_size=16", "encode.patch=4", "encode.shard_rows=64", "fid.evaluator=inception",
         "pretrain.steps=4", "pretrain.checkpoint_every=4", "pretrain.global_batch=4", "pretrain.micro_batch=4",
         "pretrain.log_every=2", "refine.steps=2", "refine.checkpoint_every=2", "refine.global_batch=4",
         "refine.micro_batch=4", "refine.log_every=1", "refine.sample_steps=2",
