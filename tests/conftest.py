@@ -144,3 +144,11 @@ def encode_in_process(cfg) -> None:
                                   None, set(), [])
     committer.add({k: v[0] for k, v in written.items()})
     committer.commit()
+
+
+def upload_tree(local_dir: str, url: str) -> None:
+    """Copy a local folder's files to an object-store URL (test set-up)."""
+    from pipelines import storage
+
+    fs, path = storage.filesystem(url)
+    fs.put(local_dir.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)

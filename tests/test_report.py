@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from pipelines import latents, report, rundir, storage
+from tests.conftest import upload_tree
 
 CHROMIUM = "/usr/bin/chromium"
 T0 = 1_790_000_000.0  # a fixed time for the stage records
@@ -186,7 +187,7 @@ def test_the_report_reads_the_stage_records_the_stages_write(tmp_path):
 def test_report_on_an_object_store(tmp_path, s3_bucket):
     digests = make_run(tmp_path / "run")
     run_url = f"{s3_bucket}/runs/x"
-    storage.upload_dir(str(tmp_path / "run"), run_url)
+    upload_tree(str(tmp_path / "run"), run_url)
     assert report.write_report(run_url) == f"{run_url}/report.html"
     page = storage.read_text(f"{run_url}/report.html")
     assert digests["refine"][:12] in page and "not run yet" not in page
