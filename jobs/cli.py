@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if command in TRACKED:
             tracker.close(status)
-            print(tracker.hint(), flush=True)
+            if tracker.enabled:  # where to look at the runs; nothing to say when tracking is off or failed
+                print(tracker.hint(), flush=True)
 
 
 def _user_error(err: BaseException) -> BaseException | None:

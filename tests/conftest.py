@@ -79,9 +79,16 @@ def ray_local(s3_server):
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    for attempt in range(3):  # a loaded machine can make Ray's node start time out; try again
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for a node that timed out
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 

@@ -180,5 +180,5 @@ def test_a_failing_stage_command_is_tracked_and_tracking_none_writes_no_store(tm
     quiet = str(tmp_path / "quiet")
     assert cli.main(["pretrain", "--config", DEMO_CONFIG, "--set", f"run_dir={quiet}", "--set",
                      "tracking.backend=none"]) == 1
-    assert capsys.readouterr().out.strip().splitlines()[-1] == "tracking: off"
+    assert "tracking:" not in capsys.readouterr().out  # nothing to look at
     assert not os.path.exists(quiet)  # no store, no run records: the command failed before writing
