@@ -28,6 +28,7 @@ Prints markdown tables for docs/benchmarks.md. On 2 CPU cores the default run ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -75,18 +76,17 @@ def real_set(source: str, cfg: PipelineConfig, per_class: int, wnids: list[str])
     return evaluator.LabelledImages(images, labels, keys)
 
 
-def sample_set(ckpt: str, cfg: PipelineConfig, per_class: int, seed: int, guidance: Guidance | None = None,
-               flow_steps: int | None = None) -> evaluator.LabelledImages:
-    """`per_class` images of every class from a checkpoint's EMA weights, made as `sar sample` makes them."""
+def sample_set(ckpt: str, cfg: PipelineConfig, per_class: int, seed: int,
+               guidance: Guidance | None = None) -> evaluator.LabelledImages:
+    """`per_class` images of every class from a checkpoint's EMA weights, made as `sar sample` makes them
+    (the config's sample settings; `guidance` replaces the config's)."""
     model, codec, meta = sampling.load_generator(ckpt, "ema", None, torch.device("cpu"))
     plan = sampling.SamplePlan(sampling.num_classes(meta, None), per_class, seed)
     rows = plan.rows(range(plan.size))
-    guidance = guidance or Guidance(**cfg.sample.guidance.model_dump())
-    b = cfg.sample.batch_size
-    images = np.concatenate([sampling.render(model, codec, rows[sampling.LABEL][i:i + b], rows[sampling.SEED][i:i + b],
-                                             guidance, flow_steps or cfg.sample.flow_steps, torch.device("cpu"))
-                             for i in range(0, plan.size, b)])
-    return evaluator.LabelledImages(images, rows[sampling.LABEL])
+    settings = sampling.SampleSettings.from_config(cfg.sample)
+    if guidance is not None:
+        settings = dataclasses.replace(settings, guidance=dataclasses.asdict(guidance))
+    return evaluator.LabelledImages(settings.render(model, codec, rows, torch.device("cpu")), rows[sampling.LABEL])
 
 
 def score(scorer: evaluator.DomainScorer, sets: list[evaluator.LabelledImages]) -> dict[str, tuple[float, float]]:

@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from jobs.config import PipelineConfig, load_config  # noqa: E402
-from models import Guidance  # noqa: E402
 from pipelines import checkpoints, evaluator, latents, sampling, training  # noqa: E402
 from pipelines.codecs import codec_from_manifest  # noqa: E402
 
@@ -80,12 +79,10 @@ def train(cfg: PipelineConfig, stage: str, manifest: dict, data: dict, device: t
 
 
 def generate(model, codec, cfg: PipelineConfig, per_class: int, device: torch.device) -> evaluator.LabelledImages:
+    """`per_class` images of every class, made with the config's sample settings."""
     plan = sampling.SamplePlan(model.config.num_classes, per_class, cfg.sample.seed)
     rows = plan.rows(range(plan.size))
-    guidance, b = Guidance(**cfg.sample.guidance.model_dump()), cfg.sample.batch_size
-    images = np.concatenate([sampling.render(model, codec, rows[sampling.LABEL][i:i + b], rows[sampling.SEED][i:i + b],
-                                             guidance, cfg.sample.flow_steps, device)
-                             for i in range(0, plan.size, b)])
+    images = sampling.SampleSettings.from_config(cfg.sample).render(model, codec, rows, device)
     return evaluator.LabelledImages(images, rows[sampling.LABEL])
 
 

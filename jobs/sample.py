@@ -43,10 +43,7 @@ def checkpoint(cfg: PipelineConfig) -> str | None:
 
 
 def settings(cfg: PipelineConfig) -> sampling.SampleSettings:
-    s = cfg.sample
-    return sampling.SampleSettings(guidance=s.guidance.model_dump(), flow_steps=s.flow_steps, weights=s.weights,
-                                   image_format=s.format, shard_size=s.npz_shard, batch_size=s.batch_size,
-                                   solver=s.solver, temperature=s.temperature, compile_head=s.compile_head)
+    return sampling.SampleSettings.from_config(cfg.sample)
 
 
 def plan_and_spec(cfg: PipelineConfig, ckpt: str) -> tuple[sampling.SamplePlan, dict[str, Any], dict[str, Any]]:

@@ -177,6 +177,22 @@ class SampleSettings:
         """The head's sampling options, as SARModel.generate takes them."""
         return {"solver": self.solver, "temperature": self.temperature, "compile_head": self.compile_head}
 
+    @classmethod
+    def from_config(cls, sample: Any) -> "SampleSettings":
+        """The settings of the config's sample section (jobs.config.SampleConfig)."""
+        return cls(guidance=sample.guidance.model_dump(), flow_steps=sample.flow_steps, weights=sample.weights,
+                   image_format=sample.format, shard_size=sample.npz_shard, batch_size=sample.batch_size,
+                   solver=sample.solver, temperature=sample.temperature, compile_head=sample.compile_head)
+
+    def render(self, model, codec, rows: dict[str, np.ndarray], device: torch.device) -> np.ndarray:
+        """The images (N, H, W, 3) uint8 of plan rows (labels and seeds), in batches of batch_size."""
+        from models import Guidance
+
+        guidance, b = Guidance(**self.guidance), self.batch_size
+        return np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
+                                      self.flow_steps, device, self.sampler)
+                               for i in range(0, len(rows[LABEL]), b)])
+
 
 def token_space(meta: dict[str, Any]) -> dict[str, Any]:
     """The dataset manifest (token space) a checkpoint was trained on."""
@@ -205,22 +221,14 @@ class SampleGenerator:
 
     def __init__(self, checkpoint: str, samples_dir: str, settings: SampleSettings, plan: SamplePlan,
                  storage_options: dict[str, Any] | None = None):
-        from models import Guidance
-
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.codec, _ = load_generator(checkpoint, settings.weights, storage_options, self.device)
         self.samples_dir, self.storage_options = samples_dir, storage_options
-        self.guidance, self.flow_steps = Guidance(**settings.guidance), settings.flow_steps
-        self.sampler = settings.sampler
-        self.plan = plan
-        self.format, self.shard_size, self.batch_size = settings.image_format, settings.shard_size, settings.batch_size
+        self.settings, self.plan = settings, plan
+        self.format, self.shard_size = settings.image_format, settings.shard_size
 
     def _render(self, rows: dict[str, np.ndarray]) -> np.ndarray:
-        chunks = [render(self.model, self.codec, rows[LABEL][i:i + self.batch_size],
-                         rows[SEED][i:i + self.batch_size], self.guidance, self.flow_steps, self.device,
-                         self.sampler)
-                  for i in range(0, len(rows[INDEX]), self.batch_size)]
-        return np.concatenate(chunks)
+        return self.settings.render(self.model, self.codec, rows, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.format == "npz":
@@ -401,17 +409,12 @@ def write_preview(checkpoint: str, plan: SamplePlan, settings: SampleSettings, s
 
     The images are the ones the full run makes for those indices (same seeds).
     """
-    from models import Guidance
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, codec, _ = load_generator(checkpoint, settings.weights, storage_options, device)
     picked = np.unique(np.linspace(0, plan.num_classes - 1, min(classes, plan.num_classes)).round().astype(int))
     per = min(per_class, plan.per_class)
     rows = plan.rows([i for c in picked for i in plan.class_indices(int(c), per)])
-    guidance, b = Guidance(**settings.guidance), settings.batch_size
-    images = np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
-                                    settings.flow_steps, device, settings.sampler)
-                             for i in range(0, len(rows[INDEX]), b)])
+    images = settings.render(model, codec, rows, device)
     url = storage.join(samples_dir, PREVIEW_FILE)
     storage.write_bytes(url, grid_png(images.reshape(len(picked), per, *images.shape[1:])), storage_options)
     return url

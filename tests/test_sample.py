@@ -103,8 +103,8 @@ def test_stage_call_writes_a_two_row_batch(cfg, tmp_path):
     assert result["file"].tolist() == ["images/000007.png", "images/000002.png"]
     assert result["label"].tolist() == [2, 0]
     rows = plan.rows([2])
-    expected = sampling.render(stage.model, stage.codec, rows["label"], rows["seed"], stage.guidance, 3,
-                               stage.device)[0]
+    expected = sampling.render(stage.model, stage.codec, rows["label"], rows["seed"],
+                               Guidance(**cfg.sample.guidance.model_dump()), 3, stage.device)[0]
     assert np.array_equal(_png(os.path.join(out, "images", "000002.png")), expected)
     assert sampling.done_indices(out, "png", 1000, plan.size) == {2, 7}
 
