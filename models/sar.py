@@ -128,22 +128,42 @@ def flex(q, k, v, block_mask):
 
 
 class KVCache:
-    """Keys/values of the tokens later groups attend (cond, context_stream) and their (stream, group)."""
+    """Keys/values of the tokens later groups attend (cond, context_stream) and their (stream, group),
+    preallocated for `capacity` positions.
 
-    def __init__(self, depth):
+    A decode step's tokens are [cond | context(G_{t-1}); generation(G_t)], the ones later steps
+    attend first. Each layer writes the step's N keys/values after the `length` kept ones and
+    attends [:length + N]; `advance(kept)` then keeps the first `kept`, so the next step overwrites
+    a two-stream step's generation entries. Nothing is concatenated: a [past; new] per layer and
+    step would copy the whole cache each time (a fifth of a 16x16 decode on CPU).
+    """
+
+    def __init__(self, depth, capacity):
         self.kv = [None] * depth
-        self.stream = self.group = None
+        self.capacity, self.length = capacity, 0
+        self.stream = self.group = None                                # (capacity,) each
 
-    def append(self, layer, kv, keep):
-        k, v = (t[:, :, keep] for t in kv)
-        if self.kv[layer] is not None:
-            k, v = torch.cat([self.kv[layer][0], k], 2), torch.cat([self.kv[layer][1], v], 2)
-        self.kv[layer] = (k, v)
+    def extend(self, layer, k, v):
+        """Write k, v (B, H, N, C/H) after the kept entries; return the keys/values to attend
+        (B, H, length + N, C/H), views of the buffers."""
+        B, H, N, Dh = k.shape
+        if self.kv[layer] is None:
+            self.kv[layer] = (k.new_empty(B, H, self.capacity, Dh), v.new_empty(B, H, self.capacity, Dh))
+        keys, values = self.kv[layer]
+        end = self.length + N
+        keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
+        return keys[:, :, :end], values[:, :, :end]
 
-    def append_meta(self, stream, group):
-        if self.stream is not None:
-            stream, group = torch.cat([self.stream, stream]), torch.cat([self.group, group])
-        self.stream, self.group = stream, group
+    def extend_meta(self, stream, group):
+        """The same for the (stream, group) of the step's N tokens: those of the keys (length + N,)."""
+        if self.stream is None:
+            self.stream, self.group = stream.new_empty(self.capacity), group.new_empty(self.capacity)
+        end = self.length + stream.numel()
+        self.stream[self.length:end], self.group[self.length:end] = stream, group
+        return self.stream[:end], self.group[:end]
+
+    def advance(self, kept):
+        self.length += kept
 
 
 #################################################################################
@@ -159,17 +179,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, mask, past=None):
+    def forward(self, x, mask, cache=None, layer=0):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        new_kv = (k, v)                                                  # (B, H, N, C/H) each
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, H, S, C/H)
+        if cache is not None:                                            # (B, H, N, C/H) each
+            k, v = cache.extend(layer, k, v)                             # (B, H, S, C/H)
         if isinstance(mask, BlockMask):
             x = flex(q, k, v, mask)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, C/H)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C)), new_kv   # (B, N, C)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, C)
 
 
 class Block(nn.Module):
@@ -184,11 +203,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.hidden_size, hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(hidden, config.hidden_size))
 
-    def forward(self, x, mask, past=None):
-        a, kv = self.attn(self.norm1(x), mask, past)                    # (B, N, C)
-        x = x + a
-        x = x + self.mlp(self.norm2(x))                                 # (B, N, C)
-        return x, kv
+    def forward(self, x, mask, cache=None, layer=0):
+        x = x + self.attn(self.norm1(x), mask, cache, layer)            # (B, N, C)
+        return x + self.mlp(self.norm2(x))                              # (B, N, C)
 
 
 class Backbone(nn.Module):
@@ -200,15 +217,12 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
 
-    def forward(self, x, mask, cache=None, keep=None):
+    def forward(self, x, mask, cache=None):
         for i, block in enumerate(self.blocks):
-            past = cache.kv[i] if cache is not None else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, kv = checkpoint(block, x, mask, past, use_reentrant=False)
+                x = checkpoint(block, x, mask, cache, i, use_reentrant=False)
             else:
-                x, kv = block(x, mask, past)                            # (B, N, C)
-            if cache is not None:
-                cache.append(i, kv, keep)
+                x = block(x, mask, cache, i)                             # (B, N, C)
         return self.norm(x)
 
 
@@ -382,22 +396,24 @@ class SARModel(nn.Module):
             prev = g.group_slice(t - 1)
             context_pos = torch.arange(prev.start, prev.stop, device=device)
         seq, stream, group = self._tokens(x, labels if t == 0 else None, context_pos, generation_pos)
-        # Keep cond and context K/V; generation K/V only in the single stream, where later
-        # groups attend them.
-        keep = (stream != GENERATION) | self.single_stream
-        k_stream, k_group = stream, group
-        if cache.stream is not None:
-            k_stream, k_group = torch.cat([cache.stream, stream]), torch.cat([cache.group, group])
+        k_stream, k_group = cache.extend_meta(stream, group)            # (S_cache + N,)
         mask = group_causal_mask(stream[:, None], group[:, None], k_stream[None], k_group[None],
                                  self.single_stream)                    # (N, S_cache + N)
-        h = self.backbone(seq, mask, cache=cache, keep=keep)            # (B, N, W)
-        cache.append_meta(stream[keep], group[keep])
-        return h[:, -generation_pos.numel():]                           # (B, n_t, W)
+        h = self.backbone(seq, mask, cache=cache)                       # (B, N, W)
+        # Keep cond and context K/V (they come first); generation K/V only in the single
+        # stream, where later groups attend them.
+        n_t = generation_pos.numel()
+        cache.advance(seq.shape[1] - (0 if self.single_stream else n_t))
+        return h[:, -n_t:]                                              # (B, n_t, W)
+
+    def new_cache(self):
+        """An empty KV cache for one decode: at most cond + L tokens are kept or attended at a step."""
+        return KVCache(self.config.depth, 1 + self.grouping.seq_len)
 
     @torch.no_grad()
     def decode_teacher_forced(self, x, labels):
         """z (B, L, W) group by group through the KV cache on ground truth x (equals forward())."""
-        cache = KVCache(self.config.depth)
+        cache = self.new_cache()
         return torch.cat([self._decode_step(x, labels, t, cache)
                           for t in range(self.grouping.num_groups)], 1)
 
@@ -416,7 +432,7 @@ class SARModel(nn.Module):
         two = guidance.needs_uncond_backbone
         cond_labels = torch.cat([labels, self.null_labels(labels)]) if two else labels
         x = torch.zeros(B, g.seq_len, D, device=device)
-        cache = KVCache(self.config.depth) if use_cache else None
+        cache = self.new_cache() if use_cache else None
         for t in range(g.num_groups):
             x_in = torch.cat([x, x]) if two else x
             if use_cache:
