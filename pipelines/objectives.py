@@ -13,10 +13,13 @@ with gradient (three forwards with the `cfg` sample step, whose unconditional pa
   predictions) give z^S; CSFL (eq. 10) trains the head at z^S toward the detached x^T (or the
   ground truth, Algorithm 1), over groups 2..T or one chosen group;
   L = L_TF + gamma * L_CSF (eq. 11).
+`refine.rollout_fraction` < 1 (an approximation, off by default) takes the sample step, pass 2 and
+CSFL on the first share of each micro-batch only.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -57,7 +60,7 @@ class RefineObjective(Objective):
     """L = L_TF + gamma * L_CSF with one stagger-scale rollout per step.
 
     `settings` is the refine section of the config (jobs.config.RefineConfig): gamma,
-    sample_mode, sample_steps, cfg_scale, target, group.
+    sample_mode, sample_steps, cfg_scale, target, group, rollout_fraction.
     """
 
     def __init__(self, model, settings: Any):
@@ -104,12 +107,14 @@ class RefineObjective(Objective):
         # Pass 1: teacher forcing.
         z_teacher = self.model(x, labels, drop_labels=drop)  # (B, L, W)
         tf = head.loss(z_teacher, x)  # (B, L)
+        # The rollout takes the first n examples: all of them unless rollout_fraction < 1.
+        n = math.ceil(self.settings.rollout_fraction * x.shape[0])
+        x_r, labels_r, drop_r, z_t = x[:n], labels[:n], drop[:n], z_teacher[:n].detach()
         # The sample step, then pass 2 on streams rebuilt from the predictions alone.
-        z_t = z_teacher.detach()
-        x_teacher = self.rollout_tokens(x, labels, z_t, generator)  # (B, L, D), no grad
-        z_student = self.model(x_teacher, labels, drop_labels=drop)  # (B, L, W)
-        target = x_teacher if self.settings.target == "teacher" else x
-        csf = head.loss(z_student, target)  # (B, L)
+        x_teacher = self.rollout_tokens(x_r, labels_r, z_t, generator)  # (n, L, D), no grad
+        z_student = self.model(x_teacher, labels_r, drop_labels=drop_r)  # (n, L, W)
+        target = x_teacher if self.settings.target == "teacher" else x_r
+        csf = head.loss(z_student, target)  # (n, L)
         loss_tf = tf.mean()
         loss_csf = csf[:, self.csf_mask.to(csf.device)].mean()
         loss = loss_tf + self.settings.gamma * loss_csf
@@ -128,7 +133,7 @@ class RefineObjective(Objective):
         # The deterministic sample step already is the teacher's one-step estimate.
         x_t = x_teacher if self.settings.sample_mode == "deterministic" else head.sample(
             z_teacher, noise, 1, mode="one_step")
-        gap = (x_s - x_t).pow(2).mean(-1)  # (B, L)
+        gap = (x_s - x_t).pow(2).mean(-1)  # (n, L)
         return {f"gap_{name}": gap[:, mask.to(gap.device)].mean() for name, mask in self.buckets.items()}
 
 

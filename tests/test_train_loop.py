@@ -230,6 +230,17 @@ def test_exposure_gap_only_when_logged(mode):
         assert logged["gap_late"] == pytest.approx(gap[:, obj.buckets["late"]].mean().item(), rel=1e-5)
 
 
+def test_rollout_fraction_takes_pass_two_on_the_first_examples():
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", rollout_fraction=0.5))
+    sizes = []
+    model.backbone.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    x, y = batch(n=5)
+    loss, per_token, _ = obj(x, y)
+    loss.backward()
+    assert sizes == [5, 3] and per_token.shape[0] == 5  # ceil(0.5 x 5) = 3; L_TF on the whole batch
+
+
 def test_window_means_cover_the_steps_that_carry_a_metric():
     from pipelines.training import LoopState, add_metric, log_row
 
