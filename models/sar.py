@@ -5,6 +5,7 @@ backbone, the model, then the size presets. The heads live in flow_head.py (flow
 and ddpm_head.py (the DDPM ablation), the guidance in guidance.py, the groupings in grouping.py.
 """
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -119,6 +120,27 @@ def flex_block_mask(stream, group, single_stream, key):
     return _BLOCK_MASKS[key]
 
 
+class PrefixMask(NamedTuple):
+    """A dense (N, N) mask whose first `prefix` queries (cond and context_stream) attend only the
+    first `prefix` keys, as two blocks: head (prefix, prefix) and tail (N - prefix, N)."""
+    head: torch.Tensor
+    tail: torch.Tensor
+    prefix: int
+
+
+def prefix_attention(q, k, v, mask, tail_only=False):
+    """Masked attention as one call under the whole mask, but the first `mask.prefix` queries skip
+    the keys after the prefix, which the mask forbids them: in the two-stream sequence the context
+    stream never attends the generation stream, so a quarter of the score matrix is not computed.
+    tail_only: the outputs of the queries after the prefix only."""
+    p = mask.prefix
+    tail = F.scaled_dot_product_attention(q[:, :, p:], k, v, attn_mask=mask.tail)  # (B, H, N - p, C/H)
+    if tail_only:
+        return tail
+    head = F.scaled_dot_product_attention(q[:, :, :p], k[:, :, :p], v[:, :, :p], attn_mask=mask.head)
+    return torch.cat([head, tail], 2)                                   # (B, H, N, C/H)
+
+
 def flex(q, k, v, block_mask):
     """Compiled flex_attention (the eager path materialises the whole score matrix)."""
     global _FLEX
@@ -179,16 +201,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, mask, cache=None, layer=0):
+    def forward(self, x, mask, cache=None, layer=0, tail_only=False):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
         if cache is not None:                                            # (B, H, N, C/H) each
             k, v = cache.extend(layer, k, v)                             # (B, H, S, C/H)
         if isinstance(mask, BlockMask):
             x = flex(q, k, v, mask)
+        elif isinstance(mask, PrefixMask):
+            x = prefix_attention(q, k, v, mask, tail_only)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, C/H)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))            # (B, N, C)
+        return self.proj(x.transpose(1, 2).reshape(B, x.shape[2], C))   # (B, N, C); tail_only (B, N - p, C)
 
 
 class Block(nn.Module):
@@ -203,9 +227,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.hidden_size, hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(hidden, config.hidden_size))
 
-    def forward(self, x, mask, cache=None, layer=0):
-        x = x + self.attn(self.norm1(x), mask, cache, layer)            # (B, N, C)
-        return x + self.mlp(self.norm2(x))                              # (B, N, C)
+    def forward(self, x, mask, cache=None, layer=0, tail_only=False):
+        a = self.attn(self.norm1(x), mask, cache, layer, tail_only)     # (B, N, C)
+        x = (x[:, mask.prefix:] if tail_only else x) + a
+        return x + self.mlp(self.norm2(x))                              # (B, N, C); tail_only (B, N - p, C)
 
 
 class Backbone(nn.Module):
@@ -218,11 +243,15 @@ class Backbone(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
 
     def forward(self, x, mask, cache=None):
+        """Outputs (B, N, C); under a PrefixMask (the one pass over two streams) those after the
+        prefix only, (B, N - prefix, C): the last block leaves out the cond and context_stream
+        outputs, which nothing reads."""
         for i, block in enumerate(self.blocks):
+            tail_only = isinstance(mask, PrefixMask) and i == len(self.blocks) - 1
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, cache, i, use_reentrant=False)
+                x = checkpoint(block, x, mask, cache, i, tail_only, use_reentrant=False)
             else:
-                x = block(x, mask, cache, i)                             # (B, N, C)
+                x = block(x, mask, cache, i, tail_only)                  # (B, N, C)
         return self.norm(x)
 
 
@@ -338,8 +367,12 @@ class SARModel(nn.Module):
         group = torch.cat([torch.full((1,), -1, device=device)] + [group_index] * len(streams))
         return stream, group
 
-    def attention_mask(self, device, backend=None):
-        """Mask of the one-pass sequence: a BlockMask (flex) or bool (S, S) (sdpa), built once."""
+    def attention_mask(self, device, backend=None, split=False):
+        """Mask of the one-pass sequence: a BlockMask (flex) or bool (S, S) (sdpa), built once.
+
+        split: with sdpa and two streams, the bool mask as a PrefixMask at cond + context_stream
+        (which attend nothing after them), for `prefix_attention`.
+        """
         device = torch.device(device)
         backend = backend or self.config.attention
         if backend == "auto":
@@ -354,7 +387,13 @@ class SARModel(nn.Module):
         if key not in _BLOCK_MASKS:
             _BLOCK_MASKS[key] = group_causal_mask(
                 stream[:, None], group[:, None], stream[None], group[None], self.single_stream)
-        return _BLOCK_MASKS[key]
+        mask = _BLOCK_MASKS[key]
+        if not split or self.single_stream:
+            return mask
+        if key + ("split",) not in _BLOCK_MASKS:
+            p = 1 + g.seq_len
+            _BLOCK_MASKS[key + ("split",)] = PrefixMask(mask[:p, :p].contiguous(), mask[p:].contiguous(), p)
+        return _BLOCK_MASKS[key + ("split",)]
 
     # ---- training -----------------------------------------------------------------------
     def forward(self, x, labels, *, drop_labels=None):
@@ -368,7 +407,7 @@ class SARModel(nn.Module):
         positions = torch.arange(L, device=x.device)
         context_pos = None if self.single_stream else positions
         seq, _, _ = self._tokens(x, labels, context_pos, positions)     # (B, S, W)
-        h = self.backbone(seq, self.attention_mask(x.device))           # (B, S, W)
+        h = self.backbone(seq, self.attention_mask(x.device, split=True))  # (B, S, W); two streams: (B, L, W)
         return h[:, -L:]                                                # (B, L, W)
 
     def forward_group(self, x, labels, t):
