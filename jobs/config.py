@@ -215,6 +215,11 @@ class RefineConfig(TrainConfig):
     x_cfg_scale: float = Field(1.25, ge=1)  # self-token paper Table 2: the best x-CFG weight alone
     target: Literal["teacher", "ground_truth"] = "teacher"  # eq. 10 vs Algorithm 1
     group: int | None = None  # CSFL on one group only; None = all groups
+    # Share of each micro-batch (its first ceil(f B) examples) that takes the sample step, pass 2 and
+    # CSFL. 1.0 is the papers' algorithm. Below 1 it is an approximation: L_CSF is estimated on fewer
+    # examples (the same objective in expectation, more variance) and pass 2 costs f of pass 1: a
+    # refine step costs ~2x a pretrain step at 1.0, ~1.5x at 0.5 (docs/benchmarks.md, 16x16 on CPU).
+    rollout_fraction: float = Field(1.0, gt=0, le=1)
 
 
 class GuidanceConfig(_Section):

@@ -398,10 +398,13 @@ def step_batches(shard, train: Any, st: LoopState, rank: int, accum: int) -> Ite
 
 
 # One step -------------------------------------------------------------------------------------
-def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict[str, torch.Tensor]) -> int:
+def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict[str, Any],
+               log_metrics: bool = True) -> int:
     """One optimizer step over its micro-batches; adds metric sums to `window`; returns images seen.
 
     Metric sums stay on the device (no host sync per micro-batch); they are read at the log step.
+    `log_metrics` False (a step the loop does not log) spares the objective's costly metrics;
+    each metric's sum counts the steps it covers, so a mean stays right when some steps lack it.
     """
     t.opt.zero_grad(set_to_none=True)
     accum, images = len(micro), 0
@@ -413,14 +416,14 @@ def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict
             t.objective.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if last or not ddp else t.wrapped.no_sync()
         with sync, torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.amp):
-            loss, per_token, metrics = t.wrapped(x, labels, gen)
+            loss, per_token, metrics = t.wrapped(x, labels, gen, log_metrics=log_metrics)
             (loss / accum).backward()
         with torch.no_grad():
             metrics = {**metrics, "loss": loss.detach()}
             for name, mask in t.buckets.items():
                 metrics[f"loss_{name}"] = per_token.detach()[:, mask].mean()
             for k, v in metrics.items():
-                window[k] = window.get(k, 0.0) + v.float() / accum
+                add_metric(window, k, v.float() / accum, steps=int(last))
         images += x.shape[0]
     grad_norm = torch.nn.utils.clip_grad_norm_(t.objective.parameters(), t.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
@@ -428,14 +431,20 @@ def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict
     t.opt.step()
     t.sched.step()
     t.ema.update_parameters(t.model)
-    window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+    add_metric(window, "grad_norm", grad_norm.detach().float(), steps=1)
     return images
 
 
-def log_row(st: LoopState, window: dict[str, torch.Tensor], steps: int, seconds: float, wait_s: float,
+def add_metric(window: dict[str, Any], name: str, value: torch.Tensor, steps: int) -> None:
+    """Add `value` to the sum of metric `name` in `window` and `steps` to the steps it covers."""
+    total, n = window.get(name, (0.0, 0))
+    window[name] = (total + value, n + steps)
+
+
+def log_row(st: LoopState, window: dict[str, Any], seconds: float, wait_s: float,
             images: int, tokens_per_image: int, lr: float) -> dict[str, Any]:
-    """The mean metrics of the last `steps` steps, the learning rate and the throughput, as one row."""
-    return {"step": st.step, "epoch": st.epoch, **{k: float(v) / steps for k, v in window.items()},
+    """The mean metrics of the steps since the last log, the learning rate and the throughput, as one row."""
+    return {"step": st.step, "epoch": st.epoch, **{k: float(total) / n for k, (total, n) in window.items()},
             "lr": lr, "images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds,
             "data_wait_fraction": wait_s / seconds}
 
@@ -539,19 +548,19 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     for row in st.evals:
         track_evaluation(tracker, loop, row)
 
-    window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log
-    t_window, wait_s, n_steps, images = time.perf_counter(), 0.0, 0, 0
+    window: dict[str, Any] = {}  # metric: (sum, steps) since the last log
+    t_window, wait_s, images = time.perf_counter(), 0.0, 0
     batches = step_batches(shard, train, st, rank, loop.accum)
     while st.step < train.steps:
         t_data = time.perf_counter()
         micro = next(batches)
         wait_s += time.perf_counter() - t_data
-        images += train_step(t, micro, gen, window) * world
+        logs = (st.step + 1) % train.log_every == 0 or st.step + 1 == train.steps
+        images += train_step(t, micro, gen, window, log_metrics=logs) * world
         st.step += 1
         st.batch_in_epoch += 1
-        n_steps += 1
-        if st.step % train.log_every == 0 or st.step == train.steps:
-            row = log_row(st, window, n_steps, time.perf_counter() - t_window, wait_s, images,
+        if logs:
+            row = log_row(st, window, time.perf_counter() - t_window, wait_s, images,
                           t.model.grouping.seq_len, t.sched.get_last_lr()[0])
             st.history.append(row)
             if rank == 0:  # one line per row (a terminal's progress line stays below it)
@@ -559,7 +568,7 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
                 progress.set(st.step)
                 tracker.log_metrics(row)
             ray.train.report(row)
-            window, t_window, wait_s, n_steps, images = {}, time.perf_counter(), 0.0, 0, 0
+            window, t_window, wait_s, images = {}, time.perf_counter(), 0.0, 0
         evaluating = loop.evaluation is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps)
         saving = st.step % train.checkpoint_every == 0 or st.step == train.steps
         lost = lease_lost(loop, t) if evaluating or saving else None

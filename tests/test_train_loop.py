@@ -242,6 +242,50 @@ def test_in_training_evaluations_reach_the_stage_run(tmp_path):
         "evals/step_00000010.png", "evals/step_00000020.png"]
 
 
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
+def test_exposure_gap_only_when_logged(mode):
+    """The gap metrics come only with log_metrics; the loss does not depend on them, and the
+    deterministic gap (which reuses the sample step's estimate) equals one computed afresh."""
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=2)).eval()
+    x, y = batch()
+    torch.manual_seed(1)
+    loss, _, logged = obj(x, y, torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    quiet_loss, _, quiet = obj(x, y, torch.Generator().manual_seed(0), log_metrics=False)
+    assert {"gap_early", "gap_middle", "gap_late"} <= set(logged) and not any(k.startswith("gap") for k in quiet)
+    assert torch.equal(loss, quiet_loss)
+    if mode == "deterministic":
+        with torch.no_grad():
+            x_t = model.head.sample(model(x, y), torch.zeros_like(x), 1, mode="one_step")
+            x_s = model.head.sample(model(x_t, y), torch.zeros_like(x), 1, mode="one_step")
+            gap = (x_s - x_t).pow(2).mean(-1)
+        assert logged["gap_late"] == pytest.approx(gap[:, obj.buckets["late"]].mean().item(), rel=1e-5)
+
+
+def test_rollout_fraction_takes_pass_two_on_the_first_examples():
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", rollout_fraction=0.5))
+    sizes = []
+    model.backbone.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    x, y = batch(n=5)
+    loss, per_token, _ = obj(x, y)
+    loss.backward()
+    assert sizes == [5, 3] and per_token.shape[0] == 5  # ceil(0.5 x 5) = 3; L_TF on the whole batch
+
+
+def test_window_means_cover_the_steps_that_carry_a_metric():
+    from pipelines.training import LoopState, add_metric, log_row
+
+    window = {}
+    for step in range(4):
+        add_metric(window, "loss", torch.tensor(float(step)), steps=1)
+        if step == 3:  # a metric of the log step only
+            add_metric(window, "gap_late", torch.tensor(5.0), steps=1)
+    row = log_row(LoopState(step=4), window, 1.0, 0.0, 8, 16, 1e-4)
+    assert row["loss"] == 1.5 and row["gap_late"] == 5.0
+
+
 def test_bfloat16_shards_are_read_as_values():
     g = make_grouping_for_grid()
     mean = torch.randn(2, 4, 4, 3).to(torch.bfloat16)
