@@ -1,7 +1,7 @@
 """What the pipeline generates, measured offline: domain FID, precision/recall and class accuracy.
 
     uv run python benchmarks/quality.py [--config configs/demo.yaml] [--set KEY=VALUE ...]
-        [--source DIR] [--work DIR] [--tables guidance,refine,grouping] [--per-class 8]
+        [--source DIR] [--work DIR] [--tables guidance,refine,grouping] [--grouping-steps N] [--per-class 8]
 
 Without Inception weights FID says nothing offline, so the yardstick is the domain evaluator
 (pipelines/evaluator.py): a small classifier trained on the dataset's own real images, whose
@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--work", help="keep everything here (default: a temporary folder)")
     p.add_argument("--per-class", type=int, default=8, help="images per class of every scored set")
     p.add_argument("--tables", default="guidance,refine,grouping")
+    p.add_argument("--grouping-steps", type=int, help="pretrain steps of each grouping row (default: the config's)")
     args = p.parse_args()
     tables = set(filter(None, args.tables.split(",")))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -204,19 +205,22 @@ def main() -> None:
             print(f"| {name} | {gap['gap_early']:.4f} | {gap['gap_middle']:.4f} | {gap['gap_late']:.4f} |")
 
     if "grouping" in tables:
-        print(f"\n| grouping ({cfg.pretrain.steps} steps x batch {cfg.pretrain.global_batch}, no refine) | T | "
+        steps = args.grouping_steps or cfg.pretrain.steps
+        print(f"\n| grouping ({steps} steps x batch {cfg.pretrain.global_batch}, no refine) | T | "
               f"train s | domain FID | precision | recall | class accuracy |\n|---|---|---|---|---|---|---|")
         for grouping in ("next-token", "next-row", "next-neighbour", "next-scale"):
             side = cfg.encode.image_size // cfg.encode.patch
             scales = [s for s in (1, 2, 4, 8, 16, 32) if s < side] + [side] if grouping == "next-scale" else None
             g_cfg = load_config(args.config, [*base, *args.overrides, f"run_dir={work}/grouping-{grouping}",
-                                              f"model.grouping={grouping}", f"model.scales={scales}".replace(" ", ""),
-                                              f"fid.domain.path={cfg.evaluator_path}"]).with_absolute_paths()
+                                              f"model.grouping={grouping}",
+                                              *([f"model.scales={scales}".replace(" ", "")] if scales else []),
+                                              f"fid.domain.path={cfg.evaluator_path}", f"pretrain.steps={steps}"]
+                                             ).with_absolute_paths()
             run_stages(g_cfg, only="encode")
             secs = run_stages(g_cfg, only="pretrain")
             ckpt = checkpoints.find_latest(g_cfg.pretrain_dir)
-            steps = checkpoints.load_model(ckpt, "ema")[0].grouping.num_groups
-            print(f"| {grouping} | {steps} | {secs:.0f} | {fmt(score(scorer, samples(ckpt, seeds=(0,))))} |", flush=True)
+            groups = checkpoints.load_model(ckpt, "ema")[0].grouping.num_groups
+            print(f"| {grouping} | {groups} | {secs:.0f} | {fmt(score(scorer, samples(ckpt, seeds=(0,))))} |", flush=True)
 
 
 if __name__ == "__main__":
