@@ -1,14 +1,30 @@
 """Benchmarks of the SAR model (models/): what the one-pass streams and the KV cache buy.
 
   (1) one training step (fwd + bwd): one-pass streams vs one forward per group (paper Fig. 2),
-      per grouping, and the speed-up;
+      per grouping, the speed-up, and the token-forward ratio it is held against;
   (2) sampling: KV cache (T backbone calls on the new tokens) vs recomputing the prefix each step;
   (3) CUDA only: FlexAttention vs masked SDPA, and training images/s and MFU in bf16.
 
-CPU, small:  uv run python benchmarks/bench_models.py --preset tiny --depth 4 --hidden-size 256 --grid 8
+The token-forward ratio of a grouping is derived from the grouping itself: the tokens the naive
+pipeline pushes through the backbone (group t: cond + the prefix G_<t as context + G_t, or in the
+single stream cond + G_<=t) over the one pass's (cond + L, two streams: cond + 2L). Backbone
+compute, and with it the time, follows it when the backbone dominates and attention is a small
+part of a block (the naive side's short prefixes pay less attention per token than the one pass's
+full sequence). Printed beside it are the ratios quoted for 16x16 (next-scale 1,2,4,8,16), which
+count no cond token. Sampling has its own ratio: the prefix recomputed at every step against the
+cached step's [context(G_{t-1}); generation(G_t)].
+
+The sides of each comparison take turns in one run and the fastest of the repeats is kept, in
+wall time and in CPU time of this process (the one other processes disturb least); the load
+average is printed with each table.
+
+CPU (16x16, a depth-8 x 256 backbone, a 2 x 64 head):
+  uv run python -u benchmarks/bench_models.py --threads 1 --skip cuda
 CUDA:        uv run python benchmarks/bench_models.py          (defaults: sar-b, 16x16, batch 64)
 """
 import argparse
+import math
+import os
 import time
 
 import torch
@@ -16,23 +32,48 @@ import torch
 from models import GROUPINGS, Guidance, build_model, count_parameters
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
+# Token-forward ratios quoted for a 16x16 grid (next-scale 1,2,4,8,16), without the cond token.
+QUOTED_16 = {"next-token": 128, "next-row": 8.5, "next-neighbour": 8.0, "next-layer": 1.6, "next-scale": 1.3}
+LONG = 64  # groups above which the naive side is timed `--long-iters` times, without warm-up
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, device, iters, warmup=1):
     """Fastest seconds of fn() over iters after warmup calls (the minimum is robust to other
     processes sharing the machine)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+    return side_by_side({"fn": (fn, iters, warmup)}, device)["fn"][0]
+
+
+def side_by_side(sides, device):
+    """Fastest (wall, CPU) seconds of each side, {name: (fn, repeats, warmup)}.
+
+    After the warm-up calls the sides take turns, round by round, so that the load of a shared
+    machine falls on all alike; a side with fewer repeats drops out when they are done. CPU time
+    is this process's (all its threads).
+    """
+    for fn, _, warmup in sides.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: (math.inf, math.inf) for name in sides}
+    for r in range(max(repeats for _, repeats, _ in sides.values())):
+        for name, (fn, repeats, _) in sides.items():
+            if r >= repeats:
+                continue
+            sync(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            sync(device)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
     return best
+
+
+def load():
+    return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def make(args, grouping, device, **overrides):
@@ -53,12 +94,37 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def token_forward_ratio(model):
+    """Tokens through the backbone of one forward per group over those of the one pass."""
+    g = model.grouping
+    starts, stops = g.group_starts[:-1], g.group_starts[1:]
+    if model.single_stream:                              # cond + G_<=t
+        return sum(1 + stop for stop in stops) / (1 + g.seq_len)
+    return sum(1 + stop for stop in stops) / (1 + 2 * g.seq_len)  # cond + context G_<t + G_t
+
+
+def decode_token_ratio(model):
+    """Tokens through the backbone when the prefix is recomputed at every step over those of
+    the cached steps (cond once, then [context(G_{t-1}); generation(G_t)])."""
+    g = model.grouping
+    sizes, stops = g.group_sizes, g.group_starts[1:]
+    cached = 1 + sum(sizes[t] + (0 if model.single_stream or t == 0 else sizes[t - 1]) for t in range(g.num_groups))
+    return sum(1 + stop for stop in stops) / cached
+
+
+def describe(model, args, batch_size):
+    c = model.config
+    return (f"{args.preset} with depth {c.depth}, width {c.hidden_size}, {c.num_heads} heads, head {c.head_depth} x "
+            f"{c.head_width} ({count_parameters(model.backbone) / 1e6:.2f}M backbone, "
+            f"{count_parameters(model.head) / 1e6:.2f}M head), {args.grid}x{args.grid}, batch {batch_size}")
+
+
 def bench_training(args, device):
     m = make(args, "next-row", device)
-    print(f"\n(1) training step fwd+bwd, one pass vs one forward per group (naive), {args.preset} "
-          f"(depth {m.config.depth}, width {m.config.hidden_size}, {count_parameters(m) / 1e6:.1f}M), "
-          f"{args.grid}x{args.grid}, batch {args.batch}")
-    print(f"{'grouping':16s}{'T':>5s}{'streams':>9s}{'one-pass ms':>13s}{'naive ms':>11s}{'speed-up':>10s}")
+    print(f"\n(1) training step fwd+bwd, one pass vs one forward per group (naive), {describe(m, args, args.batch)}; "
+          f"{load()}")
+    print(f"{'grouping':16s}{'T':>5s}{'streams':>8s}{'one-pass ms':>12s}{'naive ms':>11s}{'speed-up':>9s}"
+          f"{'CPU speed-up':>13s}{'token ratio':>12s}{'quoted':>8s}{'of ratio':>11s}{'naive reps':>11s}")
     for name in args.groupings:
         model = make(args, name, device).train()
         x, labels = batch(model, args.batch, device)
@@ -76,17 +142,25 @@ def bench_training(args, device):
                     loss = model.head.loss(model.forward_group(x, labels, t), x[:, sl]).sum() / x.shape[1]
                 loss.backward()
 
-        fast = timed(one_pass, device, args.iters, warmup=2)
-        slow = timed(naive, device, args.iters)
+        long = g.num_groups > LONG
+        reps = args.long_iters if long else args.iters
+        t = side_by_side({"fast": (one_pass, args.iters, 2), "slow": (naive, reps, 0 if long else 1)}, device)
+        (fast, fast_cpu), (slow, slow_cpu) = t["fast"], t["slow"]
+        ratio = token_forward_ratio(model)
+        quoted = f"{QUOTED_16[name]:.1f}" if args.grid == 16 and name in QUOTED_16 else "-"
         streams = 1 if model.single_stream else 2
-        print(f"{name:16s}{g.num_groups:5d}{streams:9d}{fast * 1e3:13.1f}{slow * 1e3:11.1f}{slow / fast:9.1f}x")
+        print(f"{name:16s}{g.num_groups:5d}{streams:8d}{fast * 1e3:12.1f}{slow * 1e3:11.1f}{slow / fast:8.1f}x"
+              f"{slow_cpu / fast_cpu:12.1f}x{ratio:11.1f}x{quoted:>8s}"
+              f"{f'{slow / fast / ratio:.2f} {slow_cpu / fast_cpu / ratio:.2f}':>11s}{reps:11d}", flush=True)
+    print(f"    {load()}; of ratio: the speed-up over the token ratio, wall and CPU")
 
 
 def bench_sampling(args, device):
-    print(f"\n(2) sampling {args.sample_batch} images, {args.flow_steps} flow steps, no guidance: "
-          f"KV cache vs recompute the prefix each step")
-    print(f"{'grouping':16s}{'T':>5s}{'cache ms':>10s}{'recompute ms':>14s}{'speed-up':>10s}")
-    for name in args.groupings:
+    print(f"\n(2) sampling {args.sample_batch} images, {args.flow_steps} flow steps, no guidance: KV cache vs "
+          f"recompute the prefix each step; {load()}")
+    print(f"{'grouping':16s}{'T':>5s}{'cache ms':>10s}{'recompute ms':>14s}{'speed-up':>9s}{'CPU speed-up':>13s}"
+          f"{'token ratio':>12s}{'head share':>11s}")
+    for name in args.sample_groupings:
         model = make(args, name, device).eval()
         labels = torch.randint(model.config.num_classes, (args.sample_batch,), device=device)
         seeds = list(range(args.sample_batch))
@@ -95,10 +169,14 @@ def bench_sampling(args, device):
             with autocast(device, args.bf16):
                 model.generate(labels, seeds=seeds, flow_steps=args.flow_steps, use_cache=use_cache)
 
-        cached = timed(lambda: run(True), device, args.iters)
-        recompute = timed(lambda: run(False), device, args.iters)
+        t = side_by_side({"cache": (lambda: run(True), args.iters, 1),
+                          "recompute": (lambda: run(False), args.iters, 1)}, device)
+        (cached, cached_cpu), (recompute, recompute_cpu) = t["cache"], t["recompute"]
+        share = head_share(model, lambda: run(True), device)
         print(f"{name:16s}{model.grouping.num_groups:5d}{cached * 1e3:10.1f}{recompute * 1e3:14.1f}"
-              f"{recompute / cached:9.1f}x")
+              f"{recompute / cached:8.1f}x{recompute_cpu / cached_cpu:12.1f}x{decode_token_ratio(model):11.1f}x"
+              f"{share * 100:10.0f}%", flush=True)
+    print(f"    {load()}; head share: the head's part of a cached run (its sampling steps), the rest is the backbone")
     model = make(args, "next-neighbour", device).eval()
     labels = torch.randint(model.config.num_classes, (args.sample_batch,), device=device)
     print("    guidance cost (next-neighbour, cached):")
@@ -108,6 +186,29 @@ def bench_sampling(args, device):
             with autocast(device, args.bf16):
                 model.generate(labels, seeds=list(range(len(labels))), guidance=guidance, flow_steps=args.flow_steps)
         print(f"    {guidance.kind:8s}{timed(guided, device, args.iters) * 1e3:10.1f} ms")
+
+
+def head_share(model, fn, device):
+    """Share of fn()'s wall time spent in the head's sample() (one timed call)."""
+    spent, sample = [0.0], model.head.sample
+
+    def timed_sample(*a, **kw):
+        sync(device)
+        start = time.perf_counter()
+        out = sample(*a, **kw)
+        sync(device)
+        spent[0] += time.perf_counter() - start
+        return out
+
+    model.head.sample = timed_sample
+    try:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return spent[0] / (time.perf_counter() - start)
+    finally:
+        del model.head.sample
 
 
 def train_flops_per_image(model):
@@ -159,16 +260,19 @@ def main():
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sar-b" if cuda else "tiny")
-    p.add_argument("--depth", type=int, help="override the preset's depth")
-    p.add_argument("--hidden-size", type=int, help="override the preset's backbone width")
+    p.add_argument("--depth", type=int, default=None if cuda else 8, help="override the preset's depth")
+    p.add_argument("--hidden-size", type=int, default=None if cuda else 256, help="override the preset's backbone width")
     p.add_argument("--heads", type=int, help="override the preset's number of heads")
     p.add_argument("--head-width", type=int, help="override the preset's head width")
-    p.add_argument("--grid", type=int, default=16 if cuda else 8)
-    p.add_argument("--batch", type=int, default=64 if cuda else 8)
-    p.add_argument("--sample-batch", type=int, default=64 if cuda else 4)
-    p.add_argument("--flow-steps", type=int, default=25 if cuda else 4)
+    p.add_argument("--grid", type=int, default=16)
+    p.add_argument("--batch", type=int, default=64 if cuda else 4)
+    p.add_argument("--sample-batch", type=int, default=64 if cuda else 8)
+    p.add_argument("--flow-steps", type=int, default=25 if cuda else 2)
     p.add_argument("--iters", type=int, default=5 if cuda else 3)
+    p.add_argument("--long-iters", type=int, default=1,
+                   help=f"timed repeats of a naive side with more than {LONG} groups (next-token), no warm-up")
     p.add_argument("--groupings", nargs="+", default=list(GROUPINGS), choices=GROUPINGS)
+    p.add_argument("--sample-groupings", nargs="+", default=["next-neighbour"], choices=GROUPINGS)
     p.add_argument("--cuda-groupings", nargs="+", default=["next-neighbour", "next-row"], choices=GROUPINGS)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=cuda)
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -177,7 +281,8 @@ def main():
     device = torch.device("cuda" if cuda else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()} on {os.cpu_count()} CPUs, "
+          f"{load()}")
     torch.manual_seed(0)
     if "train" not in args.skip:
         bench_training(args, device)

@@ -1,7 +1,7 @@
 """What the pipeline generates, measured offline: domain FID, precision/recall and class accuracy.
 
     uv run python benchmarks/quality.py [--config configs/demo.yaml] [--set KEY=VALUE ...]
-        [--source DIR] [--work DIR] [--tables guidance,refine,grouping] [--per-class 8]
+        [--source DIR] [--work DIR] [--tables guidance,refine,grouping] [--grouping-steps N] [--per-class 8]
 
 Without Inception weights FID says nothing offline, so the yardstick is the domain evaluator
 (pipelines/evaluator.py): a small classifier trained on the dataset's own real images, whose
@@ -15,8 +15,8 @@ whose logits give the class accuracy of class-conditional samples.
 3. Pipeline: `sar run` with the config (encode, pretrain, refine, sample, fid) in this process.
 4. Scores, every set the same size (`--per-class` x classes) against R: real validation images
    (the floor), noise (the ceiling), and the samples of the pretrain and the refine checkpoint,
-   made with the config's sampling settings. Each sample set is drawn with 3 seed sets; the
-   mean is printed (and the spread).
+   made with the config's sampling settings. Each is drawn with 2 seed sets; the mean is
+   printed (and half the spread). The tables draw one set per row.
 5. Tables (`--tables`): guidance kinds on the refined checkpoint (the config's weights);
    refinement vs its pretrained start at equal sampling settings, with the exposure-bias gap
    (student vs teacher clean estimates, pipelines/objectives.py) of both on the same batches;
@@ -28,6 +28,7 @@ Prints markdown tables for docs/benchmarks.md. On 2 CPU cores the default run ta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -45,7 +46,7 @@ from jobs.config import PipelineConfig, load_config  # noqa: E402
 from models import Guidance  # noqa: E402
 from pipelines import checkpoints, evaluator, latents, sampling  # noqa: E402
 
-SEED_SETS = (0, 1, 2)  # sample seeds: each score is the mean over these draws
+SEED_SETS = (0, 1)  # sample seeds of the main rows: each score is the mean over these draws
 METRICS = ("fid", "precision", "recall", "accuracy")
 
 
@@ -75,18 +76,17 @@ def real_set(source: str, cfg: PipelineConfig, per_class: int, wnids: list[str])
     return evaluator.LabelledImages(images, labels, keys)
 
 
-def sample_set(ckpt: str, cfg: PipelineConfig, per_class: int, seed: int, guidance: Guidance | None = None,
-               flow_steps: int | None = None) -> evaluator.LabelledImages:
-    """`per_class` images of every class from a checkpoint's EMA weights, made as `sar sample` makes them."""
+def sample_set(ckpt: str, cfg: PipelineConfig, per_class: int, seed: int,
+               guidance: Guidance | None = None) -> evaluator.LabelledImages:
+    """`per_class` images of every class from a checkpoint's EMA weights, made as `sar sample` makes them
+    (the config's sample settings; `guidance` replaces the config's)."""
     model, codec, meta = sampling.load_generator(ckpt, "ema", None, torch.device("cpu"))
     plan = sampling.SamplePlan(sampling.num_classes(meta, None), per_class, seed)
     rows = plan.rows(range(plan.size))
-    guidance = guidance or Guidance(**cfg.sample.guidance.model_dump())
-    b = cfg.sample.batch_size
-    images = np.concatenate([sampling.render(model, codec, rows[sampling.LABEL][i:i + b], rows[sampling.SEED][i:i + b],
-                                             guidance, flow_steps or cfg.sample.flow_steps, torch.device("cpu"))
-                             for i in range(0, plan.size, b)])
-    return evaluator.LabelledImages(images, rows[sampling.LABEL])
+    settings = sampling.SampleSettings.from_config(cfg.sample)
+    if guidance is not None:
+        settings = dataclasses.replace(settings, guidance=dataclasses.asdict(guidance))
+    return evaluator.LabelledImages(settings.render(model, codec, rows, torch.device("cpu")), rows[sampling.LABEL])
 
 
 def score(scorer: evaluator.DomainScorer, sets: list[evaluator.LabelledImages]) -> dict[str, tuple[float, float]]:
@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--work", help="keep everything here (default: a temporary folder)")
     p.add_argument("--per-class", type=int, default=8, help="images per class of every scored set")
     p.add_argument("--tables", default="guidance,refine,grouping")
+    p.add_argument("--grouping-steps", type=int, help="pretrain steps of each grouping row (default: the config's)")
     args = p.parse_args()
     tables = set(filter(None, args.tables.split(",")))
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
@@ -169,8 +170,8 @@ def main() -> None:
     print(f"\npipeline: {seconds:.0f} s; evaluator held-out accuracy {meta['heldout_accuracy']:.3f}; reference R: "
           f"{len(reference)} held-out real images; every scored set: {n} images", flush=True)
 
-    def samples(ckpt, **kw):
-        return [sample_set(ckpt, cfg, args.per_class, seed, **kw) for seed in SEED_SETS]
+    def samples(ckpt, seeds=SEED_SETS, **kw):
+        return [sample_set(ckpt, cfg, args.per_class, seed, **kw) for seed in seeds]
 
     real = real_set(source, cfg, args.per_class, meta["wnids"])
     rows = {"real validation images (floor)": score(scorer, [real]),
@@ -192,7 +193,8 @@ def main() -> None:
               f"|---|---|---|---|---|")
         for kind in ("none", "cfg", "x_cfg", "z_cfg", "xz_cfg"):
             g = Guidance(kind, cfg=guidance.cfg, w_x=guidance.w_x, w_z=guidance.w_z)
-            print(f"| {kind} (cfg {g.cfg}, w_x {g.w_x}, w_z {g.w_z}) | {fmt(score(scorer, samples(ref, guidance=g)))} |",
+            print(f"| {kind} (cfg {g.cfg}, w_x {g.w_x}, w_z {g.w_z}) | "
+                  f"{fmt(score(scorer, samples(ref, seeds=(0,), guidance=g)))} |",
                   flush=True)
 
     if "refine" in tables:
@@ -203,19 +205,22 @@ def main() -> None:
             print(f"| {name} | {gap['gap_early']:.4f} | {gap['gap_middle']:.4f} | {gap['gap_late']:.4f} |")
 
     if "grouping" in tables:
-        print(f"\n| grouping ({cfg.pretrain.steps} steps x batch {cfg.pretrain.global_batch}, no refine) | T | "
+        steps = args.grouping_steps or cfg.pretrain.steps
+        print(f"\n| grouping ({steps} steps x batch {cfg.pretrain.global_batch}, no refine) | T | "
               f"train s | domain FID | precision | recall | class accuracy |\n|---|---|---|---|---|---|---|")
         for grouping in ("next-token", "next-row", "next-neighbour", "next-scale"):
             side = cfg.encode.image_size // cfg.encode.patch
             scales = [s for s in (1, 2, 4, 8, 16, 32) if s < side] + [side] if grouping == "next-scale" else None
             g_cfg = load_config(args.config, [*base, *args.overrides, f"run_dir={work}/grouping-{grouping}",
-                                              f"model.grouping={grouping}", f"model.scales={scales}".replace(" ", ""),
-                                              f"fid.domain.path={cfg.evaluator_path}"]).with_absolute_paths()
+                                              f"model.grouping={grouping}",
+                                              *([f"model.scales={scales}".replace(" ", "")] if scales else []),
+                                              f"fid.domain.path={cfg.evaluator_path}", f"pretrain.steps={steps}"]
+                                             ).with_absolute_paths()
             run_stages(g_cfg, only="encode")
             secs = run_stages(g_cfg, only="pretrain")
             ckpt = checkpoints.find_latest(g_cfg.pretrain_dir)
-            steps = checkpoints.load_model(ckpt, "ema")[0].grouping.num_groups
-            print(f"| {grouping} | {steps} | {secs:.0f} | {fmt(score(scorer, samples(ckpt)))} |", flush=True)
+            groups = checkpoints.load_model(ckpt, "ema")[0].grouping.num_groups
+            print(f"| {grouping} | {groups} | {secs:.0f} | {fmt(score(scorer, samples(ckpt, seeds=(0,))))} |", flush=True)
 
 
 if __name__ == "__main__":

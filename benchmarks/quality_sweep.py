@@ -3,6 +3,8 @@
     uv run python benchmarks/quality_sweep.py --run-dir RUN [--config configs/demo.yaml]
         --variant 'NAME: KEY=VALUE KEY=VALUE' [--variant ...] [--sample 'NAME: KEY=VALUE ...' ...]
         [--refine 'NAME: KEY=VALUE ...' ...] [--per-class 8] [--device cpu|cuda]
+    uv run python benchmarks/quality_sweep.py --run-dir RUN --weights pretrain refine \
+        --sample 'NAME: KEY=VALUE ...' [--sample ...]          # sampling settings only, no training
 
 RUN is a run directory whose latents (`sar encode`) and domain evaluator (`{run_dir}/evaluator.pt`,
 made by `sar fid` with fid.evaluator=domain) exist, e.g. one left by `sar demo` or
@@ -15,6 +17,10 @@ class with the EMA weights under each sampling setting (`--sample`; default: the
 score them against the evaluator's held-out real images: domain FID, precision, recall, class
 accuracy (pipelines/evaluator.py). One line per (variant, stage, sampling setting), and the
 training seconds, so a setting's cost can be weighed on the machine that will run it.
+
+--weights STAGE [STAGE ...] trains nothing: it samples the newest checkpoint's EMA weights of each
+named stage of RUN (`sar pretrain`/`sar refine` outputs) under each sampling setting, for curves
+such as quality against head steps on one trained model.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from jobs.config import PipelineConfig, load_config  # noqa: E402
-from models import Guidance  # noqa: E402
 from pipelines import checkpoints, evaluator, latents, sampling, training  # noqa: E402
 from pipelines.codecs import codec_from_manifest  # noqa: E402
 
@@ -79,13 +84,21 @@ def train(cfg: PipelineConfig, stage: str, manifest: dict, data: dict, device: t
         return t.ema.module.eval(), time.perf_counter() - t0
 
 
+def trained(cfg: PipelineConfig, stage: str, device: torch.device) -> torch.nn.Module:
+    """The EMA weights of the newest checkpoint of `stage` in the config's run directory."""
+    stage_dir = os.path.join(cfg.run_dir, stage)
+    ckpt = checkpoints.find_latest(stage_dir)
+    if ckpt is None:
+        raise SystemExit(f"--weights {stage}: no checkpoint in {stage_dir}")
+    model, _ = checkpoints.load_model(ckpt, "ema")
+    return model.to(device).eval()
+
+
 def generate(model, codec, cfg: PipelineConfig, per_class: int, device: torch.device) -> evaluator.LabelledImages:
+    """`per_class` images of every class, made with the config's sample settings."""
     plan = sampling.SamplePlan(model.config.num_classes, per_class, cfg.sample.seed)
     rows = plan.rows(range(plan.size))
-    guidance, b = Guidance(**cfg.sample.guidance.model_dump()), cfg.sample.batch_size
-    images = np.concatenate([sampling.render(model, codec, rows[sampling.LABEL][i:i + b], rows[sampling.SEED][i:i + b],
-                                             guidance, cfg.sample.flow_steps, device)
-                             for i in range(0, plan.size, b)])
+    images = sampling.SampleSettings.from_config(cfg.sample).render(model, codec, rows, device)
     return evaluator.LabelledImages(images, rows[sampling.LABEL])
 
 
@@ -97,6 +110,8 @@ def main() -> None:
     p.add_argument("--sample", action="append", default=[], help="'NAME: KEY=VALUE ...' (sampling settings)")
     p.add_argument("--refine", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
                    help="refine each pretrained model with these settings too (repeatable; 'config:' for the config's)")
+    p.add_argument("--weights", nargs="+", default=[], metavar="STAGE",
+                   help="no training: sample the newest EMA weights of these stages of --run-dir")
     p.add_argument("--per-class", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
@@ -119,12 +134,16 @@ def main() -> None:
           "|---|---|---|---|---|---|---|---|", flush=True)
     for name, overrides in variants:
         cfg = load_config(args.config, [*base, *overrides]).with_absolute_paths()
-        pre, secs = train(cfg, "pretrain", manifest, data, device)
-        models = [("pretrain", pre, secs, [])]
-        for rname, roverrides in map(parse, args.refine):
-            rcfg = load_config(args.config, [*base, *overrides, *roverrides]).with_absolute_paths()
-            ref, rsecs = train(rcfg, "refine", manifest, data, device, start=pre.state_dict())
-            models.append((f"refine {rname}", ref, rsecs, roverrides))
+        if args.weights:  # the run's own trained weights
+            models = [(stage, trained(cfg, stage, device), 0.0, []) for stage in args.weights]
+            name = "run"
+        else:
+            pre, secs = train(cfg, "pretrain", manifest, data, device)
+            models = [("pretrain", pre, secs, [])]
+            for rname, roverrides in map(parse, args.refine):
+                rcfg = load_config(args.config, [*base, *overrides, *roverrides]).with_absolute_paths()
+                ref, rsecs = train(rcfg, "refine", manifest, data, device, start=pre.state_dict())
+                models.append((f"refine {rname}", ref, rsecs, roverrides))
         for stage, model, seconds, roverrides in models:
             for sname, soverrides in samplings:
                 scfg = load_config(args.config, [*base, *overrides, *roverrides, *soverrides])

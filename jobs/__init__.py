@@ -2,9 +2,11 @@
 
     cli.py      the `sar` command line          config.py   every stage's pydantic config
     encode.py, pretrain.py, refine.py, sample.py, fid.py    the stages: each says what it reads
-                and writes, `status(cfg)` (up to date?), `output(cfg)` and `main(cfg, args)`,
-                and imports no other stage; the work itself is library code in pipelines/
-    run.py      `sar run`: a plain loop over the stages      demo.py   `sar demo`
+                and writes, `status(cfg)` (up to date?), `output(cfg)` and `main(cfg, args)`
+                (and `tracked(cfg)` where its run logs more than its record), and imports no
+                other stage; the work itself is library code in pipelines/
+    run.py      `sar run`: a plain loop over the stages; the tracked runs of a command and its stages
+    demo.py     `sar demo`                      report.py   `sar report`: a run directory's report.html
     submit.py   `sar submit`: any command as a Ray Job on a cluster
 """
 

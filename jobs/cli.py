@@ -7,9 +7,12 @@
     sar sample        --config FILE [--set ...] [--preview]
     sar run           --config FILE [--set ...] [--from STAGE | --only STAGE]
     sar demo          [--run-dir DIR]
+    sar report        --config FILE [--set run_dir=DIR]
     sar submit        --address http://HEAD:8265 [--follow] [--env NAME[=VALUE] ...] -- <sar subcommand and arguments>
 
-Each stage lives in `jobs/<stage>.py` as `main(config, args) -> exit code`.
+Each stage lives in `jobs/<stage>.py` as `main(config, args) -> exit code`. A stage, `run` and
+`demo` log into the run directory's MLflow run (jobs/run.py, `tracking` in the config) and end
+with a line saying how to look at it.
 """
 
 from __future__ import annotations
@@ -22,15 +25,22 @@ import logging
 import sys
 from pathlib import Path
 
-from jobs.config import ConfigError, dump_yaml, load_config
-from jobs.run import STAGES
+from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
+from jobs.run import STAGES, TRACKED, lineage_tags, open_tracker, run_stage
+from pipelines import tracking
 from pipelines.errors import SarError
+from pipelines.lease import LeaseHeld, LeaseLost
+from pipelines.storage import StorageError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 EXIT_CODES = """exit status:
-  0  success
-  1  a stage failed; one line on stderr says why (a missing input, a storage error, ...)
-  2  a bad config, override or argument; one line names the field and the value"""
+  0   success
+  1   a stage failed; one line on stderr says why (a missing input, a storage error, Ray
+      did not start, ...)
+  2   a bad config, override or argument; one line names the field and the value
+  75  try again later (EX_TEMPFAIL): another live process is writing the same output (the
+      line names it), or the object store did not answer or kept throttling"""
+EX_TEMPFAIL = 75
 
 
 def _doc(module: str) -> str:
@@ -86,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
     _add_config_args(p, default=f"configs/{DEMO_CONFIG.name}")
 
+    p = _command(sub, "report", "write the run report (report.html) of a run directory", _doc("report"))
+    _add_config_args(p)
+
     p = _command(sub, "submit", "run a sar command as a Ray Job on a cluster",
                  _doc("submit"))
     p.add_argument("--address", required=True, help="the Ray dashboard, e.g. http://HEAD:8265")
@@ -140,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True,
     )
+    if not args.verbose:  # the object-store clients' INFO lines (endpoint discovery, ...) say nothing to a user
+        for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     command = args.command
     if command == "synth-imagenet":
         return _synth(args)
@@ -158,15 +174,66 @@ def main(argv: list[str] | None = None) -> int:
     if command == "config":
         sys.stdout.write(dump_yaml(cfg))
         return 0
-    entry = importlib.import_module(f"jobs.{command}").main
+    cfg = cfg.with_absolute_paths()
+    module = importlib.import_module(f"jobs.{command}")
+    tracker = open_tracker(cfg, command) if command in TRACKED else tracking.NULL
+    args.tracker, status = tracker, "FAILED"
     try:
-        return int(entry(cfg.with_absolute_paths(), args) or 0)
-    except ConfigError as err:
-        print(f"sar {command}: {err}", file=sys.stderr)
-        return 2
-    except SarError as err:
-        print(f"sar {command}: error: {err}", file=sys.stderr)
-        return 1
+        if command in STAGES:  # a stage alone: nested in the command's run, as `sar run` does
+            rc = run_stage(cfg, command, module, args, tracker)
+        else:
+            rc = int(module.main(cfg, args) or 0)
+        if rc == 0:
+            status = "FINISHED"
+            if tracker.enabled:
+                tracker.set_tags(lineage_tags(cfg))
+        return rc
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as err:
+        failure = _user_error(err)
+        if failure is None:
+            raise
+        code, message = _exit_status(failure, cfg)
+        print(f"sar {command}: {message}", file=sys.stderr)
+        return code
+    finally:
+        if command in TRACKED:
+            tracker.close(status)
+            if tracker.enabled:  # where to look at the runs; nothing to say when tracking is off or failed
+                print(tracker.hint(), flush=True)
+
+
+def _user_error(err: BaseException) -> BaseException | None:
+    """The error to show the user: a config, stage or storage error, found inside whatever wrapped it
+    (a Ray task's RayTaskError keeps it as `cause`; Ray Data chains it as __cause__)."""
+    queue, seen = [err], set()
+    while queue:
+        e = queue.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):  # the task's own exception, not Ray's traceback-laden copy
+            queue.insert(0, cause)
+            continue
+        if isinstance(e, (ConfigError, SarError, StorageError)):
+            return e
+        queue += [e.__cause__, e.__context__]
+    return None
+
+
+def _exit_status(err: BaseException, cfg: PipelineConfig) -> tuple[int, str]:
+    """(exit status, one line) for a user-facing error."""
+    text = " ".join(str(err).split())
+    if isinstance(err, ConfigError):
+        return 2, text
+    if isinstance(err, StorageError) and err.field is None:
+        field = cfg.field_of(err.url) if err.url else None
+        text = f"{field} {text}" if field else text
+    temporary = isinstance(err, (LeaseHeld, LeaseLost)) or (isinstance(err, StorageError) and err.transient)
+    return (EX_TEMPFAIL if temporary else 1), f"error: {text}"
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines import storage
+
 # Fields that hold a location (local path or URL).
 PATH_FIELDS = ("run_dir", "data.source", "encode.weights", "encode.output", "pretrain.output", "refine.output",
                "refine.init", "sample.output", "sample.checkpoint", "fid.output", "fid.samples", "fid.reference",
@@ -59,14 +61,21 @@ class EncodeConfig(_Section):
     # kl-vae (stride 16) 1, wan (stride 8) 2, so every space gives 16x16 tokens at 256 px.
     patch: int | None = Field(None, ge=1)
     # Latent scale; None takes it from the VAE's own config (MAR's kl16: 0.2325).
-    scale_factor: float | None = None
+    scale_factor: float | None = Field(None, gt=0)
     output: str | None = None  # default {run_dir}/latents
     shard_rows: int = Field(1024, ge=1)
     storage_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
     batch_size: int = Field(64, ge=1)  # images per encoder call
     num_actors: int = Field(1, ge=1)  # encoder actor-pool size
     gpus_per_actor: float = Field(1.0, ge=0)  # used only when the cluster has GPUs
-    read_parallelism: int = Field(-1, description="-1: Ray Data decides")
+    read_parallelism: int = Field(-1, ge=-1, description="-1: Ray Data decides")
+
+    @field_validator("read_parallelism")
+    @classmethod
+    def _parallelism(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("-1 (Ray Data decides) or a number of blocks >= 1")
+        return v
 
 
 class ModelConfig(_Section):
@@ -119,12 +128,19 @@ def _custom_resources(resources: dict[str, float], instead: str) -> dict[str, fl
 class OptimConfig(_Section):
     """AdamW and its schedule."""
 
-    lr: float = 8e-4  # MAR: base lr 1e-4 x (batch 2048 / 256)
+    lr: float = Field(8e-4, gt=0)  # MAR: base lr 1e-4 x (batch 2048 / 256)
     betas: tuple[float, float] = (0.9, 0.95)  # MAR and the refinement paper (Sec. 5)
-    weight_decay: float = 0.02  # MAR
+    weight_decay: float = Field(0.02, ge=0)  # MAR
     warmup_steps: int = Field(62_500, ge=0)  # MAR: 100 epochs at batch 2048 on 1.28M images
     schedule: Literal["constant", "cosine"] = "constant"  # MAR keeps lr constant after warm-up
     grad_clip: float = Field(3.0, gt=0)  # MAR
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):  # AdamW's moment decays: 1 or more never forgets
+            raise ValueError("each of the two betas must be in [0, 1)")
+        return v
 
 
 class TrainConfig(_Section):
@@ -222,15 +238,20 @@ class RefineConfig(TrainConfig):
     x_cfg_scale: float = Field(1.25, ge=1)  # self-token paper Table 2: the best x-CFG weight alone
     target: Literal["teacher", "ground_truth"] = "teacher"  # eq. 10 vs Algorithm 1
     group: int | None = None  # CSFL on one group only; None = all groups
+    # Share of each micro-batch (its first ceil(f B) examples) that takes the sample step, pass 2 and
+    # CSFL. 1.0 is the papers' algorithm. Below 1 it is an approximation: L_CSF is estimated on fewer
+    # examples (the same objective in expectation, more variance) and pass 2 costs f of pass 1: a
+    # refine step costs ~2x a pretrain step at 1.0, ~1.5x at 0.5 (docs/benchmarks.md, 16x16 on CPU).
+    rollout_fraction: float = Field(1.0, gt=0, le=1)
 
 
 class GuidanceConfig(_Section):
     """Guidance at sampling time (paper Table 2: x-CFG 1.25 + z-CFG 2.7 is best)."""
 
     kind: Literal["none", "cfg", "z_cfg", "x_cfg", "xz_cfg"] = "xz_cfg"
-    cfg: float = 3.5  # Table 2, standard CFG
-    w_x: float = 1.25  # Table 2
-    w_z: float = 2.7  # Table 2
+    cfg: float = Field(3.5, ge=0)  # Table 2, standard CFG
+    w_x: float = Field(1.25, ge=0)  # Table 2
+    w_z: float = Field(2.7, ge=0)  # Table 2
     ramp: bool = False
 
 
@@ -301,13 +322,34 @@ class FidConfig(_Section):
     grid_per_class: int = Field(8, ge=1)
 
 
+class TrackingConfig(_Section):
+    """Where runs are recorded (pipelines/tracking.py) and how often progress is written."""
+
+    backend: Literal["mlflow", "none"] = "mlflow"
+    # None: the embedded SQLite store under {run_dir}/mlflow/ (tracking.default_uri). A server
+    # (http://host:5000) for multi-node training; credentials in the URL are never written out.
+    uri: str | None = None
+    experiment: str = "sar"
+    # Seconds between progress lines of encode, sample and training when the output is a log,
+    # not a terminal (a terminal gets one redrawn line).
+    progress_interval_s: float = Field(30.0, gt=0)
+
+
 class ClusterConfig(_Section):
     """Where the Ray program runs."""
 
     address: str | None = None  # None: RAY_ADDRESS or a local Ray
-    num_cpus: int | None = None  # local Ray only
-    object_store_memory: int | None = None  # bytes, local Ray only
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only
+    object_store_memory: int | None = Field(None, ge=1)  # bytes, local Ray only
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+    # A local Ray starts without its dashboard (a web server and its modules, seconds of start-up);
+    # true starts it at http://127.0.0.1:8265.
+    dashboard: bool = False
+    # Writer leases (pipelines/lease.py): one process at a time writes a stage's output. A lease
+    # not renewed for lease_ttl_s is taken over (its holder died); a second writer waits up to
+    # lease_wait_s for the first to finish, then refuses with exit status 75.
+    lease_ttl_s: float = Field(60.0, ge=5)
+    lease_wait_s: float = Field(0.0, ge=0)
 
 
 def _output(section: str, folder: str) -> property:
@@ -328,6 +370,7 @@ class PipelineConfig(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     fid: FidConfig = Field(default_factory=FidConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @field_validator("run_dir")
     @classmethod
@@ -379,15 +422,32 @@ class PipelineConfig(_Section):
     samples_dir = _output("sample", "samples")
     eval_dir = _output("fid", "eval")
 
+    def field_of(self, url: str) -> str | None:
+        """The path field a location comes from: the one whose value is the longest prefix of `url`."""
+        from pipelines.storage import redact
+
+        url, best = redact(url).rstrip("/"), (0, None)
+        for name in PATH_FIELDS:
+            value = self._get(name)
+            if not isinstance(value, str) or not value:
+                continue
+            value = redact(value).rstrip("/")
+            if (url == value or url.startswith(value + "/")) and len(value) > best[0]:
+                best = (len(value), name)
+        return best[1]
+
     @property
     def evaluator_path(self) -> str:
         """The domain evaluator file: fid.domain.path, else {run_dir}/evaluator.pt."""
         return self.fid.domain.path or f"{self.run_dir}/evaluator.pt"
 
     def public_dict(self) -> dict[str, Any]:
-        """The resolved config as saved with outputs: storage options are redacted."""
+        """The resolved config as saved with outputs: storage options and credentials in the
+        tracking URI are redacted."""
         d = self.model_dump(mode="json")
         d["data"]["storage_options"] = {k: "<redacted>" for k in d["data"]["storage_options"]}
+        if d["tracking"]["uri"]:
+            d["tracking"]["uri"] = storage.redact(d["tracking"]["uri"])
         return d
 
 
@@ -430,6 +490,17 @@ def _describe(err: ValidationError) -> str:
     return f"invalid value for {loc!r}: {shown} ({msg})"
 
 
+def _yaml_position(err: yaml.YAMLError) -> str:
+    """`:line:column` (1-based) of a YAML error, as editors and compilers print it; "" when unknown."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    problem, context = getattr(err, "problem", None), getattr(err, "context", None)
+    return " ".join(p for p in (context, problem) if p) or err.__class__.__name__
+
+
 def config_from_dict(tree: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(tree)
@@ -447,7 +518,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML ({err.__class__.__name__})") from None
+            raise ConfigError(f"{p}{_yaml_position(err)}: not valid YAML ({_yaml_problem(err)})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {type(tree).__name__}")
     for assignment in overrides:

@@ -2,7 +2,8 @@
 
 Reads  nothing but `configs/demo.yaml` (or `--config`).
 Writes `{run_dir}` (default `runs/demo`): a synthetic 10-class ImageNet under `imagenet/` (made
-when missing), then latents, pretrain and refine checkpoints, samples and the evaluation.
+when missing), then latents, pretrain and refine checkpoints, samples, the evaluation, the run
+report `report.html` and the MLflow store `mlflow/` (tracking.backend none: no store).
 Launch: `uv run sar demo [--run-dir DIR]`. It is `sar run` with the demo config; running it
 again skips every stage that is already up to date.
 """
@@ -27,7 +28,8 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         s = make_synthetic_imagenet(cfg.data.source, classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS,
                                     size=DEMO_SIZE, seed=0, val_per_class=2)
         print(f"[sar demo] synthesised {s.train_images} images of {s.classes} classes in {s.root}")
-    rc = run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage=None))
+    rc = run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage=None,
+                                              tracker=getattr(args, "tracker", None)))
     if rc:
         return rc
     print(f"\n[sar demo] finished in {time.perf_counter() - t0:.0f} s")
@@ -35,4 +37,5 @@ def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
     print(f"  metrics:     {storage.join(cfg.eval_dir, 'metrics.json')}")
     print(f"  checkpoints: {storage.join(cfg.pretrain_dir, 'checkpoints')}, {storage.join(cfg.refine_dir, 'checkpoints')}")
     print(f"  samples:     {cfg.samples_dir}")
+    print(f"  report:      {storage.join(cfg.run_dir, 'report.html')}")
     return 0

@@ -9,7 +9,9 @@ Launch  sar encode --config configs/imagenet256-sar-b-klvae.yaml [--set encode.n
         on a cluster: sar submit --address http://HEAD:8265 -- encode --config ...
 
 The pipeline is pipelines/encode.py. Re-running encodes only source files not yet consumed;
-a killed run resumes from its last commit; `--force` starts again from nothing.
+a killed run resumes from its last commit; `--force` starts again from nothing. One run at a
+time writes a latents folder (its writer lease); a second one exits with status 75 naming the
+first. Ray starts only when there is something to encode.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import time
 
 from jobs.config import PipelineConfig
 from pipelines import latents, rundir
-from pipelines.encode import EncodeJob, list_new_sources, run_encode
+from pipelines.encode import EncodeJob, list_new_sources, list_source, plan_encode, run_encode
+from pipelines.lease import stage_lease
 from pipelines.ray_runtime import init_ray
 
 STAGE = "encode"
@@ -31,14 +34,18 @@ def output(cfg: PipelineConfig) -> str:
 
 def job(cfg: PipelineConfig) -> EncodeJob:
     return EncodeJob(data=cfg.data, encode=cfg.encode, grouping=cfg.model.grouping, scales=cfg.model.scales,
-                     out=cfg.latents_dir, run_config=cfg.public_dict())
+                     out=cfg.latents_dir, run_config=cfg.public_dict(),
+                     progress_interval_s=cfg.tracking.progress_interval_s)
 
 
 def status(cfg: PipelineConfig) -> rundir.StageStatus:
-    """Up to date when a committed dataset has consumed every file of the source."""
+    """Up to date when a committed dataset has consumed every file of the source and has every shard
+    its manifest lists."""
     manifest, consumed, _ = latents.committed_state(cfg.latents_dir, cfg.data.storage_options)
     if manifest is None:
         return rundir.StageStatus(False, "no latents")
+    if manifest.get(latents.MISSING_SHARDS):
+        return rundir.StageStatus(False, f"{len(manifest[latents.MISSING_SHARDS])} shards missing")
     _, new = list_new_sources(job(cfg), consumed)
     if new:
         return rundir.StageStatus(False, f"{len(new)} new source files")
@@ -46,15 +53,22 @@ def status(cfg: PipelineConfig) -> rundir.StageStatus:
 
 
 def main(cfg: PipelineConfig, args: argparse.Namespace | None = None) -> int:
-    """Set up Ray, encode what is new, write the stage record, print the closing summary line."""
-    started, t0 = rundir.now_utc(), time.perf_counter()
-    init_ray(cfg.cluster)
-    summary = run_encode(job(cfg), force=bool(getattr(args, "force", False)))
-    rundir.write_stage_record(cfg.latents_dir, STAGE, started=started, seconds=time.perf_counter() - t0,
-                              images=summary.rows_written + summary.rejected,
-                              inputs={"source": cfg.data.source},
-                              outputs={"latents": latents.dataset_digest(cfg.latents_dir, cfg.data.storage_options),
-                                       "rows": summary.total_rows},
-                              storage_options=cfg.data.storage_options)
+    """List the source, take the folder's writer lease, start Ray only if there is something to
+    encode, encode it, write the stage record, print the closing summary line."""
+    started, t0, so = rundir.now_utc(), time.perf_counter(), cfg.data.storage_options
+    encode_job = job(cfg)
+    listing = list_source(encode_job)  # a wrong data.source stops here, before anything is written
+    with stage_lease(cfg.latents_dir, cfg.cluster, so) as lease:
+        plan = plan_encode(encode_job, force=bool(getattr(args, "force", False)), listing=listing)
+        if plan.new_items:
+            init_ray(cfg.cluster)
+        summary = run_encode(encode_job, plan=plan, lease=lease)
+        lease.check()
+        rundir.write_stage_record(cfg.latents_dir, STAGE, started=started, seconds=time.perf_counter() - t0,
+                                  images=summary.rows_written + summary.rejected,
+                                  inputs={"source": cfg.data.source},
+                                  outputs={"latents": latents.dataset_digest(cfg.latents_dir, so),
+                                           "rows": summary.total_rows},
+                                  storage_options=so)
     print(summary.line())
     return 0

@@ -30,6 +30,7 @@ import numpy as np
 from jobs.config import PipelineConfig
 from pipelines import evaluator, fid, latents, rundir, sampling, storage
 from pipelines.errors import SarError
+from pipelines.lease import stage_lease
 
 STAGE = "fid"
 
@@ -120,13 +121,24 @@ def summary(metrics: dict[str, Any]) -> str:
     d = metrics.get("domain")
     if d:
         real = d["real_heldout"]
-        parts.append(f"domain FID {d['fid']:.3f} (real held-out images: {real['fid']:.3f}), "
-                     f"class accuracy {d['accuracy']:.3f} (real: {real['accuracy']:.3f})")
+
+        def shown(value):
+            return "n/a" if value is None else f"{value:.3f}"
+        parts.append(f"domain FID {shown(d['fid'])} (real held-out images: {shown(real['fid'])}), "
+                     f"class accuracy {shown(d['accuracy'])} (real: {shown(real['accuracy'])})")
+        skipped = {**metrics["skipped"], **{f"domain {k}": v for k, v in d["skipped"].items()}}
+        metrics = {**metrics, "skipped": skipped}
     skipped = "; ".join(f"{what} not computed: {why}" for what, why in metrics["skipped"].items())
     return f"{metrics['num_samples']} samples: {', '.join(parts) or 'no metric'}" + (f"; {skipped}" if skipped else "")
 
 
 def main(cfg: PipelineConfig, args=None) -> int:
+    """Score the set holding eval/'s writer lease (one run at a time writes it; a second exits 75)."""
+    with stage_lease(cfg.eval_dir, cfg.cluster, cfg.data.storage_options) as lease:
+        return score(cfg, lease)
+
+
+def score(cfg: PipelineConfig, lease) -> int:
     # Setup: the finished sample set and its grid.
     so, f, eval_dir, t0 = cfg.data.storage_options, cfg.fid, cfg.eval_dir, time.time()
     started, source = rundir.now_utc(), samples_dir(cfg)
@@ -150,6 +162,7 @@ def main(cfg: PipelineConfig, args=None) -> int:
             scores = inception_metrics(cfg, dataset, manifest)
 
     # Save.
+    lease.check()
     metrics = {**fid.sample_fields(manifest), **scores, "evaluator": f.evaluator, "samples": storage.redact(source),
                "seconds": round(time.time() - t0, 1), "config": cfg.public_dict()}
     fid.write_metrics(eval_dir, metrics, so)
@@ -158,3 +171,11 @@ def main(cfg: PipelineConfig, args=None) -> int:
                               outputs={"metrics": fid.METRICS_FILE}, storage_options=so)
     print(f"metrics written to {storage.redact(eval_dir)}/{fid.METRICS_FILE}: {summary(metrics)}")
     return 0
+
+
+def tracked(cfg: PipelineConfig) -> tuple[dict, list[str]]:
+    """What this stage's MLflow run gets once it succeeds (jobs/run.py): the final metrics (with the
+    domain evaluator's `domain` dict when it scored), metrics.json and the grid."""
+    metrics = storage.read_json(storage.join(cfg.eval_dir, fid.METRICS_FILE), cfg.data.storage_options)
+    final = {k: metrics.get(k) for k in ("fid", "inception_score", "precision", "recall", "domain")}
+    return final, [storage.join(cfg.eval_dir, name) for name in (fid.METRICS_FILE, fid.GRID_FILE)]

@@ -4,7 +4,9 @@ Reads  `{run_dir}/latents` (the encode stage's Parquet shards and manifest).
 Writes `{run_dir}/pretrain`: `checkpoints/step_N/` (model, EMA, optimizer, scheduler, step, data
 position, resolved config), `metrics.jsonl`, `loss.png`, `run_config.json`, `_stage.json`.
 Launch: `sar pretrain --config FILE [--set pretrain.num_workers=8 ...]`, locally or through
-`sar submit` on a cluster. Re-launching the same run resumes from its newest checkpoint.
+`sar submit` on a cluster. Re-launching the same run resumes from its newest checkpoint (a
+corrupt one is moved to `checkpoints/corrupt-step_N/`). One launch at a time writes the folder:
+a second exits with status 75 naming the first, before Ray starts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Any
 
 from jobs.config import PipelineConfig
 from pipelines import checkpoints, latents, rundir, storage, training
+from pipelines.lease import stage_lease
 from pipelines.ray_runtime import init_ray
+from pipelines.tracking import NULL
 
 STAGE = "pretrain"
 
@@ -33,19 +37,26 @@ def status(cfg: PipelineConfig) -> rundir.StageStatus:
 
 
 def main(cfg: PipelineConfig, args=None) -> int:
-    # Setup: the dataset, the model and the run directory are checked before Ray starts.
+    """Check the dataset, train on Ray Train (rank 0 logs each row into `args.tracker`), record the run."""
+    # Setup: the dataset and the model are checked before anything is written; the stage folder's
+    # writer lease is held from the run directory's checks to the record, and Ray starts under it.
     so, started, t0 = cfg.data.storage_options, rundir.now_utc(), time.perf_counter()
     manifest = latents.read_manifest(cfg.latents_dir, so)
     model_config = training.build_model_config(cfg.model, manifest)
-    loop = training.prepare_run(cfg, STAGE, cfg.pretrain_dir, model_config, manifest, inputs(cfg))
+    training.check_inputs(cfg, STAGE, model_config, manifest)
+    with stage_lease(cfg.pretrain_dir, cfg.cluster, so) as lease:
+        loop = training.prepare_run(cfg, STAGE, cfg.pretrain_dir, model_config, manifest, inputs(cfg), lease=lease)
 
-    # Loop: Ray Train workers (or this process with num_workers 0).
-    init_ray(cfg.cluster)
-    metrics = training.run_training(loop, training.training_dataset(loop, cfg.latents_dir, manifest))
+        # Loop: Ray Train workers (or this process with num_workers 0).
+        init_ray(cfg.cluster)
+        tracker = getattr(args, "tracker", None) or NULL
+        metrics = training.run_training(loop, training.training_dataset(loop, cfg.latents_dir, manifest), tracker,
+                                        cfg.tracking.progress_interval_s)
 
-    # Save: the record of this run.
-    latest = checkpoints.find_latest(cfg.pretrain_dir, so)
-    training.write_record(loop, started, time.perf_counter() - t0, latest)
+        # Save: the record of this run.
+        lease.check()
+        latest = checkpoints.find_latest(cfg.pretrain_dir, so)
+        training.write_record(loop, started, time.perf_counter() - t0, latest)
     print(f"pretrain done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {storage.redact(latest or '')}")
     return 0

@@ -14,7 +14,9 @@ from typing import Any
 from jobs.config import PipelineConfig
 from pipelines import checkpoints, latents, rundir, storage, training
 from pipelines.errors import SarError
+from pipelines.lease import stage_lease
 from pipelines.ray_runtime import init_ray
+from pipelines.tracking import NULL
 
 STAGE = "refine"
 
@@ -40,7 +42,9 @@ def status(cfg: PipelineConfig) -> rundir.StageStatus:
 
 
 def main(cfg: PipelineConfig, args=None) -> int:
-    # Setup: the start checkpoint, the dataset and the run directory, before Ray starts.
+    """Start from the pretrain checkpoint, refine on Ray Train (rank 0 logs into `args.tracker`), record."""
+    # Setup: the start checkpoint and the dataset, then (holding the stage folder's writer lease) the
+    # run directory, all before Ray starts.
     so, started, t0 = cfg.data.storage_options, rundir.now_utc(), time.perf_counter()
     init = start_checkpoint(cfg)
     if init is None:
@@ -48,16 +52,21 @@ def main(cfg: PipelineConfig, args=None) -> int:
                        f"first or set refine.init")
     meta = checkpoints.read_meta(init, so)
     manifest = latents.read_manifest(cfg.latents_dir, so)
-    loop = training.prepare_run(cfg, STAGE, cfg.refine_dir, meta["model_config"], manifest, inputs(cfg),
-                                init=(init, cfg.refine.init_weights))
-    print(f"refining from {storage.redact(init)} (step {meta['step']}, {cfg.refine.init_weights} weights)")
+    training.check_inputs(cfg, STAGE, meta["model_config"], manifest)
+    with stage_lease(cfg.refine_dir, cfg.cluster, so) as lease:
+        loop = training.prepare_run(cfg, STAGE, cfg.refine_dir, meta["model_config"], manifest, inputs(cfg),
+                                    init=(init, cfg.refine.init_weights), lease=lease)
+        print(f"refining from {storage.redact(init)} (step {meta['step']}, {cfg.refine.init_weights} weights)")
 
-    # Loop: Ray Train.
-    init_ray(cfg.cluster)
-    metrics = training.run_training(loop, training.training_dataset(loop, cfg.latents_dir, manifest))
+        # Loop: Ray Train.
+        init_ray(cfg.cluster)
+        tracker = getattr(args, "tracker", None) or NULL
+        metrics = training.run_training(loop, training.training_dataset(loop, cfg.latents_dir, manifest), tracker,
+                                        cfg.tracking.progress_interval_s)
 
-    # Save: the record of this run.
-    training.write_record(loop, started, time.perf_counter() - t0, checkpoints.find_latest(cfg.refine_dir, so))
+        # Save: the record of this run.
+        lease.check()
+        training.write_record(loop, started, time.perf_counter() - t0, checkpoints.find_latest(cfg.refine_dir, so))
     print(f"refine done: step {metrics.get('step')}, loss_tf {metrics.get('loss_tf', float('nan')):.4f}, "
           f"loss_csf {metrics.get('loss_csf', float('nan')):.4f}")
     return 0

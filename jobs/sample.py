@@ -11,7 +11,9 @@ Launch  sar sample --config configs/imagenet256-sar-b-klvae.yaml [--set sample.n
 ADM's protocol: sample.per_class (50) images for each of the classes (1000), class-major.
 Each index has its own seed derived from (sample.seed, index), so the job is resumable at
 any granularity (pipelines/sampling.py): a re-run makes only the missing indices, with any
-number of actors and any batch size, and the finished set has exactly N images.
+number of actors and any batch size, and the finished set has exactly N images. One run at a
+time writes the set (its writer lease; a second exits with status 75); --preview writes only
+preview.png, atomically, and may run beside it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any
 from jobs.config import PipelineConfig
 from pipelines import checkpoints, rundir, sampling, storage
 from pipelines.errors import SarError
+from pipelines.lease import stage_lease
 from pipelines.ray_runtime import init_ray
+from pipelines.tracking import NULL
 
 STAGE = "sample"
 
@@ -39,10 +43,7 @@ def checkpoint(cfg: PipelineConfig) -> str | None:
 
 
 def settings(cfg: PipelineConfig) -> sampling.SampleSettings:
-    s = cfg.sample
-    return sampling.SampleSettings(guidance=s.guidance.model_dump(), flow_steps=s.flow_steps, weights=s.weights,
-                                   image_format=s.format, shard_size=s.npz_shard, batch_size=s.batch_size,
-                                   solver=s.solver, temperature=s.temperature, compile_head=s.compile_head)
+    return sampling.SampleSettings.from_config(cfg.sample)
 
 
 def plan_and_spec(cfg: PipelineConfig, ckpt: str) -> tuple[sampling.SamplePlan, dict[str, Any], dict[str, Any]]:
@@ -74,23 +75,27 @@ def main(cfg: PipelineConfig, args=None) -> int:
     if getattr(args, "preview", False):
         url = sampling.write_preview(ckpt, plan, settings(cfg), samples_dir, cfg.fid.grid_classes,
                                      cfg.fid.grid_per_class, so)
+        (getattr(args, "tracker", None) or NULL).log_artifact(url)  # this stage's run (jobs/run.py)
         print(f"preview of {storage.redact(ckpt)} written to {storage.redact(url)}")
         return 0
-    sampling.check_spec(samples_dir, spec, so)
-    missing = sampling.missing_indices(samples_dir, plan, settings(cfg), so)
-    print(f"sampling {plan.size} images ({plan.num_classes} classes x {plan.per_class}) from "
-          f"{storage.redact(ckpt)}: {plan.size - len(missing)} already written, {len(missing)} to make")
+    with stage_lease(samples_dir, cfg.cluster, so) as lease:
+        sampling.check_spec(samples_dir, spec, so)
+        missing = sampling.missing_indices(samples_dir, plan, settings(cfg), so)
+        print(f"sampling {plan.size} images ({plan.num_classes} classes x {plan.per_class}) from "
+              f"{storage.redact(ckpt)}: {plan.size - len(missing)} already written, {len(missing)} to make")
 
-    # Loop: the actor pool writes every missing image.
-    if missing:
-        init_ray(cfg.cluster)
-        sampling.run_pool(ckpt, plan, settings(cfg), samples_dir, missing, cfg.sample.num_actors,
-                          cfg.sample.gpus_per_actor, so, cfg.sample.resources_per_actor)
+        # Loop: the actor pool writes every missing image.
+        if missing:
+            init_ray(cfg.cluster)
+            sampling.run_pool(ckpt, plan, settings(cfg), samples_dir, missing, cfg.sample.num_actors,
+                              cfg.sample.gpus_per_actor, so, resources_per_actor=cfg.sample.resources_per_actor,
+                              progress_interval_s=cfg.tracking.progress_interval_s)
 
-    # Save: check the set is whole, then the index and (last) the manifest.
-    sampling.finish_set(samples_dir, plan, settings(cfg), spec, meta, cfg.public_dict(), so)
-    rundir.write_stage_record(samples_dir, STAGE, started=started, seconds=time.perf_counter() - t0,
-                              images=len(missing), inputs={"checkpoint": spec["checkpoint_digest"]},
-                              outputs={"num_samples": plan.size}, storage_options=so)
+        # Save: check the set is whole, then the index and (last) the manifest.
+        sampling.finish_set(samples_dir, plan, settings(cfg), spec, meta, cfg.public_dict(), so, lease=lease)
+        lease.check()
+        rundir.write_stage_record(samples_dir, STAGE, started=started, seconds=time.perf_counter() - t0,
+                                  images=len(missing), inputs={"checkpoint": spec["checkpoint_digest"]},
+                                  outputs={"num_samples": plan.size}, storage_options=so)
     print(f"{plan.size} samples in {storage.redact(samples_dir)}")
     return 0

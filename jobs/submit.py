@@ -115,7 +115,7 @@ def local_outputs(command: list[str], working_dir: str | Path) -> list[str]:
     from jobs.cli import STAGES, build_parser
     from jobs.config import ConfigError, load_config
 
-    if command[0] not in (*STAGES, "run"):
+    if command[0] not in (*STAGES, "run", "report"):
         return []
     args = build_parser().parse_args(command)
     config = args.config

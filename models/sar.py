@@ -5,6 +5,7 @@ backbone, the model, then the size presets. The heads live in flow_head.py (flow
 and ddpm_head.py (the DDPM ablation), the guidance in guidance.py, the groupings in grouping.py.
 """
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -46,7 +47,8 @@ class SARConfig:
     time_schedule: str = "uniform"  # sampler grid: 'uniform' | 'shifted' (SD3 time shift toward noise)
     time_shift: float = 3.0      # shift s for 'shifted': sigma' = s*sigma / (1 + (s-1)*sigma), SD3 eq. 23
     train_time: str = "uniform"  # training t: 'uniform' | 'logit_normal' (SD3's logit-normal, m=0 s=1)
-    attention: str = "auto"      # 'auto' (flex on CUDA, sdpa elsewhere) | 'flex' | 'sdpa'; flex on CPU
+    attention: str = "auto"      # 'auto' (= sdpa: at 513 tokens masked SDPA trained SAR-B at 449 img/s on an
+                                 # H100, FlexAttention 350 eager / 445 compiled) | 'flex' | 'sdpa'; flex on CPU
                                  # compiles and is inference-only (torch 2.13 has no CPU flex backward)
     grad_checkpointing: bool = False  # recompute each block in backward (activation checkpointing)
 
@@ -119,6 +121,27 @@ def flex_block_mask(stream, group, single_stream, key):
     return _BLOCK_MASKS[key]
 
 
+class PrefixMask(NamedTuple):
+    """A dense (N, N) mask whose first `prefix` queries (cond and context_stream) attend only the
+    first `prefix` keys, as two blocks: head (prefix, prefix) and tail (N - prefix, N)."""
+    head: torch.Tensor
+    tail: torch.Tensor
+    prefix: int
+
+
+def prefix_attention(q, k, v, mask, tail_only=False):
+    """Masked attention as one call under the whole mask, but the first `mask.prefix` queries skip
+    the keys after the prefix, which the mask forbids them: in the two-stream sequence the context
+    stream never attends the generation stream, so a quarter of the score matrix is not computed.
+    tail_only: the outputs of the queries after the prefix only."""
+    p = mask.prefix
+    tail = F.scaled_dot_product_attention(q[:, :, p:], k, v, attn_mask=mask.tail)  # (B, H, N - p, C/H)
+    if tail_only:
+        return tail
+    head = F.scaled_dot_product_attention(q[:, :, :p], k[:, :, :p], v[:, :, :p], attn_mask=mask.head)
+    return torch.cat([head, tail], 2)                                   # (B, H, N, C/H)
+
+
 def flex(q, k, v, block_mask):
     """Compiled flex_attention (the eager path materialises the whole score matrix)."""
     global _FLEX
@@ -128,22 +151,42 @@ def flex(q, k, v, block_mask):
 
 
 class KVCache:
-    """Keys/values of the tokens later groups attend (cond, context_stream) and their (stream, group)."""
+    """Keys/values of the tokens later groups attend (cond, context_stream) and their (stream, group),
+    preallocated for `capacity` positions.
 
-    def __init__(self, depth):
+    A decode step's tokens are [cond | context(G_{t-1}); generation(G_t)], the ones later steps
+    attend first. Each layer writes the step's N keys/values after the `length` kept ones and
+    attends [:length + N]; `advance(kept)` then keeps the first `kept`, so the next step overwrites
+    a two-stream step's generation entries. Nothing is concatenated: a [past; new] per layer and
+    step would copy the whole cache each time (a fifth of a 16x16 decode on CPU).
+    """
+
+    def __init__(self, depth, capacity):
         self.kv = [None] * depth
-        self.stream = self.group = None
+        self.capacity, self.length = capacity, 0
+        self.stream = self.group = None                                # (capacity,) each
 
-    def append(self, layer, kv, keep):
-        k, v = (t[:, :, keep] for t in kv)
-        if self.kv[layer] is not None:
-            k, v = torch.cat([self.kv[layer][0], k], 2), torch.cat([self.kv[layer][1], v], 2)
-        self.kv[layer] = (k, v)
+    def extend(self, layer, k, v):
+        """Write k, v (B, H, N, C/H) after the kept entries; return the keys/values to attend
+        (B, H, length + N, C/H), views of the buffers."""
+        B, H, N, Dh = k.shape
+        if self.kv[layer] is None:
+            self.kv[layer] = (k.new_empty(B, H, self.capacity, Dh), v.new_empty(B, H, self.capacity, Dh))
+        keys, values = self.kv[layer]
+        end = self.length + N
+        keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
+        return keys[:, :, :end], values[:, :, :end]
 
-    def append_meta(self, stream, group):
-        if self.stream is not None:
-            stream, group = torch.cat([self.stream, stream]), torch.cat([self.group, group])
-        self.stream, self.group = stream, group
+    def extend_meta(self, stream, group):
+        """The same for the (stream, group) of the step's N tokens: those of the keys (length + N,)."""
+        if self.stream is None:
+            self.stream, self.group = stream.new_empty(self.capacity), group.new_empty(self.capacity)
+        end = self.length + stream.numel()
+        self.stream[self.length:end], self.group[self.length:end] = stream, group
+        return self.stream[:end], self.group[:end]
+
+    def advance(self, kept):
+        self.length += kept
 
 
 #################################################################################
@@ -159,17 +202,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, mask, past=None):
+    def forward(self, x, mask, cache=None, layer=0, tail_only=False):
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        new_kv = (k, v)                                                  # (B, H, N, C/H) each
-        if past is not None:
-            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, H, S, C/H)
+        if cache is not None:                                            # (B, H, N, C/H) each
+            k, v = cache.extend(layer, k, v)                             # (B, H, S, C/H)
         if isinstance(mask, BlockMask):
             x = flex(q, k, v, mask)
+        elif isinstance(mask, PrefixMask):
+            x = prefix_attention(q, k, v, mask, tail_only)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, C/H)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C)), new_kv   # (B, N, C)
+        return self.proj(x.transpose(1, 2).reshape(B, x.shape[2], C))   # (B, N, C); tail_only (B, N - p, C)
 
 
 class Block(nn.Module):
@@ -184,11 +228,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.hidden_size, hidden), nn.GELU(approximate="tanh"),
                                  nn.Linear(hidden, config.hidden_size))
 
-    def forward(self, x, mask, past=None):
-        a, kv = self.attn(self.norm1(x), mask, past)                    # (B, N, C)
-        x = x + a
-        x = x + self.mlp(self.norm2(x))                                 # (B, N, C)
-        return x, kv
+    def forward(self, x, mask, cache=None, layer=0, tail_only=False):
+        a = self.attn(self.norm1(x), mask, cache, layer, tail_only)     # (B, N, C)
+        x = (x[:, mask.prefix:] if tail_only else x) + a
+        return x + self.mlp(self.norm2(x))                              # (B, N, C); tail_only (B, N - p, C)
 
 
 class Backbone(nn.Module):
@@ -200,15 +243,16 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=1e-6)
 
-    def forward(self, x, mask, cache=None, keep=None):
+    def forward(self, x, mask, cache=None):
+        """Outputs (B, N, C); under a PrefixMask (the one pass over two streams) those after the
+        prefix only, (B, N - prefix, C): the last block leaves out the cond and context_stream
+        outputs, which nothing reads."""
         for i, block in enumerate(self.blocks):
-            past = cache.kv[i] if cache is not None else None
+            tail_only = isinstance(mask, PrefixMask) and i == len(self.blocks) - 1
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, kv = checkpoint(block, x, mask, past, use_reentrant=False)
+                x = checkpoint(block, x, mask, cache, i, tail_only, use_reentrant=False)
             else:
-                x, kv = block(x, mask, past)                            # (B, N, C)
-            if cache is not None:
-                cache.append(i, kv, keep)
+                x = block(x, mask, cache, i, tail_only)                  # (B, N, C)
         return self.norm(x)
 
 
@@ -324,12 +368,16 @@ class SARModel(nn.Module):
         group = torch.cat([torch.full((1,), -1, device=device)] + [group_index] * len(streams))
         return stream, group
 
-    def attention_mask(self, device, backend=None):
-        """Mask of the one-pass sequence: a BlockMask (flex) or bool (S, S) (sdpa), built once."""
+    def attention_mask(self, device, backend=None, split=False):
+        """Mask of the one-pass sequence: a BlockMask (flex) or bool (S, S) (sdpa), built once.
+
+        split: with sdpa and two streams, the bool mask as a PrefixMask at cond + context_stream
+        (which attend nothing after them), for `prefix_attention`.
+        """
         device = torch.device(device)
         backend = backend or self.config.attention
         if backend == "auto":
-            backend = "flex" if device.type == "cuda" else "sdpa"
+            backend = "sdpa"
         g = self.grouping
         stream, group = self.layout(device)
         key = (backend, g.name, g.height, g.width, g.scales, stream.numel(), str(device))
@@ -340,7 +388,13 @@ class SARModel(nn.Module):
         if key not in _BLOCK_MASKS:
             _BLOCK_MASKS[key] = group_causal_mask(
                 stream[:, None], group[:, None], stream[None], group[None], self.single_stream)
-        return _BLOCK_MASKS[key]
+        mask = _BLOCK_MASKS[key]
+        if not split or self.single_stream:
+            return mask
+        if key + ("split",) not in _BLOCK_MASKS:
+            p = 1 + g.seq_len
+            _BLOCK_MASKS[key + ("split",)] = PrefixMask(mask[:p, :p].contiguous(), mask[p:].contiguous(), p)
+        return _BLOCK_MASKS[key + ("split",)]
 
     # ---- training -----------------------------------------------------------------------
     def forward(self, x, labels, *, drop_labels=None):
@@ -354,7 +408,7 @@ class SARModel(nn.Module):
         positions = torch.arange(L, device=x.device)
         context_pos = None if self.single_stream else positions
         seq, _, _ = self._tokens(x, labels, context_pos, positions)     # (B, S, W)
-        h = self.backbone(seq, self.attention_mask(x.device))           # (B, S, W)
+        h = self.backbone(seq, self.attention_mask(x.device, split=True))  # (B, S, W); two streams: (B, L, W)
         return h[:, -L:]                                                # (B, L, W)
 
     def forward_group(self, x, labels, t):
@@ -382,22 +436,24 @@ class SARModel(nn.Module):
             prev = g.group_slice(t - 1)
             context_pos = torch.arange(prev.start, prev.stop, device=device)
         seq, stream, group = self._tokens(x, labels if t == 0 else None, context_pos, generation_pos)
-        # Keep cond and context K/V; generation K/V only in the single stream, where later
-        # groups attend them.
-        keep = (stream != GENERATION) | self.single_stream
-        k_stream, k_group = stream, group
-        if cache.stream is not None:
-            k_stream, k_group = torch.cat([cache.stream, stream]), torch.cat([cache.group, group])
+        k_stream, k_group = cache.extend_meta(stream, group)            # (S_cache + N,)
         mask = group_causal_mask(stream[:, None], group[:, None], k_stream[None], k_group[None],
                                  self.single_stream)                    # (N, S_cache + N)
-        h = self.backbone(seq, mask, cache=cache, keep=keep)            # (B, N, W)
-        cache.append_meta(stream[keep], group[keep])
-        return h[:, -generation_pos.numel():]                           # (B, n_t, W)
+        h = self.backbone(seq, mask, cache=cache)                       # (B, N, W)
+        # Keep cond and context K/V (they come first); generation K/V only in the single
+        # stream, where later groups attend them.
+        n_t = generation_pos.numel()
+        cache.advance(seq.shape[1] - (0 if self.single_stream else n_t))
+        return h[:, -n_t:]                                              # (B, n_t, W)
+
+    def new_cache(self):
+        """An empty KV cache for one decode: at most cond + L tokens are kept or attended at a step."""
+        return KVCache(self.config.depth, 1 + self.grouping.seq_len)
 
     @torch.no_grad()
     def decode_teacher_forced(self, x, labels):
         """z (B, L, W) group by group through the KV cache on ground truth x (equals forward())."""
-        cache = KVCache(self.config.depth)
+        cache = self.new_cache()
         return torch.cat([self._decode_step(x, labels, t, cache)
                           for t in range(self.grouping.num_groups)], 1)
 
@@ -416,7 +472,7 @@ class SARModel(nn.Module):
         two = guidance.needs_uncond_backbone
         cond_labels = torch.cat([labels, self.null_labels(labels)]) if two else labels
         x = torch.zeros(B, g.seq_len, D, device=device)
-        cache = KVCache(self.config.depth) if use_cache else None
+        cache = self.new_cache() if use_cache else None
         for t in range(g.num_groups):
             x_in = torch.cat([x, x]) if two else x
             if use_cache:

@@ -5,15 +5,21 @@ A checkpoint is a folder `{stage_dir}/checkpoints/step_{N:08d}/` holding
     meta.json  step, stage, model config, the dataset's token space, what the run consumed
                (`inputs`), the resolved run config, the files it commits and the sha256 of state.pt
 `meta.json` is written last: a folder without it (a crash mid-save) is not a checkpoint, and
-`find_latest` skips it. Loading for sampling prefers the EMA weights.
+`find_latest` skips it, as it skips (with a warning) one whose meta.json does not parse or whose
+state.pt is gone. The stage that owns the folder moves a corrupt checkpoint (state.pt not
+matching its digest) to `checkpoints/corrupt-step_N/`, kept for inspection, and resumes from
+the newest one that loads (`set_aside_corrupt`). Loading for sampling prefers the EMA weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -21,7 +27,10 @@ import torch
 from pipelines import storage
 from pipelines.errors import SarError
 
+log = logging.getLogger(__name__)
+
 CHECKPOINTS = "checkpoints"
+CORRUPT_PREFIX = "corrupt-"  # checkpoints/corrupt-step_N/: set aside, never listed nor pruned
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -86,9 +95,80 @@ def list_steps(stage_dir: str, storage_options: dict[str, Any] | None = None) ->
 
 
 def find_latest(stage_dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
-    """URL of the newest committed checkpoint under `stage_dir`, or None."""
-    steps = list_steps(stage_dir, storage_options)
-    return storage.join(stage_dir, CHECKPOINTS, step_dir_name(steps[-1])) if steps else None
+    """URL of the newest committed checkpoint under `stage_dir` that looks loadable, or None.
+
+    A newer one whose meta.json does not parse or whose state.pt is missing is passed over with
+    a warning (once per process); its state's digest is checked only when loading, or by
+    `set_aside_corrupt`.
+    """
+    for step in reversed(list_steps(stage_dir, storage_options)):
+        url = storage.join(stage_dir, CHECKPOINTS, step_dir_name(step))
+        why = problem(url, storage_options, full=False)
+        if why is None:
+            return url
+        if url not in _WARNED:
+            _WARNED.add(url)
+            log.warning("skipping the checkpoint %s: %s", storage.redact(url), why)
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _sha256(url: str, storage_options: dict[str, Any] | None) -> str:
+    if storage.is_local(url):
+        with storage.translate_errors(url):
+            return storage.sha256_file(url.removeprefix("file://"))
+    fs, path = storage.filesystem(url, storage_options)
+    h = hashlib.sha256()
+    with storage.translate_errors(url, storage_options), fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def problem(ckpt_url: str, storage_options: dict[str, Any] | None = None, full: bool = True) -> str | None:
+    """Why a committed checkpoint cannot be loaded, or None: meta.json unreadable, state.pt missing,
+    or (with `full`, one read of state.pt) its sha256 not meta.json's. Store failures raise."""
+    try:
+        meta = json.loads(storage.read_bytes(storage.join(ckpt_url, META_FILE), storage_options))
+        digest = str(meta["digest"])
+    except storage.NotFound:
+        return f"no {META_FILE}"
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return f"{META_FILE} is not a checkpoint's (unreadable)"
+    state = storage.join(ckpt_url, STATE_FILE)
+    try:
+        if not full:
+            return None if storage.exists(state, storage_options) else f"no {STATE_FILE}"
+        actual = _sha256(state, storage_options)
+    except storage.NotFound:
+        return f"no {STATE_FILE}"
+    return None if actual == digest else f"{STATE_FILE} has sha256 {actual[:12]}, meta.json says {digest[:12]}"
+
+
+def set_aside_corrupt(stage_dir: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Move every checkpoint newer than the newest loadable one to `checkpoints/corrupt-step_N/`,
+    warning for each; return the newest loadable one's URL (or None).
+
+    Only the stage that owns `stage_dir` calls this, holding its writer lease. It reads the
+    newest state.pt in full (its digest), once per launch.
+    """
+    root = storage.join(stage_dir, CHECKPOINTS)
+    for step in reversed(list_steps(stage_dir, storage_options)):
+        url = storage.join(root, step_dir_name(step))
+        why = problem(url, storage_options)
+        if why is None:
+            return url
+        dest = storage.join(root, CORRUPT_PREFIX + step_dir_name(step))
+        if storage.exists(dest, storage_options):
+            dest += time.strftime("-%Y%m%dT%H%M%SZ", time.gmtime())
+        fs, src = storage.filesystem(url, storage_options)
+        with storage.translate_errors(url, storage_options):
+            fs.mv(src, storage.filesystem(dest, storage_options)[1], recursive=True)
+        log.warning("checkpoint step %d is corrupt (%s): moved to %s; going on from the one before it",
+                    step, why, storage.redact(dest))
+    return None
 
 
 def read_meta(ckpt_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -114,7 +194,8 @@ def load_state(ckpt_url: str, storage_options: dict[str, Any] | None = None) -> 
         digest = storage.sha256_file(path)
         if digest != meta.get("digest"):
             raise SarError(f"{storage.redact(ckpt_url)}/{STATE_FILE}: sha256 {digest[:12]} does not match "
-                           f"meta.json's {str(meta.get('digest'))[:12]} (incomplete or altered checkpoint)")
+                           f"meta.json's {str(meta.get('digest'))[:12]} (incomplete or altered checkpoint); "
+                           f"re-launching its stage moves it aside and resumes from the one before")
         state = torch.load(path, map_location="cpu", weights_only=False)
     return state, meta
 

@@ -66,7 +66,8 @@ def weights_sha256(path: str) -> str:
 
 def _local_weights(url: str, storage_options: dict | None) -> str:
     try:
-        return storage.local_copy(url, storage_options)
+        with storage.field("encode.weights"):
+            return storage.local_copy(url, storage_options)
     except storage.NotFound:
         raise SarError(f"encode.weights: not found: {storage.redact(url)}") from None
 

@@ -8,8 +8,10 @@ One stage per concern:
     -> map_batches(write_shard)       tasks      one Parquet shard per `encode.shard_rows` rows
     -> driver                                     commits each shard into the manifest
 
+`plan_encode` reads the folder's committed state and lists what is new, without Ray;
 `run_encode` encodes only source files not yet consumed; a killed run resumes from its last
-commit (pipelines/latents.py describes the shards, the manifest and the commit protocol).
+commit (pipelines/latents.py describes the shards, the manifest and the commit protocol). Both
+run under the folder's writer lease (pipelines/lease.py), checked before every commit.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from pipelines import storage
 from pipelines.codecs import make_codec
 from pipelines.errors import SarError
 from pipelines.imagenet import SourceListing, list_imagenet
+from pipelines.lease import WriterLease
 from pipelines.latents import (ERROR, KEY, LABEL, LOGVAR, LOGVAR_FLIP, MEAN, MEAN_FLIP, PYRAMID, TOKENS,
                                storage_array)
 from pipelines.preprocess import PIXELS, hflip, read_and_decode, to_model_input
-from pipelines.ray_runtime import cluster_gpus
+from pipelines.progress import Progress
+from pipelines.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
 
 log = logging.getLogger("sar.encode")
 
@@ -146,6 +150,7 @@ class EncodeJob:
     scales: list[int] | None
     out: str               # the latents folder
     run_config: dict[str, Any]  # the resolved public config, saved in the manifest
+    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/progress.py)
 
     @property
     def storage_options(self) -> dict[str, Any]:
@@ -199,45 +204,66 @@ def build_pipeline(job: EncodeJob, items: list[tuple[str, int]], run_id: str):
     # On a GPU cluster the decode tasks and the GPU actors are separate operators (decode on
     # every CPU); without GPUs, Ray Data fuses decode into the CPU actors, saving a copy.
     gpu = {"num_gpus": enc.gpus_per_actor} if cluster_gpus() > 0 and enc.gpus_per_actor > 0 else {}
-    ds = ds.map_batches(
-        EncodeLatents, batch_size=enc.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
-        fn_constructor_kwargs={
-            "encoder": enc.encoder, "weights": enc.weights, "image_size": enc.image_size, "patch": enc.patch,
-            "scale_factor": enc.scale_factor, "grouping": job.grouping, "scales": job.scales,
-            "storage_dtype": enc.storage_dtype, "storage_options": so,
-        },
-        **gpu,
-    )
+    with pool_args_accepted():
+        ds = ds.map_batches(
+            EncodeLatents, batch_size=enc.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=enc.num_actors),
+            fn_constructor_kwargs={
+                "encoder": enc.encoder, "weights": enc.weights, "image_size": enc.image_size, "patch": enc.patch,
+                "scale_factor": enc.scale_factor, "grouping": job.grouping, "scales": job.scales,
+                "storage_dtype": enc.storage_dtype, "storage_options": so,
+            },
+            **gpu, **actor_pool_args(),
+        )
     return ds.map_batches(L.write_shard, batch_size=enc.shard_rows, batch_format="numpy",
                           fn_kwargs={"latents_url": job.out, "run_id": run_id, "storage_options": so})
 
 
-def list_new_sources(job: EncodeJob, consumed: set[str]) -> tuple[SourceListing, list[tuple[str, int]]]:
-    """The source listing and its (key, label) items that no commit has consumed."""
+def list_source(job: EncodeJob) -> SourceListing:
+    """The source files of the configured split and subset (one listing; checks data.source)."""
     d = job.data
-    listing = list_imagenet(d.source, d.split, d.classes, d.per_class, job.storage_options)
+    return list_imagenet(d.source, d.split, d.classes, d.per_class, job.storage_options)
+
+
+def list_new_sources(job: EncodeJob, consumed: set[str],
+                     listing: SourceListing | None = None) -> tuple[SourceListing, list[tuple[str, int]]]:
+    """The source listing and its (key, label) items that no commit has consumed."""
+    listing = listing or list_source(job)
     return listing, [(k, label) for k, label in listing.items if k not in consumed]
 
 
-def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = COMMIT_INTERVAL_S,
-               on_commit: Callable[[dict], None] | None = None) -> EncodeSummary:
-    """Encode what is new in the source into `job.out`; Ray must be initialised."""
-    out, so = job.out, job.storage_options
+@dataclass
+class EncodePlan:
+    """What a run will do, decided from the folder's committed state and the source, before Ray starts."""
 
-    # Setup: the output folder's committed state; leftovers of an interrupted run go.
+    previous: dict | None           # the committed manifest (without shards that went missing)
+    consumed: set[str]
+    rejected: list[dict]
+    listing: SourceListing
+    new_items: list[tuple[str, int]]
+    header: dict                    # what this run's manifest says about the dataset
+
+    @property
+    def repair(self) -> bool:
+        """The manifest listed shards that are gone: it must be rewritten even with nothing new."""
+        return bool(self.previous and self.previous.get(L.MISSING_SHARDS))
+
+
+def plan_encode(job: EncodeJob, force: bool = False, listing: SourceListing | None = None) -> EncodePlan:
+    """Clean the folder (everything with --force, else leftovers of an interrupted run), read its
+    committed state and list what is new; the caller holds the folder's writer lease."""
+    out, so = job.out, job.storage_options
     if force:
         log.info("--force: removing the latents dataset at %s", storage.redact(out))
         L.remove_dataset(out, so)
     previous, consumed, rejected = L.committed_state(out, so)
     L.remove_orphans(out, previous, so)
-
-    # Data: list the source, keep what no commit has consumed.
-    listing, new_items = list_new_sources(job, consumed)
+    listing, new_items = list_new_sources(job, consumed, listing)
     log.info("%d source files in %s/%s, %d new", len(listing.items), storage.redact(job.data.source),
              job.data.split, len(new_items))
 
-    # Model: the codec's description, made in the driver (the actors load their own copy).
+    # The codec's description, made here (the actors load their own copy); an existing dataset
+    # must describe the same token space.
     enc = job.encode
     codec = make_codec(enc.encoder, enc.weights, enc.image_size, enc.patch, enc.scale_factor, so)
     header = dataset_header(job, codec, listing)
@@ -249,28 +275,53 @@ def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = C
                            "re-run with --force or set encode.output")
         header["classes"] = max(previous.get("classes") or [], header["classes"], key=len)
         header["num_classes"] = len(header["classes"])
+    return EncodePlan(previous, consumed, rejected, listing, new_items, header)
+
+
+def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = COMMIT_INTERVAL_S,
+               on_commit: Callable[[dict], None] | None = None, plan: EncodePlan | None = None,
+               lease: WriterLease | None = None) -> EncodeSummary:
+    """Encode what is new in the source into `job.out`; Ray must be initialised when there is.
+
+    `lease` is the folder's writer lease, held by the caller (with the `plan` it made under
+    it); without one, this run takes its own for its whole length.
+    """
+    if lease is None:
+        with WriterLease(job.out, job.storage_options) as own:
+            return run_encode(job, force, commit_interval_s, on_commit, None, own)
+    out, so = job.out, job.storage_options
+    plan = plan or plan_encode(job, force)
+    previous, rejected = plan.previous, plan.rejected
     total = previous["num_rows"] if previous else 0
-    if not new_items:
+    if not plan.new_items and not plan.repair:
         return EncodeSummary(out, 0, 0, 0, 0, 0, 0.0, total)
 
     # Loop: stream the pipeline; commit shards into the manifest as they are written.
-    committer = L.Committer(out, header, previous, consumed, rejected, so)
-    run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    start = last_commit = time.monotonic()
-    shards = 0
-    manifest = previous
-    for result in build_pipeline(job, new_items, run_id).iter_rows():
-        committer.add(result)
-        shards += bool(result["file"])
-        if time.monotonic() - last_commit >= commit_interval_s:
-            manifest = committer.commit()
-            last_commit = time.monotonic()
-            if on_commit:
-                on_commit(manifest)
-    if committer.pending or manifest is None:
+    committer = L.Committer(out, plan.header, previous, plan.consumed, rejected, so)
+
+    def commit() -> dict:
+        lease.check()  # another process may own the folder now: write nothing more
         manifest = committer.commit()
         if on_commit:
             on_commit(manifest)
+        return manifest
+
+    run_id = time.strftime("%Y%m%d%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    start = last_commit = time.monotonic()
+    shards = 0
+    manifest = previous if not plan.repair else None
+    if plan.new_items:
+        progress = Progress(len(plan.new_items), what="images", desc="encode", interval_s=job.progress_interval_s)
+        for result in build_pipeline(job, plan.new_items, run_id).iter_rows():
+            committer.add(result)
+            progress.set(committer.new_rows + committer.new_rejected)  # one writer result: a shard's images
+            shards += bool(result["file"])
+            if time.monotonic() - last_commit >= commit_interval_s:
+                manifest = commit()
+                last_commit = time.monotonic()
+        progress.close()
+    if committer.pending or manifest is None:
+        manifest = commit()
     seconds = time.monotonic() - start
 
     # Save: nothing outside the manifest may remain (a retried writer task leaves its first file).
@@ -280,5 +331,5 @@ def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = C
         log.warning("rejected %s: %s", r["key"], r["reason"])
     if len(new_rejects) > MAX_REJECTS_LOGGED:
         log.warning("... and %d more rejected files, listed in the manifest", len(new_rejects) - MAX_REJECTS_LOGGED)
-    return EncodeSummary(out, len(new_items), committer.new_rows, committer.new_rejected, shards,
+    return EncodeSummary(out, len(plan.new_items), committer.new_rows, committer.new_rejected, shards,
                          committer.new_bytes, seconds, manifest["num_rows"])

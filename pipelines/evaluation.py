@@ -41,9 +41,7 @@ class EvalSettings:
     per_class: int                 # images per class
     num_classes: int
     seed: int                      # the set's seeds derive from it (as sample.seed does)
-    guidance: dict[str, Any]       # models.Guidance fields
-    flow_steps: int
-    batch_size: int
+    sample: Any                    # pipelines.sampling.SampleSettings: guidance, flow steps, solver, ...
     evaluator: str                 # "domain" | "inception"
     token_space: dict[str, Any]    # the dataset's: how tokens decode to images
     evaluator_path: str | None = None   # domain: the evaluator file
@@ -65,6 +63,7 @@ def settings_for(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings
         raise SarError(f"{stage}.eval_every: in-training evaluation samples on rank 0 alone, which sharded "
                        f"(FSDP) weights do not allow; unset it or use {stage}.strategy=ddp")
     from pipelines import checkpoints, evaluator
+    from pipelines.sampling import SampleSettings
 
     f, s = cfg.fid, cfg.sample
     extra: dict[str, Any] = {}
@@ -82,8 +81,7 @@ def settings_for(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings
         extra = {"reference": f.reference, "inception_weights": f.inception_weights}
     return EvalSettings(every=train.eval_every, per_class=train.eval_per_class,
                         num_classes=int(manifest.get("num_classes") or len(manifest.get("classes") or [])),
-                        seed=s.seed, guidance=s.guidance.model_dump(), flow_steps=s.flow_steps,
-                        batch_size=s.batch_size, evaluator=f.evaluator,
+                        seed=s.seed, sample=SampleSettings.from_config(s), evaluator=f.evaluator,
                         token_space=checkpoints.token_space(manifest), **extra)
 
 
@@ -92,12 +90,10 @@ class TrainingEvaluator:
 
     def __init__(self, settings: EvalSettings, stage_dir: str, device: torch.device,
                  storage_options: dict[str, Any] | None = None):
-        from models import Guidance
         from pipelines.codecs import codec_from_manifest
         from pipelines.sampling import SamplePlan
 
         self.settings, self.stage_dir, self.device, self.so = settings, stage_dir, device, storage_options
-        self.guidance = Guidance(**settings.guidance)
         self.codec = codec_from_manifest(settings.token_space, storage_options).to(device).eval()
         self.rows = SamplePlan(settings.num_classes, settings.per_class, settings.seed).rows(
             range(settings.num_classes * settings.per_class))
@@ -108,7 +104,7 @@ class TrainingEvaluator:
 
         s = self.settings
         reference = evaluator.reference_images(s.evaluator_path, s.source, self.so)
-        scorer = evaluator.DomainScorer(s.evaluator_path, reference, batch_size=s.batch_size,
+        scorer = evaluator.DomainScorer(s.evaluator_path, reference, batch_size=s.sample.batch_size,
                                         cuda=self.device.type == "cuda", storage_options=self.so)
         return lambda images, labels: scorer.score(images, labels, kid=False)
 
@@ -121,10 +117,11 @@ class TrainingEvaluator:
             s.reference, extractor, image_size=s.token_space.get("image_size"),
             cache_url=storage.join(self.stage_dir, EVALS_DIR, fid.REFERENCE_CACHE),
             extractor_id=fid.weights_id(s.inception_weights, self.so), need_features=True,
-            batch_size=s.batch_size, cuda=cuda, storage_options=self.so)
+            batch_size=s.sample.batch_size, cuda=cuda, storage_options=self.so)
 
         def score(images, labels):
-            out = fid.compute_metrics(images, reference, extractor, batch_size=s.batch_size, cuda=cuda, isc=False)
+            out = fid.compute_metrics(images, reference, extractor, batch_size=s.sample.batch_size, cuda=cuda,
+                                      isc=False)
             return {**out, "accuracy": None}
         return score
 
@@ -132,15 +129,12 @@ class TrainingEvaluator:
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         """Sample the set with `model` (the EMA weights), score it, write its grid; returns the row."""
         from pipelines.evaluator import LabelledImages
-        from pipelines.sampling import LABEL, SEED, grid_png, render
+        from pipelines.sampling import LABEL, grid_png
 
         s, t0, was_training = self.settings, time.perf_counter(), model.training
         model.eval()
         try:
-            images = np.concatenate([
-                render(model, self.codec, self.rows[LABEL][i:i + s.batch_size], self.rows[SEED][i:i + s.batch_size],
-                       self.guidance, s.flow_steps, self.device)
-                for i in range(0, len(self.rows[LABEL]), s.batch_size)])
+            images = s.sample.render(model, self.codec, self.rows, self.device)
         finally:
             model.train(was_training)
         labels = self.rows[LABEL]

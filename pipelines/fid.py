@@ -61,7 +61,8 @@ def load_inception(weights: str | None, cuda: bool, storage_options: dict[str, A
     path = None
     if weights:
         try:
-            path = storage.local_copy(weights, storage_options)
+            with storage.field("fid.inception_weights"):
+                path = storage.local_copy(weights, storage_options)
         except storage.NotFound:
             raise SarError(f"fid.inception_weights: {storage.redact(weights)} not found") from None
     layers = sorted({FID_LAYER, ISC_LAYER, PRC_LAYER})
@@ -82,7 +83,8 @@ def weights_id(weights: str | None, storage_options: dict[str, Any] | None = Non
     """What identifies the Inception weights (for caches and metrics.json)."""
     if not weights:
         return _weights_url()
-    return f"sha256:{storage.sha256_file(storage.local_copy(weights, storage_options))}"
+    with storage.field("fid.inception_weights"):
+        return f"sha256:{storage.sha256_file(storage.local_copy(weights, storage_options))}"
 
 
 def extract_features(dataset: Dataset, extractor, batch_size: int, cuda: bool) -> dict[str, torch.Tensor]:
@@ -214,6 +216,8 @@ def _reference_from_npz(url: str, extractor, need_features: bool, batch_size: in
                         storage_options: dict[str, Any] | None) -> Reference:
     try:
         z = np.load(storage.local_copy(url, storage_options))
+    except storage.StorageError:
+        raise  # the store's own one-line error (not found, access denied, ...)
     except (OSError, ValueError) as err:
         raise SarError(f"fid.reference: {storage.redact(url)} is not a readable .npz ({err})") from None
     with z:
@@ -264,10 +268,11 @@ def load_reference(url: str, extractor, *, image_size: int | None, cache_url: st
                    need_features: bool, batch_size: int, cuda: bool,
                    storage_options: dict[str, Any] | None = None) -> Reference:
     """Reference statistics from an .npz statistics file or an image folder (features cached)."""
-    if str(url).endswith(".npz"):
-        return _reference_from_npz(url, extractor, need_features, batch_size, cuda, storage_options)
-    return _reference_from_folder(url, extractor, image_size, cache_url, extractor_id, batch_size, cuda,
-                                  storage_options)
+    with storage.field("fid.reference"):
+        if str(url).endswith(".npz"):
+            return _reference_from_npz(url, extractor, need_features, batch_size, cuda, storage_options)
+        return _reference_from_folder(url, extractor, image_size, cache_url, extractor_id, batch_size, cuda,
+                                      storage_options)
 
 
 # Metrics --------------------------------------------------------------------------------------
@@ -320,11 +325,17 @@ def skipped_metrics(reason: str) -> dict[str, Any]:
 
 
 def reference_problem(reference: str | None, storage_options: dict[str, Any] | None = None) -> str | None:
-    """Why FID cannot be computed against `reference`, or None when it can."""
+    """Why FID is not computed: fid.reference is not set; None when it is set and exists.
+
+    A reference that is set but missing is a mistake (a typo, an unmounted folder), not a reason to
+    skip: it raises SarError naming the field and the location.
+    """
     if not reference:
         return "fid.reference is not set (ADM's VIRTUAL_imagenet256_labeled.npz or an image folder)"
-    if not storage.exists(reference, storage_options):
-        return f"fid.reference {storage.redact(reference)} does not exist"
+    with storage.field("fid.reference"):
+        if not storage.exists(reference, storage_options):
+            raise SarError(f"fid.reference: not found: {storage.redact(reference)} (ADM's "
+                           "VIRTUAL_imagenet256_labeled.npz or an image folder; unset it to score without FID)")
     return None
 
 

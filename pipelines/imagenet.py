@@ -91,13 +91,20 @@ def list_imagenet(
 
     The subset is stable under growth: the first N classes in label order and the first M
     keys in sorted order, so raising either only adds files (and `sar encode` only encodes
-    those).
+    those). A storage failure comes out as one StorageError naming data.source and the URL.
     """
+    with storage.field("data.source"), storage.translate_errors(root, storage_options):
+        return _list_split(root, split, classes, per_class, storage_options)
+
+
+def _list_split(root: str, split: str, classes: int | None, per_class: int | None,
+                storage_options: dict | None) -> SourceListing:
     fs, root_path = storage.filesystem(root, storage_options)
     root_path = root_path.rstrip("/")
     split_path = f"{root_path}/{split}"
     fs.invalidate_cache(split_path)  # a grown source must be listed afresh, not from a cache
     if not fs.isdir(split_path):
+        storage.listdir(root, storage_options)  # a missing bucket says so, rather than "no train/ folder"
         raise SarError(f"data.source: no {split}/ folder under {storage.redact(root)}")
 
     files = sorted(p for p in fs.find(split_path) if _is_image(p))

@@ -24,8 +24,13 @@ lists it. The driver commits as shards arrive: it writes the sidecars, then the 
 atomically; the manifest carries the sidecars' digests, so a crash between the writes is
 detected and the key set rebuilt from the committed shards. A run killed midway leaves
 shards the manifest does not list; the next run deletes them before it starts and encodes
-their images again, so every image ends up in exactly one committed shard. One encode run
-per latents folder at a time.
+their images again, so every image ends up in exactly one committed shard.
+
+One encode run per latents folder at a time, enforced: the run holds the folder's writer
+lease (`_writer.lease*`, pipelines/lease.py; never taken for data nor cleaned up here) and
+checks it before every commit. A manifest that lists a shard no longer in the folder (deleted
+or lost by hand) is repaired rather than trusted: the shard leaves the manifest and its images
+count as not consumed, so the next run encodes them again.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import torch
 
 from pipelines import storage
 from pipelines.errors import DatasetMismatch, SarError
+from pipelines.lease import LEASE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,8 @@ SCHEMA_VERSION = 1
 MANIFEST, SOURCES, REJECTED = "_manifest.json", "_sources.json", "_rejected.json"
 SHARD_PREFIX, SHARD_SUFFIX = "part-", ".parquet"
 INLINE_REJECTED_MAX = 1000
+# In a manifest as committed_state returns it (never on disk): the listed shards that are gone.
+MISSING_SHARDS = "missing_shards"
 # What must agree between an existing dataset and a run that adds to it.
 # Causes before consequences (patch before grid), so the message names what the user changed.
 HEADER_FIELDS = ("schema_version", "encoder", "weights_sha256", "scale_factor", "image_size", "patch", "channels",
@@ -177,16 +185,24 @@ def read_into_object_store(latents_url: str, manifest: dict, columns: Iterable[s
     return ray.data.from_arrow(tables)
 
 
-def dataset_digest(latents_url: str, storage_options: dict | None = None) -> str | None:
-    """Digest of the committed dataset: its manifest without timestamps and config; None when absent."""
+# Manifest fields left out of the dataset digest: they change without changing the data.
+VOLATILE_MANIFEST_FIELDS = {"created", "updated", "config", "elapsed_s", "summary"}
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The digest of a dataset (what training stages record as `inputs.latents`): its manifest
+    without timestamps and config."""
     from pipelines.rundir import digest_of
 
+    return digest_of({k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS})
+
+
+def dataset_digest(latents_url: str, storage_options: dict | None = None) -> str | None:
+    """Digest of the committed dataset (`manifest_digest`); None when absent."""
     url = storage.join(latents_url, MANIFEST)
     if not storage.exists(url, storage_options):
         return None
-    manifest = storage.read_json(url, storage_options)
-    volatile = {"created", "updated", "config", "elapsed_s", "summary"}
-    return digest_of({k: v for k, v in manifest.items() if k not in volatile})
+    return manifest_digest(storage.read_json(url, storage_options))
 
 
 def load_arrays(latents_url: str, columns: Iterable[str] = TRAIN_COLUMNS,
@@ -253,6 +269,38 @@ def check_compatible(manifest: dict, *, token_dim: int, grid: tuple[int, int], g
             raise DatasetMismatch(f"{name}: dataset has {_show(have)}, model expects {_show(want)}")
 
 
+def check_encode_settings(manifest: dict, encode: Any, where: str, storage_options: dict | None = None) -> None:
+    """Refuse a dataset made with other encode settings than the config's (jobs.config.EncodeConfig).
+
+    Training follows the dataset's token space whatever the config says, but records the
+    config: a run on patch-4 latents under `encode.patch: 8` would say it trained on patch 8.
+    Raises DatasetMismatch naming the field and both values. The weights are compared by
+    location, then (only when the locations differ) by content.
+    """
+    from pipelines.codecs import DEFAULT_PATCH, weights_sha256
+
+    wanted = {"encoder": encode.encoder, "image_size": encode.image_size,
+              "patch": encode.patch or DEFAULT_PATCH.get(encode.encoder)}
+    if encode.scale_factor is not None:
+        wanted["scale_factor"] = encode.scale_factor
+    for name, want in wanted.items():
+        have = manifest.get(name)
+        same = (have is not None and abs(float(have) - float(want)) <= 1e-6 * abs(float(want))
+                if name == "scale_factor" else have == want)
+        if not same:
+            raise DatasetMismatch(f"encode.{name}: the latents at {where} were made with {_show(have)}, the config "
+                                  f"says {_show(want)}; set encode.{name}={_show(have)} to train on them, or "
+                                  f"re-encode them with `sar encode --force`")
+    if encode.weights and manifest.get("weights_sha256") and storage.redact(encode.weights) != manifest.get("weights"):
+        with storage.field("encode.weights"):
+            digest = weights_sha256(storage.local_copy(encode.weights, storage_options))
+        if digest != manifest["weights_sha256"]:
+            raise DatasetMismatch(f"encode.weights: the latents at {where} were made with {manifest.get('weights')} "
+                                  f"(sha256 {manifest['weights_sha256'][:12]}), the config names "
+                                  f"{storage.redact(encode.weights)} (sha256 {digest[:12]}); re-encode with "
+                                  "`sar encode --force` or set encode.weights to the dataset's")
+
+
 def _show(v: Any) -> str:
     return "none" if v is None else json.dumps(v) if isinstance(v, list) else str(v)
 
@@ -263,7 +311,9 @@ def committed_state(latents_url: str, storage_options: dict | None = None) -> tu
 
     A sidecar whose digest is not the manifest's was written by a commit that never
     finished: the keys are then rebuilt from the committed shards (and rejected files not
-    provably recorded are simply tried again).
+    provably recorded are simply tried again). So are they when a shard the manifest lists is
+    missing: the returned manifest leaves it out (its names under MISSING_SHARDS) and its
+    images are not consumed, so they are encoded again; the next commit makes that permanent.
     """
     if not storage.exists(storage.join(latents_url, MANIFEST), storage_options):
         return None, set(), []
@@ -272,11 +322,20 @@ def committed_state(latents_url: str, storage_options: dict | None = None) -> tu
     if isinstance(rejected, dict):  # more than INLINE_REJECTED_MAX: in the sidecar
         side = _read_sidecar(latents_url, REJECTED, storage_options)
         rejected = side.get("rejected", []) if side.get("digest") == rejected["digest"] else []
+    present = set(_owned_files(latents_url, storage_options))
+    missing = [s["file"] for s in manifest["shards"] if s["file"] not in present]
+    if missing:
+        log.warning("%d of the %d shards that %s lists are missing (e.g. %s): their images will be encoded again",
+                    len(missing), len(manifest["shards"]), storage.redact(storage.join(latents_url, MANIFEST)),
+                    missing[0])
+        shards = [s for s in manifest["shards"] if s["file"] in present]
+        manifest = {**manifest, "shards": shards, "num_rows": sum(s["rows"] for s in shards), MISSING_SHARDS: missing}
     side = _read_sidecar(latents_url, SOURCES, storage_options)
-    if side.get("digest") == manifest["sources"]["digest"]:
+    if not missing and side.get("digest") == manifest["sources"]["digest"]:
         consumed = set(side["keys"])
     else:
-        log.warning("%s does not match the manifest (an interrupted commit): rebuilding from the shards", SOURCES)
+        if not missing:
+            log.warning("%s does not match the manifest (an interrupted commit): rebuilding from the shards", SOURCES)
         consumed = {r["key"] for r in rejected}
         fs, _ = storage.pyarrow_filesystem(latents_url, storage_options)
         for url in shard_urls(latents_url, manifest):
@@ -297,8 +356,9 @@ def _owned_files(latents_url: str, storage_options: dict | None) -> list[str]:
     fs, path = storage.filesystem(latents_url, storage_options)
     fs.invalidate_cache(path)  # shards are written by other processes: list afresh
     return [n for n in storage.listdir(latents_url, storage_options)
-            if (n.startswith(SHARD_PREFIX) and n.endswith(SHARD_SUFFIX)) or n in (MANIFEST, SOURCES, REJECTED)
-            or (n.startswith((f".{SHARD_PREFIX}", "._")) and n.endswith(".tmp"))]
+            if not n.startswith(LEASE_PREFIX)
+            and ((n.startswith(SHARD_PREFIX) and n.endswith(SHARD_SUFFIX)) or n in (MANIFEST, SOURCES, REJECTED)
+                 or (n.startswith((f".{SHARD_PREFIX}", "._")) and n.endswith(".tmp")))]
 
 
 def remove_orphans(latents_url: str, manifest: dict | None, storage_options: dict | None = None) -> list[str]:

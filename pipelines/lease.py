@@ -499,3 +499,9 @@ class WriterLease:
     def token(self) -> LeaseToken:
         """What another process needs to check this lease (LeaseToken.check)."""
         return LeaseToken(self.output_url, self.owner["id"])
+
+
+def stage_lease(output_url: str, cluster: Any, storage_options: dict | None = None) -> WriterLease:
+    """The writer lease of a stage's output folder, timed by the config's cluster section
+    (jobs.config.ClusterConfig: lease_ttl_s, lease_wait_s)."""
+    return WriterLease(output_url, storage_options, ttl_s=cluster.lease_ttl_s, wait_s=cluster.lease_wait_s)

@@ -6,9 +6,11 @@ Batches are dicts of numpy arrays (Ray Data's "numpy" batch format). Columns:
     ReadImageBytes  -> + bytes (binary), error (str, "" when fine)
     DecodeImages    -> key, label, pixels (S, S, 3) uint8, error
 
-A file that cannot be read or decoded (truncated, empty, not an image) keeps its row with
-zero pixels and the reason in `error`; the encoder passes such rows by and the shard writer
-records them as rejected. One bad file never stops a run.
+A file that cannot be read or decoded (missing, truncated, empty, not an image) keeps its row
+with zero pixels and the reason in `error`; the encoder passes such rows by and the shard
+writer records them as rejected. One bad file never stops a run. A failure of the store itself
+(credentials, bucket, endpoint, permission, throttling) is not the file's fault: it raises a
+StorageError naming data.source, so the run stops with nothing recorded as consumed.
 
 Pixels travel between stages as uint8 (4x smaller in the object store than float32); the
 encoder maps them to [-1, 1] and makes the horizontal flip on its own device, with
@@ -65,39 +67,56 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Bytes of any image file -> (S, S, 3) uint8; raises UnreadableImage with the reason."""
+def decode_image(data: bytes, image_size: int, name: str = "the file") -> np.ndarray:
+    """Bytes of any image file -> (S, S, 3) uint8; raises UnreadableImage with the reason.
+
+    `name` (the source key) stands in the reason where PIL would name its in-memory buffer.
+    """
     if not data:
         raise UnreadableImage("empty file (0 bytes)")
+    buffer = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(buffer)
             img.load()  # decode now: a truncated file fails here, not later
             return center_crop_arr(to_rgb(img), image_size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # PIL raises UnidentifiedImageError (an OSError) for non-images, OSError for
         # truncated data, SyntaxError / ValueError for some malformed headers.
-        raise UnreadableImage(f"{type(err).__name__}: {err}") from None
+        raise UnreadableImage(f"{type(err).__name__}: {str(err).replace(repr(buffer), name)}") from None
 
 
 class ReadImageBytes:
-    """Read each row's file from the dataset root; a failed read becomes an `error`."""
+    """Read each row's file from the dataset root; a missing file becomes an `error`, a failing
+    store a StorageError."""
 
     def __init__(self, root: str, storage_options: dict | None = None):
-        self.fs, root_path = storage.filesystem(root, storage_options)
+        self.root, self.storage_options = root, storage_options
+        with storage.field("data.source"):
+            self.fs, root_path = storage.filesystem(root, storage_options)
         self.root_path = root_path.rstrip("/")
+
+    def _problem(self, path: str, err: BaseException) -> str:
+        """The reject reason of a file the store could not give, or raise when the store itself failed."""
+        url = storage.protocol_url(self.fs, path)
+        problem = storage.classify(err, url, self.storage_options)
+        if isinstance(problem, storage.NotFound) or isinstance(err, IsADirectoryError):
+            return f"read failed: {problem}"
+        with storage.field("data.source"):
+            raise problem or storage.StorageError(f"{storage.redact(url)}: {type(err).__name__}: {err}", url)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         paths = [f"{self.root_path}/{k}" for k in batch[KEY]]
         # One call for the batch: s3fs fetches the objects concurrently.
-        got = self.fs.cat(paths, on_error="return") if paths else {}
+        with storage.field("data.source"), storage.translate_errors(self.root, self.storage_options):
+            got = self.fs.cat(paths, on_error="return") if paths else {}
         data, errors = [], []
         for p in paths:
             value = got.get(p, FileNotFoundError(p))
             if isinstance(value, BaseException):
                 data.append(b"")
-                errors.append(f"read failed: {type(value).__name__}: {value}")
+                errors.append(self._problem(p, value))
             else:
                 data.append(value)
                 errors.append("")
@@ -119,7 +138,7 @@ class DecodeImages:
             if errors[i]:
                 continue
             try:
-                pixels[i] = decode_image(bytes(data) if data is not None else b"", self.image_size)
+                pixels[i] = decode_image(bytes(data) if data is not None else b"", self.image_size, str(batch[KEY][i]))
             except UnreadableImage as err:
                 errors[i] = str(err)
         return {KEY: batch[KEY], LABEL: np.asarray(batch[LABEL], np.int64), PIXELS: pixels,

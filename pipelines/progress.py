@@ -8,11 +8,12 @@ screen of repeated lines, so it writes one plain line every `interval_s` seconds
     sample: 50000/50000 images in 20m12s, 41.2 images/s
 
 The rate counts what was done since the Progress began (not what an earlier, resumed launch did).
-Writes to `stream` only (default stderr); reads nothing.
 
     with Progress(total=len(missing), what="images", desc="sample") as p:
         for batch in batches:
             p.update(len(batch))
+
+Writes to `stream` only (default stderr), and `write(text)` lines to stdout; reads nothing.
 """
 
 from __future__ import annotations
@@ -81,6 +82,21 @@ class Progress:
             elif now - self.last_line >= self.interval_s:
                 self._write(self.line(now))
                 self.last_line = now
+
+    def write(self, text: str, stream: TextIO | None = None) -> None:
+        """A line of other output (a training loop's metrics row) to `stream` (default stdout), leaving
+        the progress line whole: on a terminal it is cleared, the text written, then redrawn."""
+        out = stream if stream is not None else sys.stdout
+        if self._bar is not None:
+            self._bar.write(text, file=out)  # tqdm clears its bar, writes, redraws
+            return
+        redraw = self.tty and not self.closed
+        if redraw:
+            self._write("\r\033[K", end="")
+        out.write(text + "\n")
+        out.flush()
+        if redraw:
+            self._write(self.line(self.clock()), end="")
 
     def close(self) -> None:
         """The final line (done, elapsed, rate); further calls do nothing."""

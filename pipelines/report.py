@@ -12,22 +12,22 @@ Reads (each part optional; a missing one is shown as "not run yet")
     samples/_manifest.json                    the sample set: checkpoint_digest, num_samples, guidance
     eval/metrics.json, eval/grid.png          the final metrics and sample grid
     {stage}/_stage.json                       wall time, images, images/s, input and output digests
-                                              (`write_stage_record`)
+                                              (pipelines/rundir.py's `write_stage_record`)
+    _tracking.json                            the MLflow run of the run directory (pipelines/tracking.py)
 Writes  {run_dir}/report.html, atomically: images are embedded as data URIs, the CSS is inline, and
         nothing is fetched from the network, so the file opens anywhere (a laptop, an object store's
         browser, an e-mail attachment).
 
 Lineage: each link says whether the consumer was made from what the producer holds now
-(the checkpoints' `inputs.latents` is the digest of the latents manifest without its volatile fields,
-as the run command computes it; refine's `inputs.init` is the pretrain checkpoint's digest; the
-samples' `checkpoint_digest` and the metrics' `checkpoint_digest` name the checkpoint sampled).
+(the checkpoints' `inputs.latents` is the dataset digest, `latents.manifest_digest` of the latents
+manifest; refine's `inputs.init` is the pretrain checkpoint's digest; the samples'
+`checkpoint_digest` and the metrics' `checkpoint_digest` name the checkpoint sampled).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import html
 import io
 import json
@@ -36,43 +36,22 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines import storage
+from pipelines import latents, rundir, storage, tracking
 
 REPORT_FILE = "report.html"
-STAGE_FILE = "_stage.json"
+STAGE_FILE = rundir.STAGE_RECORD
 # Stage name -> its folder under run_dir.
 STAGE_DIRS = {"encode": "latents", "pretrain": "pretrain", "refine": "refine", "sample": "samples", "fid": "eval"}
 TRAINING = ("pretrain", "refine")
 # Self-token prediction paper (Table 4): FID on ImageNet 256x256, 31 steps, 50,000 samples.
 PAPER_FID = {"sar-b": 4.23, "sar-l": 2.52, "sar-h": 2.26}
 PAPER_SAMPLES = 50_000
-# Manifest fields left out of the latents digest (they change without changing the data).
-VOLATILE_MANIFEST_FIELDS = {"created", "updated", "config", "elapsed_s", "summary"}
 GRID_MAX_PX, THUMB_MAX_PX = 1024, 480
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-# The stage record every stage writes ------------------------------------------------------------
 def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def write_stage_record(stage_out: str, stage: str, started: float, finished: float, images: int | None = None,
-                       inputs: dict[str, str | None] | None = None, outputs: dict[str, str | None] | None = None,
-                       storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write `{stage_out}/_stage.json` (times are time.time() seconds); returns the record."""
-    wall = max(finished - started, 0.0)
-    record = {"stage": stage, "started": _iso(started), "finished": _iso(finished), "wall_s": round(wall, 3),
-              "images": images, "images_per_s": round(images / wall, 3) if images and wall > 0 else None,
-              "inputs": dict(inputs or {}), "outputs": dict(outputs or {})}
-    storage.write_json(storage.join(stage_out, STAGE_FILE), record, storage_options)
-    return record
-
-
-def latents_digest(manifest: dict[str, Any]) -> str:
-    """The digest training stages record as `inputs.latents`: the manifest minus its volatile fields."""
-    stable = {k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS}
-    return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # Reading the run directory ---------------------------------------------------------------------
@@ -405,7 +384,7 @@ def _missing_card(title: str, why: str = "not run yet") -> str:
 def lineage(stages: dict[str, Stage]) -> str:
     enc, pre, ref, smp, ev = (stages[k] for k in STAGE_DIRS)
     cards = []
-    data_digest = latents_digest({k: v for k, v in enc.manifest.items() if not k.startswith("_")}) \
+    data_digest = latents.manifest_digest({k: v for k, v in enc.manifest.items() if not k.startswith("_")}) \
         if enc.manifest else None
     if enc.manifest:
         m = enc.manifest
@@ -631,7 +610,7 @@ def write_report(run_dir: str, storage_options: dict[str, Any] | None = None) ->
     stages = collect(run_dir, storage_options)
     tracking_line = None
     try:
-        record = storage.read_json(storage.join(run_dir, "_tracking.json"), storage_options)
+        record = storage.read_json(storage.join(run_dir, tracking.RECORD), storage_options)
         tracking_line = f"MLflow run {record.get('run_id')} (store: {record.get('store')})"
     except (storage.StorageError, AttributeError):
         pass

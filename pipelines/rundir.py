@@ -4,7 +4,8 @@
                                   stage's training settings); a relaunch with another is refused
     {stage_dir}/_stage.json       the last completed run of a stage: times, images, inputs, outputs
     {run_dir}/archive/<stage>-<time>/   an output made from other inputs, moved aside before
-                                  the stage re-makes it (nothing written is lost)
+                                  the stage re-makes it (nothing written is lost), under the
+                                  folder's writer lease (never while a stage writes it)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from pipelines import storage
 from pipelines.errors import SarError
+from pipelines.lease import LEASE_PREFIX, WriterLease
 
 RUN_CONFIG = "run_config.json"
 STAGE_RECORD = "_stage.json"
@@ -87,14 +89,24 @@ def bind_run_dir(stage_dir: str, fingerprint: dict[str, Any], stage: str, allow_
 
 
 # Stage records ---------------------------------------------------------------------------------
-def write_stage_record(out_dir: str, stage: str, *, started: str, seconds: float, images: int,
+def write_stage_record(out_dir: str, stage: str, *, started: str, seconds: float, images: int | None,
                        inputs: dict[str, Any], outputs: dict[str, Any],
-                       storage_options: dict[str, Any] | None = None) -> None:
-    """`{out_dir}/_stage.json`: when the stage ran, how long, how many images, what it consumed and made."""
-    storage.write_json(storage.join(out_dir, STAGE_RECORD), {
-        "stage": stage, "started": started, "finished": now_utc(), "wall_s": round(seconds, 2),
-        "images": images, "images_per_s": round(images / seconds, 3) if seconds > 0 else None,
-        "inputs": inputs, "outputs": outputs}, storage_options)
+                       storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`{out_dir}/_stage.json`: when the stage ran (ISO UTC), how long, how many images, what it
+    consumed and made (by digest); returns the record. The run report and the tracker read it."""
+    record = {"stage": stage, "started": started, "finished": now_utc(), "wall_s": round(seconds, 2),
+              "images": images, "images_per_s": round(images / seconds, 3) if images and seconds > 0 else None,
+              "inputs": inputs, "outputs": outputs}
+    storage.write_json(storage.join(out_dir, STAGE_RECORD), record, storage_options)
+    return record
+
+
+def read_stage_record(out_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """`{out_dir}/_stage.json`, or None when the stage has not completed there."""
+    try:
+        return storage.read_json(storage.join(out_dir, STAGE_RECORD), storage_options)
+    except storage.NotFound:
+        return None
 
 
 # Stale outputs ---------------------------------------------------------------------------------
@@ -108,5 +120,10 @@ def archive(run_dir: str, stage_dir: str, stage: str, storage_options: dict[str,
     _, dst = storage.filesystem(dest, storage_options)
     if storage.is_local(run_dir):
         fs.makedirs(storage.join(run_dir, "archive"), exist_ok=True)
-    fs.mv(src, dst, recursive=True)
+    with WriterLease(stage_dir, storage_options):  # no stage may be writing what is moved
+        with storage.translate_errors(stage_dir, storage_options):
+            fs.mv(src, dst, recursive=True)
+        for name in storage.listdir(dest, storage_options):  # the lease went along: not part of the archive
+            if name.startswith(LEASE_PREFIX):
+                storage.remove(storage.join(dest, name), storage_options=storage_options)
     return dest

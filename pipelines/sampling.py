@@ -31,6 +31,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.errors import SarError
+from pipelines.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,22 @@ class SampleSettings:
         """The head's sampling options, as SARModel.generate takes them."""
         return {"solver": self.solver, "temperature": self.temperature, "compile_head": self.compile_head}
 
+    @classmethod
+    def from_config(cls, sample: Any) -> "SampleSettings":
+        """The settings of the config's sample section (jobs.config.SampleConfig)."""
+        return cls(guidance=sample.guidance.model_dump(), flow_steps=sample.flow_steps, weights=sample.weights,
+                   image_format=sample.format, shard_size=sample.npz_shard, batch_size=sample.batch_size,
+                   solver=sample.solver, temperature=sample.temperature, compile_head=sample.compile_head)
+
+    def render(self, model, codec, rows: dict[str, np.ndarray], device: torch.device) -> np.ndarray:
+        """The images (N, H, W, 3) uint8 of plan rows (labels and seeds), in batches of batch_size."""
+        from models import Guidance
+
+        guidance, b = Guidance(**self.guidance), self.batch_size
+        return np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
+                                      self.flow_steps, device, self.sampler)
+                               for i in range(0, len(rows[LABEL]), b)])
+
 
 def token_space(meta: dict[str, Any]) -> dict[str, Any]:
     """The dataset manifest (token space) a checkpoint was trained on."""
@@ -204,22 +221,14 @@ class SampleGenerator:
 
     def __init__(self, checkpoint: str, samples_dir: str, settings: SampleSettings, plan: SamplePlan,
                  storage_options: dict[str, Any] | None = None):
-        from models import Guidance
-
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.codec, _ = load_generator(checkpoint, settings.weights, storage_options, self.device)
         self.samples_dir, self.storage_options = samples_dir, storage_options
-        self.guidance, self.flow_steps = Guidance(**settings.guidance), settings.flow_steps
-        self.sampler = settings.sampler
-        self.plan = plan
-        self.format, self.shard_size, self.batch_size = settings.image_format, settings.shard_size, settings.batch_size
+        self.settings, self.plan = settings, plan
+        self.format, self.shard_size = settings.image_format, settings.shard_size
 
     def _render(self, rows: dict[str, np.ndarray]) -> np.ndarray:
-        chunks = [render(self.model, self.codec, rows[LABEL][i:i + self.batch_size],
-                         rows[SEED][i:i + self.batch_size], self.guidance, self.flow_steps, self.device,
-                         self.sampler)
-                  for i in range(0, len(rows[INDEX]), self.batch_size)]
-        return np.concatenate(chunks)
+        return self.settings.render(self.model, self.codec, rows, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.format == "npz":
@@ -334,12 +343,13 @@ class PoolRun:
 
 def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, samples_dir: str, missing: list[int],
              num_actors: int, gpus_per_actor: float, storage_options: dict[str, Any] | None = None,
-             resources_per_actor: dict[str, float] | None = None) -> PoolRun:
+             resources_per_actor: dict[str, float] | None = None, progress_interval_s: float = 30.0) -> PoolRun:
     """Generate the `missing` indices with a Ray Data actor pool of `num_actors` SampleGenerators, each
-    reserving `resources_per_actor` (custom resources) besides its GPU share."""
+    reserving `resources_per_actor` (custom resources) besides its GPU share; a progress line
+    (pipelines/progress.py) every `progress_interval_s` in a log."""
     import ray
 
-    from pipelines.ray_runtime import cluster_gpus
+    from pipelines.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
 
     if settings.image_format == "npz":
         shards = sorted({i // settings.shard_size for i in missing})
@@ -349,41 +359,48 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
         rows = plan.rows(missing)
         ds = ray.data.from_items([{k: int(rows[k][j]) for k in rows} for j in range(len(missing))])
         batch_size = settings.batch_size
-    ds = ds.map_batches(
-        SampleGenerator,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "samples_dir": samples_dir, "settings": settings,
-                               "plan": plan, "storage_options": storage_options},
-        batch_size=batch_size,
-        concurrency=num_actors,
-        num_gpus=gpus_per_actor if cluster_gpus() else 0,  # the job, not the stage, decides resources
-        resources=resources_per_actor or None,
-    )
+    with pool_args_accepted():
+        ds = ds.map_batches(
+            SampleGenerator,
+            fn_constructor_kwargs={"checkpoint": checkpoint, "samples_dir": samples_dir, "settings": settings,
+                                   "plan": plan, "storage_options": storage_options},
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=gpus_per_actor if cluster_gpus() else 0,  # the job, not the stage, decides resources
+            resources=resources_per_actor or None,
+            **actor_pool_args(),
+        )
     run = PoolRun()
     start = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n = len(batch[INDEX])
-        if run.written == 0:
-            run.first_batch_s, run.first_batch = time.perf_counter() - start, n
-        run.written += n
-        run.seconds = time.perf_counter() - start
-        log.info("sample: %d/%d images (%.1f/s after start-up)", run.written, len(missing), run.steady_rate)
+    with Progress(len(missing), what="images", desc="sample", interval_s=progress_interval_s) as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n = len(batch[INDEX])
+            if run.written == 0:
+                run.first_batch_s, run.first_batch = time.perf_counter() - start, n
+            run.written += n
+            run.seconds = time.perf_counter() - start
+            progress.update(n)
     return run
 
 
 def finish_set(samples_dir: str, plan: SamplePlan, settings: SampleSettings, spec: dict[str, Any],
                meta: dict[str, Any], run_config: dict[str, Any],
-               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               storage_options: dict[str, Any] | None = None, lease=None) -> dict[str, Any]:
     """Check the set is whole, then write the index and, last, the manifest; returns the manifest.
 
-    `meta` is the checkpoint's meta.json (its token space gives the images' size)."""
+    `meta` is the checkpoint's meta.json (its token space gives the images' size); `lease`, the
+    folder's writer lease (pipelines.lease.WriterLease), is checked before each of the two commits."""
+    check = lease.check if lease is not None else (lambda: None)
     missing = missing_indices(samples_dir, plan, settings, storage_options)
     if missing:
         raise SarError(f"{storage.redact(samples_dir)}: {len(missing)} of {plan.size} images are "
                        f"still missing after the run; run `sar sample` again to finish")
+    check()
     storage.write_json(storage.join(samples_dir, INDEX_FILE),
                        index_rows(plan, settings.image_format, settings.shard_size), storage_options)
     manifest = {**spec, "index": INDEX_FILE, "num_classes_trained": meta.get("num_classes"),
                 "image_size": token_space(meta).get("image_size"), "config": run_config}
+    check()
     storage.write_json(storage.join(samples_dir, MANIFEST_FILE), manifest, storage_options)
     return manifest
 
@@ -394,17 +411,12 @@ def write_preview(checkpoint: str, plan: SamplePlan, settings: SampleSettings, s
 
     The images are the ones the full run makes for those indices (same seeds).
     """
-    from models import Guidance
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, codec, _ = load_generator(checkpoint, settings.weights, storage_options, device)
     picked = np.unique(np.linspace(0, plan.num_classes - 1, min(classes, plan.num_classes)).round().astype(int))
     per = min(per_class, plan.per_class)
     rows = plan.rows([i for c in picked for i in plan.class_indices(int(c), per)])
-    guidance, b = Guidance(**settings.guidance), settings.batch_size
-    images = np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
-                                    settings.flow_steps, device, settings.sampler)
-                             for i in range(0, len(rows[INDEX]), b)])
+    images = settings.render(model, codec, rows, device)
     url = storage.join(samples_dir, PREVIEW_FILE)
     storage.write_bytes(url, grid_png(images.reshape(len(picked), per, *images.shape[1:])), storage_options)
     return url

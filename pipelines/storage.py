@@ -72,6 +72,7 @@ class StorageError(OSError):
     """A storage operation failed; the message (one line) names the location."""
 
     transient = False  # True when trying again later may succeed
+    field: str | None = None  # the config field the URL came from, once `field()` named it
 
     def __init__(self, message: str, url: str | None = None):
         super().__init__(message)
@@ -119,6 +120,9 @@ _THROTTLING_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLi
                      "RequestThrottled", "ServiceUnavailable", "503"}
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID")
 _SECRET_OPTION = re.compile(r"secret|token|password|key", re.IGNORECASE)
+_UMASK = os.umask(0o022)  # read the process's umask (os.umask sets it), then restore it
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 MAX_MESSAGE = 400  # characters of a store's own message kept in ours
 
 
@@ -220,12 +224,17 @@ def translate_errors(url: str, storage_options: dict[str, Any] | None = None) ->
 
 @contextlib.contextmanager
 def field(name: str) -> Iterator[None]:
-    """Prefix storage errors raised inside the block with the config field the URL came from."""
+    """Prefix storage errors raised inside the block with the config field the URL came from.
+
+    The innermost field wins: an error already named (a read of data.source inside a block
+    about run_dir) keeps its field.
+    """
     try:
         yield
     except StorageError as err:
-        if err.args and isinstance(err.args[0], str) and not err.args[0].startswith(f"{name} "):
+        if err.field is None and err.args and isinstance(err.args[0], str):
             err.args = (f"{name} {err.args[0]}",)
+            err.field = name
         raise
 
 
@@ -415,6 +424,7 @@ def open_atomic(url: str, mode: str = "wb", storage_options: dict[str, Any] | No
                     f.flush()
                     os.fsync(f.fileno())
             with translate_errors(url):
+                os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; an output has the mode a plain open would give
                 os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -366,6 +366,8 @@ class _Sender:
         except storage.NotFound:
             record = None
         except storage.StorageError as err:
+            if type(err) is not storage.StorageError:  # the store itself fails (bucket, credentials, network)
+                raise
             log.warning("tracking: %s is unreadable (%s); starting a new run", storage.redact(record_url), err)
             record = None
         exp_id = self._experiment_id(experiment)
@@ -511,7 +513,10 @@ NULL = Tracker()
 class MlflowTracker(Tracker):
     """A parent run (from `open_run`), one of its stages (`.stage`), or a run a worker logs into (`attach`)."""
 
-    enabled = True
+    @property
+    def enabled(self) -> bool:
+        """True until the tracker failed (it then warned once and went quiet)."""
+        return not self._sender.failed.is_set()
 
     def __init__(self, sender: _Sender, ref: _Ref, *, experiment: str, store: str, hint_line: str,
                  owns_sender: bool, owns_run: bool = True):

@@ -11,12 +11,20 @@ A stage's driver fills a `LoopConfig` and calls `run_training`; every worker the
     train_step          one optimizer step over its micro-batches (accumulation, clipping, EMA)
     log_row             the metrics of the steps since the last log, as one row
     save_checkpoint     full (gathered) state to `{stage_dir}/checkpoints/step_N`, then metrics.jsonl
+    evaluate_now        in-training evaluation of the EMA weights (pipelines/evaluation.py), to the tracker
 
 Checkpoints go through the storage module (pipelines/checkpoints.py), written by rank 0, in
 local mode and on a cluster alike: Ray Train's local mode persists no checkpoints of its own,
 so the loop owns persistence and pruning (Ray's `storage_path` keeps its run state beside
 them). A restarted worker group (FailureConfig) or a re-launched run resumes from the newest
-checkpoint. Metrics go to `ray.train.report` and `{stage_dir}/metrics.jsonl`.
+checkpoint. Metrics go to `ray.train.report`, `{stage_dir}/metrics.jsonl` and, from rank 0, the
+stage's MLflow run (pipelines/tracking.py: queued, so a slow store never holds up a step).
+
+The driver holds the stage folder's writer lease (pipelines/lease.py) for the whole run; its
+token travels in the LoopConfig. Before each step that writes (a checkpoint, metrics, an
+evaluation), rank 0 checks the lease and every rank learns the verdict: a lost lease stops
+every worker at that step without writing. The workers return rather than raise, so
+FailureConfig does not restart them into the same loss; the driver raises LeaseLost.
 """
 
 from __future__ import annotations
@@ -34,17 +42,21 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from pipelines import checkpoints, rundir, storage
+from pipelines import checkpoints, rundir, storage, tracking
 from pipelines.errors import DatasetMismatch, SarError
 from pipelines.evaluation import EvalSettings, TrainingEvaluator, settings_for, write_evals
-from pipelines.latents import (TRAIN_COLUMNS, check_compatible, data_bytes, open_latents, read_into_object_store,
-                               read_manifest, tokens_from_batch)
+from pipelines.latents import (TRAIN_COLUMNS, check_compatible, check_encode_settings, data_bytes, open_latents,
+                               read_into_object_store, read_manifest, tokens_from_batch)
+from pipelines.lease import LeaseLost, LeaseToken, WriterLease
 from pipelines.objectives import Objective, group_buckets, make_objective
 from pipelines.plots import plot_curves
+from pipelines.progress import Progress
 
 log = logging.getLogger("sar.train")
 
 METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+LEASE_LOST = "lease_lost"  # the metric by which the workers tell the driver why they stopped
 
 
 @dataclass
@@ -64,9 +76,12 @@ class LoopConfig:
     hflip: bool = True              # data.hflip
     accum: int = 1                  # micro-batches per optimizer step on each worker
     failure_drill: tuple[int, str] | None = None  # (step, marker file): see `failure_drill`
+    tracking: dict[str, Any] | None = None  # the stage run's tracking.handoff(): rank 0 logs into it
+    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/progress.py)
     plot: bool = True
     start_step: int = 0             # the newest checkpoint's step when the run was launched
     evaluation: EvalSettings | None = None  # in-training evaluation (pipelines/evaluation.py)
+    lease: LeaseToken | None = None  # the driver's writer lease of stage_dir, checked before each write
 
 
 @dataclass
@@ -153,25 +168,46 @@ def resolve_length(train: Any, num_rows: int) -> Any:
     return train.model_copy(update={"steps": steps, "ema_decay": decay})
 
 
+def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """Refuse latents made with other encode settings or another token space than this run's, and
+    warn (once, here) about a warm-up longer than the run; writes nothing, needs no Ray."""
+    train = resolve_length(getattr(cfg, stage), manifest["num_rows"])
+    where = storage.redact(cfg.latents_dir)
+    check_encode_settings(manifest, cfg.encode, where, cfg.data.storage_options)
+    check_dataset(manifest, model_config, where)
+    if train.optim.warmup_steps > train.steps:
+        log.warning("%s.optim.warmup_steps %d is more than %s.steps %d: the whole run is warm-up (the learning "
+                    "rate reaches %s.optim.lr only at the last step)", stage, train.optim.warmup_steps, stage,
+                    train.steps, stage)
+
+
 def prepare_run(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
-                inputs: dict[str, Any], init: tuple[str, str] | None = None) -> LoopConfig:
+                inputs: dict[str, Any], init: tuple[str, str] | None = None,
+                lease: WriterLease | None = None) -> LoopConfig:
     """Check the dataset and the run directory, bind it to this config, and describe the run.
 
     `cfg` is the resolved jobs.config.PipelineConfig; nothing here needs Ray, so a wrong
-    dataset or a changed config is refused before any worker starts.
+    dataset or a changed config is refused before any worker starts (a stage calls
+    `check_inputs` first, before it takes the folder's lease). `lease` is the stage
+    folder's writer lease, held by the caller: this run owns the folder, so checkpoints that
+    do not load are moved aside (checkpoints.set_aside_corrupt) and the run resumes from the
+    newest one that does.
     """
     train, so = resolve_length(getattr(cfg, stage), manifest["num_rows"]), cfg.data.storage_options
     public = cfg.public_dict()
     check_dataset(manifest, model_config, storage.redact(cfg.latents_dir))
+    if lease is not None:
+        checkpoints.set_aside_corrupt(stage_dir, so)
     check_resumable(stage_dir, model_config, so)
     latest = checkpoints.find_latest(stage_dir, so)
     rundir.bind_run_dir(stage_dir, rundir.config_fingerprint(public, stage), stage, train.allow_config_change, so)
     return LoopConfig(stage=stage, stage_dir=stage_dir, train=train, model_config=model_config,
                       token_space=checkpoints.token_space(manifest), inputs=inputs, run_config=public,
-                      storage_options=so, init=init, hflip=cfg.data.hflip, accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
+                      storage_options=so, init=init, hflip=cfg.data.hflip,
+                      accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
                       failure_drill=failure_drill_from_env(),
                       start_step=checkpoints.read_meta(latest, so)["step"] if latest else 0,
-                      evaluation=settings_for(cfg, stage, manifest))
+                      evaluation=settings_for(cfg, stage, manifest), lease=lease.token() if lease else None)
 
 
 def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | None) -> None:
@@ -362,10 +398,13 @@ def step_batches(shard, train: Any, st: LoopState, rank: int, accum: int) -> Ite
 
 
 # One step -------------------------------------------------------------------------------------
-def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict[str, torch.Tensor]) -> int:
+def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict[str, Any],
+               log_metrics: bool = True) -> int:
     """One optimizer step over its micro-batches; adds metric sums to `window`; returns images seen.
 
     Metric sums stay on the device (no host sync per micro-batch); they are read at the log step.
+    `log_metrics` False (a step the loop does not log) spares the objective's costly metrics;
+    each metric's sum counts the steps it covers, so a mean stays right when some steps lack it.
     """
     t.opt.zero_grad(set_to_none=True)
     accum, images = len(micro), 0
@@ -377,14 +416,14 @@ def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict
             t.objective.set_requires_gradient_sync(last)
         sync = contextlib.nullcontext() if last or not ddp else t.wrapped.no_sync()
         with sync, torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.amp):
-            loss, per_token, metrics = t.wrapped(x, labels, gen)
+            loss, per_token, metrics = t.wrapped(x, labels, gen, log_metrics=log_metrics)
             (loss / accum).backward()
         with torch.no_grad():
             metrics = {**metrics, "loss": loss.detach()}
             for name, mask in t.buckets.items():
                 metrics[f"loss_{name}"] = per_token.detach()[:, mask].mean()
             for k, v in metrics.items():
-                window[k] = window.get(k, 0.0) + v.float() / accum
+                add_metric(window, k, v.float() / accum, steps=int(last))
         images += x.shape[0]
     grad_norm = torch.nn.utils.clip_grad_norm_(t.objective.parameters(), t.grad_clip)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
@@ -392,14 +431,20 @@ def train_step(t: Trainer, micro: list[dict], gen: torch.Generator, window: dict
     t.opt.step()
     t.sched.step()
     t.ema.update_parameters(t.model)
-    window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+    add_metric(window, "grad_norm", grad_norm.detach().float(), steps=1)
     return images
 
 
-def log_row(st: LoopState, window: dict[str, torch.Tensor], steps: int, seconds: float, wait_s: float,
+def add_metric(window: dict[str, Any], name: str, value: torch.Tensor, steps: int) -> None:
+    """Add `value` to the sum of metric `name` in `window` and `steps` to the steps it covers."""
+    total, n = window.get(name, (0.0, 0))
+    window[name] = (total + value, n + steps)
+
+
+def log_row(st: LoopState, window: dict[str, Any], seconds: float, wait_s: float,
             images: int, tokens_per_image: int, lr: float) -> dict[str, Any]:
-    """The mean metrics of the last `steps` steps, the learning rate and the throughput, as one row."""
-    return {"step": st.step, "epoch": st.epoch, **{k: float(v) / steps for k, v in window.items()},
+    """The mean metrics of the steps since the last log, the learning rate and the throughput, as one row."""
+    return {"step": st.step, "epoch": st.epoch, **{k: float(total) / n for k, (total, n) in window.items()},
             "lr": lr, "images_per_s": images / seconds, "tokens_per_s": images * tokens_per_image / seconds,
             "data_wait_fraction": wait_s / seconds}
 
@@ -420,15 +465,42 @@ def save_checkpoint(t: Trainer, st: LoopState, loop: LoopConfig) -> None:
     storage.write_text(storage.join(loop.stage_dir, METRICS), "".join(json.dumps(h) + "\n" for h in st.history), so)
 
 
-def evaluate_now(evaluate: TrainingEvaluator, t: Trainer, st: LoopState, loop: LoopConfig) -> dict[str, Any]:
-    """Score the EMA weights on the fixed evaluation set; the row goes to evals.jsonl."""
+def track_evaluation(tracker: tracking.Tracker, loop: LoopConfig, row: dict[str, Any]) -> None:
+    """An in-training evaluation to the tracker: its numbers under `eval/`, its grid under `evals/`."""
+    tracker.log_metrics(row, prefix="eval/")
+    tracker.log_artifact(storage.join(loop.stage_dir, row["grid"]), folder="evals")
+
+
+def evaluate_now(evaluate: TrainingEvaluator, t: Trainer, st: LoopState, loop: LoopConfig,
+                 tracker: tracking.Tracker) -> dict[str, Any]:
+    """Score the EMA weights on the fixed evaluation set; the row goes to evals.jsonl and the tracker."""
     row = evaluate(t.ema.module, st.step)
     st.evals.append(row)
     write_evals(loop.stage_dir, st.evals, loop.storage_options)
+    track_evaluation(tracker, loop, row)
     shown = " ".join(f"{k}={_fmt(row[k])}" for k in ("fid", "accuracy", "precision", "recall") if row[k] is not None)
     print(f"eval step={st.step} {row['evaluator']} {shown} ({row['num_samples']} samples, {row['seconds']:.1f} s)",
           flush=True)
     return row
+
+
+def lease_lost(loop: LoopConfig, t: Trainer) -> str | None:
+    """Why this run may no longer write its stage folder, the same on every rank; None while it may.
+
+    Rank 0 reads the writer lease (one small read); the verdict is broadcast, so every rank
+    stops at the same step and none waits in a collective for one that stopped.
+    """
+    reason = None
+    if t.rank == 0 and loop.lease is not None:
+        try:
+            loop.lease.check(loop.storage_options)
+        except LeaseLost as err:
+            reason = str(err)
+    if t.world > 1 and torch.distributed.is_initialized():
+        verdict = [reason]
+        torch.distributed.broadcast_object_list(verdict, src=0, device=t.device if t.device.type == "cuda" else None)
+        reason = verdict[0]
+    return reason
 
 
 def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int,
@@ -472,32 +544,53 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     if rank == 0 and loop.evaluation is not None:
         evaluate = TrainingEvaluator(loop.evaluation, loop.stage_dir, device, loop.storage_options)
 
-    window: dict[str, torch.Tensor] = {}  # metric sums over the steps since the last log
-    t_window, wait_s, n_steps, images = time.perf_counter(), 0.0, 0, 0
+    progress = Progress(train.steps, what="steps", desc=loop.stage, initial=st.step,
+                        interval_s=loop.progress_interval_s) if rank == 0 else None
+    tracker = tracking.attach(loop.tracking, loop.storage_options) if rank == 0 else tracking.NULL
+    for row in st.history:  # after a resume: rows the store lacks are sent, steps it has are dropped
+        tracker.log_metrics(row)
+    for row in st.evals:
+        track_evaluation(tracker, loop, row)
+
+    window: dict[str, Any] = {}  # metric: (sum, steps) since the last log
+    t_window, wait_s, images = time.perf_counter(), 0.0, 0
     batches = step_batches(shard, train, st, rank, loop.accum)
     while st.step < train.steps:
         t_data = time.perf_counter()
         micro = next(batches)
         wait_s += time.perf_counter() - t_data
-        images += train_step(t, micro, gen, window) * world
+        logs = (st.step + 1) % train.log_every == 0 or st.step + 1 == train.steps
+        images += train_step(t, micro, gen, window, log_metrics=logs) * world
         st.step += 1
         st.batch_in_epoch += 1
-        n_steps += 1
-        if st.step % train.log_every == 0 or st.step == train.steps:
-            row = log_row(st, window, n_steps, time.perf_counter() - t_window, wait_s, images,
+        if logs:
+            row = log_row(st, window, time.perf_counter() - t_window, wait_s, images,
                           t.model.grouping.seq_len, t.sched.get_last_lr()[0])
             st.history.append(row)
-            if rank == 0:
-                print(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            if rank == 0:  # one line per row (a terminal's progress line stays below it)
+                progress.write(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+                progress.set(st.step)
+                tracker.log_metrics(row)
             ray.train.report(row)
-            window, t_window, wait_s, n_steps, images = {}, time.perf_counter(), 0.0, 0, 0
-        if evaluate is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps):
-            evaluate_now(evaluate, t, st, loop)
-        if st.step % train.checkpoint_every == 0 or st.step == train.steps:
+            window, t_window, wait_s, images = {}, time.perf_counter(), 0.0, 0
+        evaluating = loop.evaluation is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps)
+        saving = st.step % train.checkpoint_every == 0 or st.step == train.steps
+        lost = lease_lost(loop, t) if evaluating or saving else None
+        if lost:
+            log.error("step %d: %s", st.step, lost)
+            ray.train.report({"step": st.step, LEASE_LOST: lost})
+            return st
+        if evaluate is not None and evaluating:
+            evaluate_now(evaluate, t, st, loop, tracker)
+        if saving:
             save_checkpoint(t, st, loop)
+            tracker.sync(wait=False)  # an object-store run directory: mirror the store with the checkpoint
         failure_drill(loop.failure_drill, st.step, rank, world, loop.storage_options)
+    if rank == 0:
+        progress.close()
+    tracker.close()  # sends what is queued; the run itself stays open for the driver to end
     if rank == 0 and loop.plot:
-        plot_curves(st.history, storage.join(loop.stage_dir, "loss.png"), loop.storage_options)
+        plot_curves(st.history, storage.join(loop.stage_dir, PLOT), loop.storage_options)
     return st
 
 
@@ -540,9 +633,14 @@ def failure_drill_from_env() -> tuple[int, str] | None:
     return (int(at), marker) if at and marker else None
 
 
-def run_training(loop: LoopConfig, dataset) -> dict[str, Any]:
+def run_training(loop: LoopConfig, dataset, tracker: tracking.Tracker = tracking.NULL,
+                 progress_interval_s: float = 30.0) -> dict[str, Any]:
     """Launch `train_loop` with Ray Train (in-process when train.num_workers is 0) on `dataset`
-    (`training_dataset`'s); return the last logged metrics (the final row of metrics.jsonl)."""
+    (`training_dataset`'s); return the last logged metrics (the final row of metrics.jsonl).
+
+    `tracker` is the stage's run: rank 0 logs the training rows into it, then loss.png is added.
+    Rank 0 writes a progress line every `progress_interval_s` in a log (pipelines/progress.py).
+    """
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -550,6 +648,11 @@ def run_training(loop: LoopConfig, dataset) -> dict[str, Any]:
 
     train = loop.train
     loop.use_gpu = cluster_gpus() > 0 if train.use_gpu is None else train.use_gpu
+    if train.num_workers == 0:
+        # Local mode echoes every ray.train.report() as "Reported metrics: {...}" (Ray Train's
+        # LoggingConfig reaches worker processes only); the loop already prints one line per row.
+        logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
+    loop.tracking, loop.progress_interval_s = tracker.handoff(), progress_interval_s
     fs, path = storage.pyarrow_filesystem(loop.stage_dir, loop.storage_options)
     trainer = TorchTrainer(
         _worker,
@@ -563,7 +666,12 @@ def run_training(loop: LoopConfig, dataset) -> dict[str, Any]:
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
         datasets={"train": dataset},
     )
-    trainer.fit()
+    result = trainer.fit()
+    reported = dict(result.metrics or {})
+    if reported.get(LEASE_LOST):  # the stage also checks its lease after the run
+        raise LeaseLost(reported[LEASE_LOST])
+    if loop.plot:
+        tracker.log_artifact(storage.join(loop.stage_dir, PLOT))
     # Ray Train's result holds the metrics of checkpoint reports only, and this loop persists its
     # own checkpoints: the last row is the one metrics.jsonl got with the final checkpoint.
     return last_row(loop.stage_dir, loop.storage_options)

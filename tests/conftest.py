@@ -79,9 +79,16 @@ def ray_local(s3_server):
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    for attempt in range(3):  # a loaded machine can make Ray's node start time out; try again
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception for a node that timed out
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
     ray.shutdown()
 
@@ -121,3 +128,34 @@ def raw_latents(tmp_path_factory, ray_local):
                                     "encode.patch=4", f"encode.output={out}/latents"])
     assert encode.main(cfg, argparse.Namespace(force=False)) == 0
     return f"{out}/latents"
+
+
+def encode_in_process(cfg) -> None:
+    """The latents of `cfg` written by the library's own stages, called in this process (no Ray)."""
+    import numpy as np
+
+    from jobs.encode import job
+    from pipelines import encode, latents
+    from pipelines.codecs import make_codec
+    from pipelines.preprocess import read_and_decode
+
+    j, enc = job(cfg), cfg.encode
+    listing = encode.list_source(j)
+    batch = {latents.KEY: np.array(listing.keys, dtype=object),
+             latents.LABEL: np.array([label for _, label in listing.items])}
+    rows = encode.EncodeLatents(enc.encoder, None, enc.image_size, enc.patch, None, cfg.model.grouping, None,
+                                enc.storage_dtype)(read_and_decode(batch, root=cfg.data.source, image_size=enc.image_size))
+    written = latents.write_shard(rows, latents_url=cfg.latents_dir, run_id="test")
+    committer = latents.Committer(cfg.latents_dir, encode.dataset_header(j, make_codec("raw", None, enc.image_size,
+                                                                                       enc.patch, None), listing),
+                                  None, set(), [])
+    committer.add({k: v[0] for k, v in written.items()})
+    committer.commit()
+
+
+def upload_tree(local_dir: str, url: str) -> None:
+    """Copy a local folder's files to an object-store URL (test set-up)."""
+    from pipelines import storage
+
+    fs, path = storage.filesystem(url)
+    fs.put(local_dir.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)

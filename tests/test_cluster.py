@@ -143,7 +143,7 @@ def test_sample_resources_reach_the_actor_pool(monkeypatch):
     monkeypatch.setattr(ray.data, "from_items", lambda items: dataset)
     plan, settings = sampling.SamplePlan(2, 1, seed=0), sampling.SampleSettings(guidance={}, flow_steps=1)
     sampling.run_pool("s3://b/ckpt", plan, settings, "s3://b/samples", [0, 1], 2, 1.0)
-    assert dataset.map_batches_args["resources"] is None and dataset.map_batches_args["concurrency"] == 2
+    assert dataset.map_batches_args["resources"] is None and dataset.map_batches_args["compute"].max_size == 2
     sampling.run_pool("s3://b/ckpt", plan, settings, "s3://b/samples", [0, 1], 2, 1.0,
                       resources_per_actor={"sampler": 0.5})
     assert dataset.map_batches_args["resources"] == {"sampler": 0.5}

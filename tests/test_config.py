@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from jobs.cli import main
-from jobs.config import ConfigError, PipelineConfig, load_config
+from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
 from tests.conftest import DEMO_CONFIG, REPO
 
 
@@ -50,6 +50,7 @@ def test_overrides_apply_after_file_and_parse_types():
 @pytest.mark.parametrize(
     "override, field, value",
     [
+        ("tracking.backend=wandb", "tracking.backend", '"wandb"'),
         ("pretrain.stepz=5", "pretrain.stepz", None),
         ("encode.encoder=foo", "encode.encoder", '"foo"'),
         ("pretrain.steps=-1", "pretrain.steps", "-1"),
@@ -61,6 +62,20 @@ def test_overrides_apply_after_file_and_parse_types():
         ("sample.solver=rk4", "sample.solver", '"rk4"'),
         ("sample.temperature=-0.5", "sample.temperature", "-0.5"),
         ("model.scales=var-11", "model.scales", '"var-11"'),
+        # Values that must be positive or in a range: each one used to train without a word.
+        ("pretrain.optim.lr=-0.001", "pretrain.optim.lr", "-0.001"),
+        ("refine.optim.lr=0", "refine.optim.lr", "0"),
+        ("pretrain.optim.betas=[0.9,1.0]", "pretrain.optim.betas", "[0.9, 1.0]"),
+        ("pretrain.optim.betas=[-0.1,0.95]", "pretrain.optim.betas", "[-0.1, 0.95]"),
+        ("pretrain.optim.weight_decay=-0.01", "pretrain.optim.weight_decay", "-0.01"),
+        ("refine.ema_decay=1.0", "refine.ema_decay", "1.0"),
+        ("refine.gamma=-1", "refine.gamma", "-1"),
+        ("refine.cfg_scale=0.5", "refine.cfg_scale", "0.5"),
+        ("sample.guidance.w_z=-1", "sample.guidance.w_z", "-1"),
+        ("encode.scale_factor=0", "encode.scale_factor", "0"),
+        ("encode.read_parallelism=0", "encode.read_parallelism", "0"),
+        ("cluster.lease_ttl_s=0", "cluster.lease_ttl_s", "0"),
+        ("cluster.lease_wait_s=-5", "cluster.lease_wait_s", "-5"),
     ],
 )
 def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsys):
@@ -87,10 +102,13 @@ def test_sampler_defaults_keep_euler_at_temperature_one():
     assert (s.solver, s.temperature, s.compile_head) == ("heun", 0.9, True)
 
 
-def test_bad_yaml_file_is_named(tmp_path):
+def test_bad_yaml_file_is_named_with_line_and_column(tmp_path):
     bad = tmp_path / "bad.yaml"
+    bad.write_text("run_dir: runs/x\npretrain:\n  steps: 10\n    log_every: 5\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:4:14: not valid YAML \(mapping values are not allowed here\)"):
+        load_config(bad)
     bad.write_text("run_dir: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml:2:1: not valid YAML"):
         load_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -101,10 +119,13 @@ def test_public_dict_redacts_storage_options():
     dumped = str(cfg.public_dict())
     assert "hunter2" not in dumped and "AKIA123" not in dumped
     assert cfg.data.storage_options["secret"] == "hunter2"
+    cfg = load_config(None, ["tracking.uri=https://alice:s3cret@mlflow.example.com:5000"])
+    assert cfg.public_dict()["tracking"]["uri"] == "https://mlflow.example.com:5000"
+    assert "s3cret" not in dump_yaml(cfg) and cfg.tracking.uri.startswith("https://alice:s3cret@")
 
 
 @pytest.mark.parametrize("name", ["demo", "imagenet256-sar-b-klvae", "imagenet256-sar-l-klvae",
-                                  "imagenet256-sar-h-klvae", "imagenet256-sar-b-raw"])
+                                  "imagenet256-sar-h-klvae", "imagenet256-sar-b-raw", "imagenet256-sar-b-wan"])
 def test_shipped_configs_validate(name):
     cfg = load_config(f"{REPO}/configs/{name}.yaml")
     assert isinstance(cfg, PipelineConfig)

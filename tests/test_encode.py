@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def test_quirks_idempotent_incremental_force(ray_local, tmp_path, capsys):
             "--set", "encode.encoder=raw", "--set", "encode.image_size=16", "--set", "encode.patch=8",
             "--set", "model.grouping=next-row", "--force"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "wrote 23 rows" in out and "rejected 2" in out and "images/s" in out and "MB" in out
+    assert re.search(r"^encode: 25/25 images in \S+, [\d.,]+ images/s$", err, re.M), err  # the progress line
     manifest = L.read_manifest(cfg.latents_dir)
     assert manifest["patch"] == 8 and manifest["num_rows"] == 23 and manifest["scales"] is None
     assert not set(_shard_files(cfg.latents_dir)) & {s["file"] for s in first_shards}
@@ -159,3 +161,28 @@ def test_object_storage_in_and_out_with_vae_weights(ray_local, s3_bucket, tmp_pa
     assert rows[0]["logvar"].shape == (4, 4, 16) and rows[0]["mean"].dtype == np.float16
     assert storage.exists(f"{s3_bucket}/run/latents/_sources.json")
     assert run_encode(job(cfg), commit_interval_s=0).new_sources == 0
+
+
+def test_a_missing_shard_is_repaired_not_trusted(ray_local, tmp_path, caplog):
+    from jobs import encode
+
+    root = str(tmp_path / "imagenet")
+    make_synthetic_imagenet(root, classes=2, per_class=4, size=16, seed=4, val_per_class=0)
+    cfg = _cfg(tmp_path / "run", root, "encode.shard_rows=4", "encode.batch_size=4")
+    run_encode(job(cfg), commit_interval_s=0)
+    shards = L.read_manifest(cfg.latents_dir)["shards"]
+    assert len(shards) == 2 and encode.status(cfg).up_to_date
+    gone = shards[0]["file"]
+    os.remove(os.path.join(cfg.latents_dir, gone))
+
+    # The manifest still lists it: not up to date, and the re-run encodes exactly its images again.
+    status = encode.status(cfg)
+    assert not status.up_to_date and status.reason == "1 shards missing"
+    again = run_encode(job(cfg), commit_interval_s=0)
+    assert (again.new_sources, again.rows_written, again.total_rows) == (shards[0]["rows"], shards[0]["rows"], 8)
+    assert "1 of the 2 shards that" in caplog.text and gone in caplog.text
+    rows, manifest = _rows(cfg.latents_dir)
+    assert gone not in {s["file"] for s in manifest["shards"]} and L.MISSING_SHARDS not in manifest
+    assert all(os.path.exists(os.path.join(cfg.latents_dir, s["file"])) for s in manifest["shards"])
+    assert sorted(r["key"] for r in rows) == sorted(L.committed_state(cfg.latents_dir)[1])
+    assert len(rows) == 8 and encode.status(cfg).up_to_date

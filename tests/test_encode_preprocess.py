@@ -153,7 +153,34 @@ def test_missing_file_and_non_image_are_rejected(quirky, tmp_path):
     out = read_and_decode(_batch(str(tmp_path), ["train/notes.JPEG", "train/gone.JPEG"]), root=str(tmp_path),
                           image_size=16)
     assert "UnidentifiedImageError" in out[ERROR][0]
-    assert "read failed" in out[ERROR][1]
+    # The reason names the file, not PIL's in-memory buffer (`<_io.BytesIO object at 0x...>`).
+    assert "train/notes.JPEG" in out[ERROR][0] and "BytesIO" not in out[ERROR][0], out[ERROR][0]
+    assert out[ERROR][1] == f"read failed: not found: {tmp_path}/train/gone.JPEG"
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_failing_store_stops_the_read_instead_of_rejecting_every_file(s3_bucket, tmp_path):
+    """A missing bucket or an endpoint that does not answer is not the files' fault: recorded as
+    rejections, the images would count as consumed and never be read again."""
+    from pipelines import storage
+
+    keys = ["train/n0/a.JPEG", "train/n0/b.JPEG"]
+    with pytest.raises(storage.BucketNotFound, match=r"^data\.source s3://no-such-bucket-[0-9a-f]+/imagenet"):
+        ReadImageBytes(f"s3://no-such-bucket-{os.getpid():x}/imagenet")(_batch("", keys))
+    once = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "retries": 1,
+            "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 1}}}
+    with pytest.raises(storage.Unreachable, match=r"^data\.source .*cannot reach the object store at http://127"):
+        ReadImageBytes(f"{s3_bucket}/imagenet", once)(_batch("", keys))
+    # A missing object in a bucket that answers is a per-file problem: a rejection, the run goes on.
+    out = ReadImageBytes(f"{s3_bucket}/imagenet")(_batch("", keys[:1]))
+    assert out[ERROR][0] == f"read failed: not found: {s3_bucket}/imagenet/{keys[0]}"
 
 
 def test_decode_stage_keeps_earlier_errors():

@@ -21,6 +21,7 @@ from pipelines import storage
 from pipelines.errors import SarError
 from pipelines.imagenet import list_imagenet
 from pipelines.synth import make_synthetic_imagenet
+from tests.conftest import upload_tree
 
 CLASSES, PER_CLASS, SIZE, HOLDOUT = 4, 20, 32, 0.3
 
@@ -92,7 +93,7 @@ def test_saved_file_loads_back_with_identical_features(trained, heldout, s3_buck
 
 def test_training_reads_an_object_store_source_and_splits_as_locally(source, trained, s3_bucket):
     url = f"{s3_bucket}/imagenet"
-    storage.upload_dir(source, url)
+    upload_tree(source, url)
     out = f"{s3_bucket}/evaluators/from_s3.pt"
     info = ev.train_evaluator(url, image_size=SIZE, out_url=out, holdout_fraction=HOLDOUT, epochs=1, batch_size=12,
                               seed=0)

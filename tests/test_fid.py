@@ -189,12 +189,18 @@ def test_sar_fid_against_the_same_images_and_without_reference(tmp_path, weights
     cell = np.asarray(grid)[2:66:2, 2:66:2]  # top-left cell, nearest-enlarged: every 2nd pixel
     assert np.array_equal(cell, images[0])
 
-    # No reference: FID and precision/recall are skipped with the reason; IS is still computed.
+    # A reference that is set but missing is an error naming the field and the file, not a skip.
     cfg.fid.reference = str(tmp_path / "missing.npz")
     cfg.fid.output = str(tmp_path / "eval2")
+    with pytest.raises(SarError, match=r"fid\.reference: not found: .*missing\.npz"):
+        fid_job.main(cfg, Namespace())
+    assert not os.path.exists(os.path.join(cfg.eval_dir, "metrics.json"))
+
+    # No reference at all: FID and precision/recall are skipped with the reason; IS is still computed.
+    cfg.fid.reference = None
     assert fid_job.main(cfg, Namespace()) == 0
     m2 = storage.read_json(os.path.join(cfg.eval_dir, "metrics.json"))
-    assert m2["fid"] is None and m2["precision"] is None and "missing.npz does not exist" in m2["skipped"]["fid"]
+    assert m2["fid"] is None and m2["precision"] is None and "fid.reference is not set" in m2["skipped"]["fid"]
     assert m2["inception_score"]["mean"] == pytest.approx(m["inception_score"]["mean"])
     assert "fid not computed" in capsys.readouterr().out
 

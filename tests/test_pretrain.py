@@ -1,13 +1,16 @@
 """Pretraining end to end on Ray: local mode, 2 DDP workers with a worker failure, object storage."""
 
+import argparse
 import json
+import logging
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from pipelines import checkpoints
+from pipelines import checkpoints, tracking
 from jobs.config import load_config
 from pipelines.errors import DatasetMismatch
 from tests.conftest import DEMO_CONFIG
@@ -17,8 +20,9 @@ TRAIN = ["pretrain.global_batch=8", "pretrain.micro_batch=8", "pretrain.log_ever
 
 
 def config(tmp_path, latents, *extra):
-    """The demo config training on `latents` at test scale."""
-    return load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", f"encode.output={latents}", *TRAIN, *extra])
+    """The demo config training on `latents` (16 px images) at test scale."""
+    return load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", f"encode.output={latents}", "encode.image_size=16",
+                                     *TRAIN, *extra])
 
 
 def history(stage_dir):
@@ -28,6 +32,17 @@ def history(stage_dir):
 
 def mean_loss(rows):
     return sum(r["loss"] for r in rows) / len(rows)
+
+
+class Records(logging.Handler):
+    """The messages a logger emits."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsys):
@@ -53,13 +68,31 @@ def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsy
     assert all(e["fid"] > 0 and 0 <= e["accuracy"] <= 1 and e["num_samples"] == 8 for e in evals)
     assert os.path.getsize(os.path.join(cfg.pretrain_dir, evals[-1]["grid"])) > 100
 
-    # Re-launching with a larger budget continues from the newest checkpoint.
+    # Re-launching with a larger budget continues from the newest checkpoint, now in a tracked run:
+    # the loop re-sends the rows before the resume (the store lacks them), then logs its own.
     capsys.readouterr()
     longer = config(tmp_path, raw_latents, "pretrain.steps=50", "pretrain.checkpoint_every=20", *evaluation)
-    assert pretrain.main(longer) == 0
-    assert "resumed from step 40" in capsys.readouterr().out
-    steps = [r["step"] for r in history(cfg.pretrain_dir)]
-    assert steps == list(range(5, 51, 5))  # continued, nothing repeated
+    ray_logger, echoed = logging.getLogger("ray"), Records()
+    level = ray_logger.level
+    ray_logger.setLevel(logging.INFO)  # as a command's Ray logs: INFO reaches the console
+    ray_logger.addHandler(echoed)
+    try:
+        with tracking.open_run(str(tmp_path)) as tr, tr.stage("pretrain", longer.pretrain_dir) as st:
+            assert pretrain.main(longer, argparse.Namespace(tracker=st)) == 0
+    finally:
+        ray_logger.removeHandler(echoed)
+        ray_logger.setLevel(level)
+    out, err = capsys.readouterr()
+    assert "resumed from step 40" in out
+    assert re.search(r"^pretrain: 50/50 steps in \S+, [\d.,]+ steps/s$", err, re.M), err  # rate of this launch
+    assert [line.split()[0] for line in out.splitlines() if line.startswith("step=")] == ["step=45", "step=50"]
+    assert not [m for m in echoed.messages if "Reported metrics" in m]  # one line per row, not two
+    rows = history(cfg.pretrain_dir)
+    assert [r["step"] for r in rows] == list(range(5, 51, 5))  # continued, nothing repeated
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(tracking.default_uri(str(tmp_path))).get_metric_history(st.run_id, "loss")
+    assert sorted((m.step, m.value) for m in logged) == [(r["step"], pytest.approx(r["loss"])) for r in rows]
     evals = [json.loads(line) for line in open(os.path.join(cfg.pretrain_dir, "evals.jsonl"))]
     assert [e["step"] for e in evals] == [20, 40, 50]
     state, meta = checkpoints.load_state(checkpoints.find_latest(cfg.pretrain_dir))
@@ -204,3 +237,35 @@ def test_fsdp_two_workers_resume_after_a_failure(tmp_path, raw_latents, monkeypa
     assert state["strategy"] == "fsdp" and meta["step"] == 8
     model, _ = checkpoints.load_model(checkpoints.find_latest(cfg.pretrain_dir), "ema")  # strict, unsharded
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), state["model"].values()))
+
+
+def test_latents_made_with_other_encode_settings_are_refused(tmp_path, synth_root, caplog):
+    """Training follows the latents' token space whatever the config says, and records the config:
+    patch-4 latents under `encode.patch: 8` would train and say patch 8. Nothing here needs Ray."""
+    import logging
+
+    from pipelines import training
+    from pipelines.latents import read_manifest
+    from tests.conftest import encode_in_process
+
+    base = [f"run_dir={tmp_path}", f"data.source={synth_root}", "encode.image_size=16", "encode.patch=4"]
+    cfg = load_config(DEMO_CONFIG, base)
+    encode_in_process(cfg)
+    manifest = read_manifest(cfg.latents_dir)
+    model_config = training.build_model_config(cfg.model, manifest)
+    for override, message in [
+        ("encode.patch=8", "encode.patch: the latents at .* were made with 4, the config says 8; set encode.patch=4"),
+        ("encode.image_size=32", "encode.image_size: .* made with 16, the config says 32"),
+        ("encode.encoder=kl-vae", "encode.encoder: .* made with raw, the config says kl-vae"),
+        ("encode.patch=null", "encode.patch: .* made with 4, the config says 16"),  # raw's default patch
+    ]:
+        with pytest.raises(DatasetMismatch, match=message):
+            training.check_inputs(load_config(DEMO_CONFIG, [*base, override]), "pretrain", model_config, manifest)
+
+    # A warm-up longer than the run is allowed (the schedule compresses it), and said once.
+    long_warmup = load_config(DEMO_CONFIG, [*base, "pretrain.steps=10", "pretrain.optim.warmup_steps=50"])
+    with caplog.at_level(logging.WARNING):
+        training.check_inputs(long_warmup, "pretrain", model_config, manifest)
+        training.check_inputs(cfg, "pretrain", model_config, manifest)
+    assert caplog.text.count("warmup_steps") == 1
+    assert "pretrain.optim.warmup_steps 50 is more than pretrain.steps 10" in caplog.text

@@ -92,6 +92,43 @@ def test_terminal_mode_without_tqdm_redraws_its_own_line(monkeypatch):
     assert text.endswith("\r100/100 images in 10s, 10 images/s\n")
 
 
+def test_other_lines_leave_the_progress_line_whole():
+    clock, out, rows = FakeClock(), io.StringIO(), io.StringIO()
+    with Progress(100, what="steps", interval_s=30, stream=out, clock=clock) as p:  # a log: plain lines
+        p.write("step=10 loss=1.0", stream=rows)
+    assert rows.getvalue() == "step=10 loss=1.0\n" and out.getvalue().count("\n") == 1
+
+    screen = Terminal()  # a terminal, without tqdm's bar: clear the line, write, redraw it
+    p = Progress(100, what="steps", stream=screen, clock=clock, tty=True)
+    p._bar = None
+    clock.t += 10
+    p.set(50)
+    p.write("step=50 loss=0.5", stream=screen)
+    assert screen.getvalue().endswith("\r\033[Kstep=50 loss=0.5\n50/100 steps (50.0%), 5 steps/s, ETA 10s")
+
+    term = Terminal()  # with tqdm: the row lands on a line of its own, the bar is redrawn after it
+    with Progress(100, what="steps", desc="pretrain", stream=term) as p:
+        p.update(50)
+        p.write("step=50 loss=0.5", stream=term)
+    cleared, row, bar = term.getvalue().split("\r")[-4:-1]  # the bar, blanked; the row; the bar again
+    assert cleared.strip() == "" and row == "step=50 loss=0.5\n" and "50/100" in bar
+
+
+def test_ray_data_progress_bars_only_on_a_terminal(monkeypatch):
+    from ray.data import DataContext
+
+    from pipelines.ray_runtime import quiet_data_progress
+
+    ctx = DataContext.get_current()
+    monkeypatch.setattr(ctx, "enable_progress_bars", True)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    quiet_data_progress()
+    assert ctx.enable_progress_bars  # a terminal keeps Ray Data's bars
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    quiet_data_progress()
+    assert not ctx.enable_progress_bars  # a log would get a block of lines every few seconds
+
+
 def test_format_duration():
     assert [format_duration(s) for s in (0, 42.4, 61, 3599, 3600, 7322)] == ["0s", "42s", "1m01s", "59m59s",
                                                                          "1h00m", "2h02m"]

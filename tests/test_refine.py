@@ -15,7 +15,8 @@ TRAIN = ["global_batch=8", "micro_batch=8", "log_every=2", "ema_decay=0.9"]
 
 def config(tmp_path, latents, *extra):
     sets = [f"pretrain.{t}" for t in TRAIN] + [f"refine.{t}" for t in TRAIN]
-    return load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", f"encode.output={latents}", "pretrain.steps=6",
+    return load_config(DEMO_CONFIG, [f"run_dir={tmp_path}", f"encode.output={latents}", "encode.image_size=16",
+                                     "pretrain.steps=6",
                                      "pretrain.checkpoint_every=6", *sets, *extra])
 
 

@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-from pipelines import report, storage
+from pipelines import latents, report, rundir, storage
+from tests.conftest import upload_tree
 
 CHROMIUM = "/usr/bin/chromium"
 T0 = 1_790_000_000.0  # a fixed time for the stage records
@@ -26,6 +27,12 @@ def _png(w: int, h: int, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _record(folder, stage: str, start: float, end: float, **kw) -> dict:
+    """The stage record every stage writes (pipelines/rundir.py), started at `start`, `end - start` s long."""
+    return rundir.write_stage_record(str(folder), stage, started=report._iso(start), seconds=end - start,
+                                     **{"images": None, "inputs": {}, "outputs": {}, **kw})
 
 
 def _jsonl(path, rows) -> None:
@@ -45,10 +52,10 @@ def make_run(root, upto: str = "fid", preset: str = "sar-b") -> dict[str, str]:
     manifest = {"schema_version": 1, "encoder": "raw", "grid": [8, 8], "token_dim": 48, "num_rows": 960,
                 "num_classes": 10, "shards": [{"file": "part-a.parquet", "rows": 960, "bytes": 1000}],
                 "updated": "2026-09-21T10:00:00Z"}
-    digests = {"latents": report.latents_digest(manifest), "pretrain": "a1b2c3d4e5f6" + "0" * 52,
+    digests = {"latents": latents.manifest_digest(manifest), "pretrain": "a1b2c3d4e5f6" + "0" * 52,
                "refine": "f6e5d4c3b2a1" + "1" * 52}
     _json(root / "latents" / "_manifest.json", manifest)
-    report.write_stage_record(str(root / "latents"), "encode", T0, T0 + 95, images=960,
+    _record(root / "latents", "encode", T0, T0 + 95, images=960,
                               outputs={"latents": digests["latents"]})
     if "pretrain" in done:
         pre = root / "pretrain"
@@ -68,7 +75,7 @@ def make_run(root, upto: str = "fid", preset: str = "sar-b") -> dict[str, str]:
         for i, s in enumerate((100, 200, 300)):
             (pre / "evals").mkdir(exist_ok=True)
             (pre / "evals" / f"step_{s:08d}.png").write_bytes(_png(256, 128, i))
-        report.write_stage_record(str(pre), "pretrain", T0 + 100, T0 + 400, images=9600,
+        _record(pre, "pretrain", T0 + 100, T0 + 400, images=9600,
                                   inputs={"latents": digests["latents"]}, outputs={"checkpoint": digests["pretrain"]})
     if "refine" in done:
         ref = root / "refine"
@@ -83,13 +90,13 @@ def make_run(root, upto: str = "fid", preset: str = "sar-b") -> dict[str, str]:
                                       "evaluator": "domain", "num_samples": 80, "grid": "evals/step_00000050.png"}])
         (ref / "evals").mkdir()
         (ref / "evals" / "step_00000050.png").write_bytes(_png(256, 128, 9))
-        report.write_stage_record(str(ref), "refine", T0 + 400, T0 + 520, images=1600,
+        _record(ref, "refine", T0 + 400, T0 + 520, images=1600,
                                   inputs={"init": digests["pretrain"]}, outputs={"checkpoint": digests["refine"]})
     if "sample" in done:
         _json(root / "samples" / "_manifest.json",
               {"num_samples": 80, "checkpoint_digest": digests["refine"], "checkpoint_step": 50,
                "guidance": {"kind": "xz_cfg", "w_x": 1.25, "w_z": 2.0}, "flow_steps": 10})
-        report.write_stage_record(str(root / "samples"), "sample", T0 + 520, T0 + 560, images=80,
+        _record(root / "samples", "sample", T0 + 520, T0 + 560, images=80,
                                   inputs={"checkpoint": digests["refine"]})
     if "fid" in done:
         _json(root / "eval" / "metrics.json",
@@ -99,7 +106,7 @@ def make_run(root, upto: str = "fid", preset: str = "sar-b") -> dict[str, str]:
                "skipped": {"inception_score": "weights <missing> & offline"},
                "config": {"model": {"preset": preset}}})
         (root / "eval" / "grid.png").write_bytes(_png(640, 512, 42))
-        report.write_stage_record(str(root / "eval"), "fid", T0 + 560, T0 + 600, images=80,
+        _record(root / "eval", "fid", T0 + 560, T0 + 600, images=80,
                                   inputs={"samples": digests["refine"]})
     return digests
 
@@ -166,21 +173,42 @@ def test_other_presets_have_no_paper_reference(tmp_path):
     assert 'no paper reference for preset "tiny"' in page and "4.23" not in page
 
 
-def test_stage_record(tmp_path):
-    rec = report.write_stage_record(str(tmp_path), "sample", T0, T0 + 40, images=80, inputs={"checkpoint": "c"})
-    assert storage.read_json(str(tmp_path / "_stage.json")) == rec
+def test_the_report_reads_the_stage_records_the_stages_write(tmp_path):
+    rec = _record(tmp_path / "samples", "sample", T0, T0 + 40, images=80, inputs={"checkpoint": "c" * 64})
+    assert rundir.read_stage_record(str(tmp_path / "samples")) == rec
     assert rec["started"] == "2026-09-21T14:13:20Z" and rec["wall_s"] == 40 and rec["images_per_s"] == 2.0
-    assert report.write_stage_record(str(tmp_path), "fid", T0, T0, images=None)["images_per_s"] is None
+    assert _record(tmp_path / "eval", "fid", T0, T0, images=None)["images_per_s"] is None
+    assert report.collect(str(tmp_path))["sample"].record == rec
+    page = open(report.write_report(str(tmp_path))).read()
+    assert re.search(r"<td>sample</td><td>2026-09-21 14:13:20 UTC</td><td>[^<]+</td><td>40s</td><td>80</td>"
+                     r"<td>2</td><td>checkpoint <code>cccccccccccc</code></td>", page)
 
 
 def test_report_on_an_object_store(tmp_path, s3_bucket):
     digests = make_run(tmp_path / "run")
     run_url = f"{s3_bucket}/runs/x"
-    storage.upload_dir(str(tmp_path / "run"), run_url)
+    upload_tree(str(tmp_path / "run"), run_url)
     assert report.write_report(run_url) == f"{run_url}/report.html"
     page = storage.read_text(f"{run_url}/report.html")
     assert digests["refine"][:12] in page and "not run yet" not in page
     assert len(_srcs(page)) == 10
+
+
+def test_sar_report_writes_the_report_of_a_run_directory(tmp_path, capsys):
+    from jobs import cli
+    from tests.conftest import DEMO_CONFIG
+
+    digests = make_run(tmp_path / "run")
+    assert cli.main(["report", "--config", DEMO_CONFIG, "--set", f"run_dir={tmp_path / 'run'}"]) == 0
+    assert capsys.readouterr().out == f"report: {tmp_path / 'run' / 'report.html'}\n"
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert all(d[:12] in page for d in digests.values())
+
+    assert cli.main(["report", "--config", DEMO_CONFIG, "--set", f"run_dir={tmp_path / 'nothing'}"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"sar report: error: no run directory at {tmp_path / 'nothing'}: set run_dir (--config, " \
+                  "--set run_dir=DIR) to one that `sar run` or a stage wrote\n"
+    assert not (tmp_path / "nothing").exists()
 
 
 # In a real browser -----------------------------------------------------------------------------------

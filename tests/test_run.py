@@ -1,4 +1,5 @@
-"""`sar run` end to end on CPU: a full run, a second run that skips everything, a grown dataset."""
+"""`sar run` end to end on CPU: a full run, a second run that skips everything, a grown dataset;
+what each command leaves in the run directory's MLflow store."""
 
 import argparse
 import json
@@ -7,14 +8,16 @@ from types import SimpleNamespace
 
 import pytest
 
+from jobs import cli
 from jobs.config import load_config
 from jobs.run import run_pipeline
+from pipelines import latents, tracking
 from pipelines.rundir import StageStatus
 from pipelines.synth import make_synthetic_imagenet
 from tests.conftest import DEMO_CONFIG
 from tests.test_fid import _random_inception
 
-TINY = ["encode.image_size=16", "encode.patch=4", "encode.shard_rows=64",
+TINY = ["encode.image_size=16", "encode.patch=4", "encode.shard_rows=64", "fid.evaluator=inception",
         "pretrain.steps=4", "pretrain.checkpoint_every=4", "pretrain.global_batch=4", "pretrain.micro_batch=4",
         "pretrain.log_every=2", "refine.steps=2", "refine.checkpoint_every=2", "refine.global_batch=4",
         "refine.micro_batch=4", "refine.log_every=1", "refine.sample_steps=2",
@@ -22,9 +25,9 @@ TINY = ["encode.image_size=16", "encode.patch=4", "encode.shard_rows=64",
         "fid.batch_size=8", "fid.grid_classes=3", "fid.grid_per_class=2"]
 
 
-def run(cfg, capsys, **kw):
-    args = argparse.Namespace(force=False, only_stage=None, from_stage=None, **kw)
-    assert run_pipeline(cfg, args) == 0
+def run(overrides, capsys):
+    """`sar run` as typed: the command's MLflow run, its stages' nested runs, the report."""
+    assert cli.main(["run", "--config", DEMO_CONFIG, *[f"--set={o}" for o in overrides]]) == 0
     return capsys.readouterr().out
 
 
@@ -33,16 +36,38 @@ def manifest(cfg):
         return json.load(f)
 
 
+def tracked_runs(run_dir):
+    """(client, the parent run, {stage: [nested runs, oldest first]}) of a run directory's embedded store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking.default_uri(run_dir))
+    runs = client.search_runs([client.get_experiment_by_name("sar").experiment_id], order_by=["start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    stages = {}
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id:
+            stages.setdefault(r.info.run_name, []).append(r)
+    assert len(runs) == 1 + sum(map(len, stages.values()))  # every other run is nested in the parent
+    return client, parents[0], stages
+
+
+def steps(client, run, key):
+    return [m.step for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+
 @pytest.mark.slow
 def test_run_end_to_end_then_skip_then_grow(tmp_path, ray_local, capsys):
     source = tmp_path / "imagenet"
     make_synthetic_imagenet(str(source), classes=3, per_class=4, size=24, seed=0)
     weights = _random_inception(str(tmp_path / "inception.pt"))
-    cfg = load_config(DEMO_CONFIG, [f"run_dir={tmp_path / 'run'}", f"data.source={source}",
-                                    f"fid.reference={source}/train", f"fid.inception_weights={weights}", *TINY])
+    run_dir = str(tmp_path / "run")
+    overrides = [f"run_dir={run_dir}", f"data.source={source}", f"fid.reference={source}/train",
+                 f"fid.inception_weights={weights}", *TINY]
+    cfg = load_config(DEMO_CONFIG, overrides)
 
     # 1. Everything runs.
-    out = run(cfg, capsys)
+    out = run(overrides, capsys)
     for stage in ("encode", "pretrain", "refine", "sample", "fid"):
         assert f"[sar run] {stage}: running" in out
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
@@ -50,16 +75,49 @@ def test_run_end_to_end_then_skip_then_grow(tmp_path, ray_local, capsys):
     assert (tmp_path / "run" / "eval" / "grid.png").stat().st_size > 0
     first = manifest(cfg)
     assert first["num_rows"] == 12
+    digest = latents.dataset_digest(cfg.latents_dir)
 
-    # 2. Nothing changed: every stage after encode is skipped and encode adds nothing.
-    out = run(cfg, capsys)
+    # ... and is tracked: a parent run with a nested run per stage, the training rows at their
+    # steps, the final metrics, the artifacts; the report names the dataset; the command's last line
+    # says how to look at the store.
+    lines = out.strip().splitlines()
+    assert lines[-2:] == [f"report: {run_dir}/report.html",
+                          f"tracking: mlflow ui --backend-store-uri sqlite:///{run_dir}/mlflow/mlflow.db"]
+    assert digest[:12] in (tmp_path / "run" / "report.html").read_text()
+    client, parent, stages = tracked_runs(run_dir)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "run"
+    assert {k: [r.info.status for r in v] for k, v in stages.items()} == \
+        {s: ["FINISHED"] for s in ("encode", "pretrain", "refine", "sample", "fid")}
+    assert parent.data.params["pretrain.steps"] == "4" and parent.data.params["model.preset"] == "tiny"
+    assert parent.data.tags["dataset.digest"] == digest
+    (pre,), (ref,), (fid,) = stages["pretrain"], stages["refine"], stages["fid"]
+    assert steps(client, pre, "loss") == [2, 4] and steps(client, ref, "loss_csf") == [1, 2]
+    assert {"loss_early", "lr", "grad_norm", "images_per_s", "data_wait_fraction"} <= set(pre.data.metrics)
+    assert {"gap_early", "gap_late", "loss_tf"} <= set(ref.data.metrics)
+    assert pre.data.tags["inputs.latents"] == digest and pre.data.params["pretrain.log_every"] == "2"
+    assert ref.data.tags["inputs.init"] == pre.data.tags["outputs.checkpoint"] == \
+        parent.data.tags["pretrain.checkpoint.digest"]
+    assert fid.data.metrics["fid"] == pytest.approx(metrics["fid"])
+    assert fid.data.metrics["inception_score.mean"] == pytest.approx(metrics["inception_score"]["mean"])
+    assert fid.data.metrics["precision"] == pytest.approx(metrics["precision"])
+    assert [a.path for a in client.list_artifacts(fid.info.run_id)] == ["grid.png", "metrics.json"]
+    assert [a.path for a in client.list_artifacts(pre.info.run_id)] == ["loss.png"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["report.html"]
+
+    # 2. Nothing changed: every stage after encode is skipped and encode adds nothing; the runs
+    # are the same, their steps not repeated.
+    out = run(overrides, capsys)
     for stage in ("pretrain", "refine", "sample", "fid"):
         assert f"[sar run] {stage}: up to date" in out, out
     assert manifest(cfg)["shards"] == first["shards"]
+    client, again, stages = tracked_runs(run_dir)
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert [r.info.run_id for r in stages["pretrain"]] == [pre.info.run_id]
+    assert steps(client, pre, "loss") == [2, 4] and steps(client, ref, "loss_csf") == [1, 2]
 
     # 3. The source grows by one image per class: only those are encoded, then all that follows re-runs.
     make_synthetic_imagenet(str(source), classes=3, per_class=5, size=24, seed=0)
-    out = run(cfg, capsys)
+    out = run(overrides, capsys)
     grown = manifest(cfg)
     assert grown["num_rows"] == 15
     assert grown["shards"][: len(first["shards"])] == first["shards"]  # old shards kept as they were
@@ -70,6 +128,14 @@ def test_run_end_to_end_then_skip_then_grow(tmp_path, ray_local, capsys):
     assert [a.split("-")[0] for a in archived] == ["pretrain", "refine", "sample"]  # stale outputs kept aside
     new_metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert new_metrics["checkpoint_digest"] != metrics["checkpoint_digest"]
+    # Archived outputs are re-made in new nested runs of the same parent; the grown dataset and the
+    # evaluation (re-scored in place) continue theirs.
+    client, again, stages = tracked_runs(run_dir)
+    assert again.info.run_id == parent.info.run_id
+    assert {k: len(v) for k, v in stages.items()} == {"encode": 1, "pretrain": 2, "refine": 2, "sample": 2, "fid": 1}
+    assert steps(client, stages["pretrain"][1], "loss") == [2, 4]
+    assert stages["fid"][0].data.metrics["fid"] == pytest.approx(new_metrics["fid"])
+    assert again.data.tags["dataset.digest"] == latents.dataset_digest(cfg.latents_dir) != digest
 
 
 def fake_stage(name, called, rc=0, up_to_date=False):
@@ -93,5 +159,26 @@ def test_only_and_from_choose_stages(tmp_path, capsys):
     assert called == ["encode", "pretrain", "sample", "fid"]
     called.clear()
     stages["pretrain"] = fake_stage("pretrain", called, rc=1)
+    (tmp_path / "report.html").unlink()
     assert run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage=None), stages) == 1
     assert called == ["encode", "pretrain"] and "later stages not run" in capsys.readouterr().out
+    assert (tmp_path / "report.html").exists()  # the report of a failed run too
+
+
+def test_a_failing_stage_command_is_tracked_and_tracking_none_writes_no_store(tmp_path, capsys):
+    """`sar pretrain` without latents: exit 1, and its runs say FAILED; with tracking.backend=none
+    nothing of MLflow is written. Both end with the tracking line."""
+    run_dir = str(tmp_path / "run")
+    assert cli.main(["pretrain", "--config", DEMO_CONFIG, "--set", f"run_dir={run_dir}"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("sar pretrain: error: ") and len(err.strip().splitlines()) == 1
+    assert out.strip().splitlines()[-1] == f"tracking: mlflow ui --backend-store-uri {tracking.default_uri(run_dir)}"
+    client, parent, stages = tracked_runs(run_dir)
+    assert parent.info.status == "FAILED" and parent.data.tags["sar.command"] == "pretrain"
+    assert [r.info.status for r in stages["pretrain"]] == ["FAILED"] and set(stages) == {"pretrain"}
+
+    quiet = str(tmp_path / "quiet")
+    assert cli.main(["pretrain", "--config", DEMO_CONFIG, "--set", f"run_dir={quiet}", "--set",
+                     "tracking.backend=none"]) == 1
+    assert "tracking:" not in capsys.readouterr().out  # nothing to look at
+    assert not os.path.exists(quiet)  # no store, no run records: the command failed before writing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import tempfile
 from argparse import Namespace
 from pathlib import Path
@@ -102,8 +103,8 @@ def test_stage_call_writes_a_two_row_batch(cfg, tmp_path):
     assert result["file"].tolist() == ["images/000007.png", "images/000002.png"]
     assert result["label"].tolist() == [2, 0]
     rows = plan.rows([2])
-    expected = sampling.render(stage.model, stage.codec, rows["label"], rows["seed"], stage.guidance, 3,
-                               stage.device)[0]
+    expected = sampling.render(stage.model, stage.codec, rows["label"], rows["seed"],
+                               Guidance(**cfg.sample.guidance.model_dump()), 3, stage.device)[0]
     assert np.array_equal(_png(os.path.join(out, "images", "000002.png")), expected)
     assert sampling.done_indices(out, "png", 1000, plan.size) == {2, 7}
 
@@ -124,7 +125,7 @@ def test_npz_shards_hold_the_same_images(cfg, tmp_path):
 
 
 @pytest.mark.ray
-def test_killed_job_resumes_to_exactly_n_identical_images(ray_local, cfg, tmp_path):
+def test_killed_job_resumes_to_exactly_n_identical_images(ray_local, cfg, tmp_path, capfd, recwarn):
     from jobs.cli import main as cli
 
     # What a whole run makes, rendered here in one process in batches of 5.
@@ -150,6 +151,12 @@ def test_killed_job_resumes_to_exactly_n_identical_images(ray_local, cfg, tmp_pa
     assert cli(["sample", "--set", f"run_dir={run_dir}", "--set", f"sample.per_class={PER_CLASS}",
                 "--set", "sample.flow_steps=3", "--set", "sample.batch_size=2", "--set", "sample.guidance.w_z=2.0",
                 "--set", "sample.num_actors=2"]) == 0
+    # One progress line; nothing alarming on the way: no deprecated-argument warning from Ray Data,
+    # and no error-level line from Ray core about restarting the pool's actors.
+    said = capfd.readouterr().err + "".join(str(w.message) for w in recwarn)
+    assert re.search(r"^sample: 6/6 images in \S+, [\d.,]+ images/s$", said, re.M), said
+    assert "``concurrency`` is deprecated" not in said and "`ray_remote_args` is deprecated" not in said, said
+    assert "max_restarts" not in said, said
     pngs = sorted(n for n in os.listdir(images_dir) if n.endswith(".png") and not n.startswith("."))
     assert pngs == sorted(first)
     for name in pngs:

@@ -153,6 +153,14 @@ def test_no_credentials_names_the_field(s3_bucket, monkeypatch, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_the_innermost_field_names_an_error(tmp_path):
+    url = str(tmp_path / "nowhere.json")
+    with pytest.raises(storage.NotFound) as info:
+        with storage.field("run_dir"), storage.field("data.source"):
+            storage.read_json(url)
+    assert str(info.value) == f"data.source not found: {url}" and info.value.field == "data.source"
+
+
 def _closed_port() -> int:
     import socket
 
@@ -280,3 +288,11 @@ def test_local_failures_are_one_line(tmp_path):
     with pytest.raises(storage.StorageError) as info:
         storage.write_bytes(below, b"x")
     assert_one_line(info.value, below)
+
+
+def test_local_outputs_get_the_mode_a_plain_open_would_give(tmp_path):
+    url = str(tmp_path / "out.json")
+    storage.write_json(url, {"v": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(url).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: others can read results

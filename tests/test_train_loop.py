@@ -107,16 +107,22 @@ def test_run_dir_refuses_another_config(tmp_path):
 
 
 # Refinement ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode, forwards", [("deterministic", 2), ("stochastic", 2), ("x_cfg", 2), ("cfg", 3)])
-def test_refine_step_is_one_extra_backbone_pass(mode, forwards):
-    """Pass 1 and pass 2, plus the unconditional pass of real CFG in the sample step (no gradient)."""
-    model = tiny()
-    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=3))
+def refine_step(head="flow", **settings):
+    """One refine step of a tiny model: (objective, whether each backbone forward carried a gradient, loss, batch)."""
+    model = tiny(head=head)
+    obj = RefineObjective(model, refine_cfg(sample_steps=3, **settings))
     calls = []
     model.backbone.register_forward_hook(lambda m, i, o: calls.append(o.requires_grad))
     x, y = batch()
     loss, _, _ = obj(x, y, torch.Generator().manual_seed(0))
     loss.backward()
+    return obj, calls, loss, (x, y)
+
+
+@pytest.mark.parametrize("mode, forwards", [("deterministic", 2), ("stochastic", 2), ("x_cfg", 2), ("cfg", 3)])
+def test_refine_step_is_one_extra_backbone_pass(mode, forwards):
+    """Pass 1 and pass 2, plus the unconditional pass of real CFG in the sample step (no gradient)."""
+    _, calls, _, _ = refine_step(sample_mode=mode)
     assert len(calls) == forwards and sum(calls) == 2  # exactly two passes carry a gradient
 
 
@@ -209,6 +215,77 @@ def test_csf_on_one_group_only():
         RefineObjective(model, refine_cfg(group=99))
 
 
+def test_in_training_evaluations_reach_the_stage_run(tmp_path):
+    """An evaluation's row goes to the tracker under eval/, each step once (a resume re-sends them), with its grid."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.training import track_evaluation
+
+    stage_dir = tmp_path / "pretrain"
+    (stage_dir / "evals").mkdir(parents=True)
+    for step in (10, 20):
+        (stage_dir / "evals" / f"step_{step:08d}.png").write_bytes(b"png of step %d" % step)
+    rows = [{"step": s, "fid": f, "accuracy": a, "evaluator": "domain", "grid": f"evals/step_{s:08d}.png"}
+            for s, f, a in ((10, 50.0, 0.25), (20, 40.0, 0.5))]
+    loop = SimpleNamespace(stage_dir=str(stage_dir), storage_options={})
+    with tracking.open_run(str(tmp_path)) as tr, tr.stage("pretrain", str(stage_dir)) as st:
+        for row in rows + rows:  # the second pass: what a resumed loop re-sends
+            track_evaluation(st, loop, row)
+    client = MlflowClient(tracking.default_uri(str(tmp_path)))
+    history = sorted((m.step, m.value) for m in client.get_metric_history(st.run_id, "eval/fid"))
+    assert history == [(10, 50.0), (20, 40.0)]  # each step once
+    assert "eval/accuracy" in client.get_run(st.run_id).data.metrics
+    assert sorted(a.path for a in client.list_artifacts(st.run_id, "evals")) == [
+        "evals/step_00000010.png", "evals/step_00000020.png"]
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "stochastic"])
+def test_exposure_gap_only_when_logged(mode):
+    """The gap metrics come only with log_metrics; the loss does not depend on them, and the
+    deterministic gap (which reuses the sample step's estimate) equals one computed afresh."""
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=2)).eval()
+    x, y = batch()
+    torch.manual_seed(1)
+    loss, _, logged = obj(x, y, torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    quiet_loss, _, quiet = obj(x, y, torch.Generator().manual_seed(0), log_metrics=False)
+    assert {"gap_early", "gap_middle", "gap_late"} <= set(logged) and not any(k.startswith("gap") for k in quiet)
+    assert torch.equal(loss, quiet_loss)
+    if mode == "deterministic":
+        with torch.no_grad():
+            x_t = model.head.sample(model(x, y), torch.zeros_like(x), 1, mode="one_step")
+            x_s = model.head.sample(model(x_t, y), torch.zeros_like(x), 1, mode="one_step")
+            gap = (x_s - x_t).pow(2).mean(-1)
+        assert logged["gap_late"] == pytest.approx(gap[:, obj.buckets["late"]].mean().item(), rel=1e-5)
+
+
+def test_rollout_fraction_takes_pass_two_on_the_first_examples():
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", rollout_fraction=0.5))
+    sizes = []
+    model.backbone.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    x, y = batch(n=5)
+    loss, per_token, _ = obj(x, y)
+    loss.backward()
+    assert sizes == [5, 3] and per_token.shape[0] == 5  # ceil(0.5 x 5) = 3; L_TF on the whole batch
+
+
+def test_window_means_cover_the_steps_that_carry_a_metric():
+    from pipelines.training import LoopState, add_metric, log_row
+
+    window = {}
+    for step in range(4):
+        add_metric(window, "loss", torch.tensor(float(step)), steps=1)
+        if step == 3:  # a metric of the log step only
+            add_metric(window, "gap_late", torch.tensor(5.0), steps=1)
+    row = log_row(LoopState(step=4), window, 1.0, 0.0, 8, 16, 1e-4)
+    assert row["loss"] == 1.5 and row["gap_late"] == 5.0
+
+
 def test_bfloat16_shards_are_read_as_values():
     g = make_grouping_for_grid()
     mean = torch.randn(2, 4, 4, 3).to(torch.bfloat16)
@@ -235,15 +312,9 @@ def test_refine_length_and_ema_follow_the_dataset():
 def test_refine_runs_with_the_ddpm_head(mode):
     """The refine objective trains a DDPM head (its loss) and samples it (ancestral steps drawing
     their noise from the step's generator, so the sample step is reproducible)."""
-    model = tiny(head="ddpm")
-    obj = RefineObjective(model, refine_cfg(sample_mode=mode, sample_steps=3))
-    calls = []
-    model.backbone.register_forward_hook(lambda m, i, o: calls.append(o.requires_grad))
-    x, y = batch()
-    loss, _, _ = obj(x, y, torch.Generator().manual_seed(0))
-    loss.backward()
+    obj, calls, loss, (x, y) = refine_step(head="ddpm", sample_mode=mode)
     assert sum(calls) == 2 and torch.isfinite(loss)
-    z = model(x, y).detach()
+    z = obj.model(x, y).detach()
     a, b = (obj.rollout_tokens(x, y, z, torch.Generator().manual_seed(4)) for _ in range(2))
     assert torch.equal(a, b)
 
