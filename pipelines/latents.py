@@ -178,10 +178,12 @@ def read_into_object_store(latents_url: str, manifest: dict, columns: Iterable[s
     """
     import ray
 
-    fs, _ = storage.pyarrow_filesystem(latents_url, storage_options)
     wanted = [c for c in columns if c in manifest["columns"]]
-    tables = [pq.read_table(storage.pyarrow_filesystem(url, storage_options)[1], columns=wanted, filesystem=fs)
-              for url in shard_urls(latents_url, manifest)]
+    tables = []
+    for url in shard_urls(latents_url, manifest):
+        fs, path = storage.pyarrow_filesystem(url, storage_options)
+        with storage.translate_errors(url, storage_options):
+            tables.append(pq.read_table(path, columns=wanted, filesystem=fs))
     return ray.data.from_arrow(tables)
 
 

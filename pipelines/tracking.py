@@ -269,7 +269,9 @@ class _Sender:
             try:
                 self.queue.put(("stop", ()), timeout=timeout)
             except queue.Full:
-                pass
+                log.warning("tracking: the queue stayed full for %.0f s (the store is slow); %d items not sent",
+                            timeout, self.queue.qsize())
+                return False
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("tracking: %d items not sent after %.0f s; giving up on them", self.queue.qsize(), timeout)
