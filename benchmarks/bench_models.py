@@ -76,13 +76,41 @@ def load():
     return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def add_model_size_args(p: argparse.ArgumentParser, cuda: bool) -> None:
+    """The flags that size the benchmarked model: a preset and overrides of it (CPU: a 16x16 depth-8 x 256 model)."""
+    p.add_argument("--preset", default="sar-b" if cuda else "tiny")
+    p.add_argument("--depth", type=int, default=None if cuda else 8, help="override the preset's depth")
+    p.add_argument("--hidden-size", type=int, default=None if cuda else 256, help="override the preset's backbone width")
+    p.add_argument("--heads", type=int, help="override the preset's number of heads")
+    p.add_argument("--head-width", type=int, help="override the preset's head width")
+    p.add_argument("--grid", type=int, default=16, help="token grid side")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def device_for(args) -> torch.device:
+    """CUDA when there is one, else the CPU with `--threads` torch threads."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def header(columns: list[tuple[str, int]]) -> str:
+    """A table's header line: each name right-aligned in its width (the first left-aligned)."""
+    (first, width), *rest = columns
+    return f"{first:{width}s}" + "".join(f"{name:>{w}s}" for name, w in rest)
+
+
+def model_sizes(args) -> dict:
+    """The preset overrides the size flags ask for."""
+    return {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
+                              ("num_heads", args.heads), ("head_width", args.head_width)) if v}
+
+
 def make(args, grouping, device, **overrides):
     g = args.grid
     scales = tuple(s for s in (1, 2, 4, 8, 16, 32, 64) if s < g) + (g,) if grouping == "next-scale" else None
-    sizes = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size),
-                               ("num_heads", args.heads), ("head_width", args.head_width)) if v}
     return build_model(args.preset, grouping=grouping, height=g, width=g, scales=scales,
-                       **{**sizes, **overrides}).to(device)
+                       **{**model_sizes(args), **overrides}).to(device)
 
 
 def batch(model, size, device):
@@ -123,8 +151,8 @@ def bench_training(args, device):
     m = make(args, "next-row", device)
     print(f"\n(1) training step fwd+bwd, one pass vs one forward per group (naive), {describe(m, args, args.batch)}; "
           f"{load()}")
-    print(f"{'grouping':16s}{'T':>5s}{'streams':>8s}{'one-pass ms':>12s}{'naive ms':>11s}{'speed-up':>9s}"
-          f"{'CPU speed-up':>13s}{'token ratio':>12s}{'quoted':>8s}{'of ratio':>11s}{'naive reps':>11s}")
+    print(header([("grouping", 16), ("T", 5), ("streams", 8), ("one-pass ms", 12), ("naive ms", 11), ("speed-up", 9),
+                  ("CPU speed-up", 13), ("token ratio", 12), ("quoted", 8), ("of ratio", 11), ("naive reps", 11)]))
     for name in args.groupings:
         model = make(args, name, device).train()
         x, labels = batch(model, args.batch, device)
@@ -158,8 +186,8 @@ def bench_training(args, device):
 def bench_sampling(args, device):
     print(f"\n(2) sampling {args.sample_batch} images, {args.flow_steps} flow steps, no guidance: KV cache vs "
           f"recompute the prefix each step; {load()}")
-    print(f"{'grouping':16s}{'T':>5s}{'cache ms':>10s}{'recompute ms':>14s}{'speed-up':>9s}{'CPU speed-up':>13s}"
-          f"{'token ratio':>12s}{'head share':>11s}")
+    print(header([("grouping", 16), ("T", 5), ("cache ms", 10), ("recompute ms", 14), ("speed-up", 9),
+                  ("CPU speed-up", 13), ("token ratio", 12), ("head share", 11)]))
     for name in args.sample_groupings:
         model = make(args, name, device).eval()
         labels = torch.randint(model.config.num_classes, (args.sample_batch,), device=device)
@@ -259,12 +287,7 @@ def bench_cuda(args, device):
 def main():
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="sar-b" if cuda else "tiny")
-    p.add_argument("--depth", type=int, default=None if cuda else 8, help="override the preset's depth")
-    p.add_argument("--hidden-size", type=int, default=None if cuda else 256, help="override the preset's backbone width")
-    p.add_argument("--heads", type=int, help="override the preset's number of heads")
-    p.add_argument("--head-width", type=int, help="override the preset's head width")
-    p.add_argument("--grid", type=int, default=16)
+    add_model_size_args(p, cuda)
     p.add_argument("--batch", type=int, default=64 if cuda else 4)
     p.add_argument("--sample-batch", type=int, default=64 if cuda else 8)
     p.add_argument("--flow-steps", type=int, default=25 if cuda else 2)
@@ -275,12 +298,9 @@ def main():
     p.add_argument("--sample-groupings", nargs="+", default=["next-neighbour"], choices=GROUPINGS)
     p.add_argument("--cuda-groupings", nargs="+", default=["next-neighbour", "next-row"], choices=GROUPINGS)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=cuda)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "sample", "cuda"])
     args = p.parse_args()
-    device = torch.device("cuda" if cuda else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_for(args)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()} on {os.cpu_count()} CPUs, "
           f"{load()}")
     torch.manual_seed(0)

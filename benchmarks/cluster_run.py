@@ -250,8 +250,8 @@ def moto_store() -> Iterator[dict[str, str]]:
 
 def upload_dataset(url: str, scratch: str) -> int:
     """A synthetic ImageNet-layout dataset made locally and copied under `url`; returns its train images."""
-    from pipelines import storage
-    from pipelines.synth import make_synthetic_imagenet
+    from pipelines.core import storage
+    from pipelines.data.synth import make_synthetic_imagenet
 
     root = os.path.join(scratch, "imagenet")
     made = make_synthetic_imagenet(root, classes=CLASSES, per_class=PER_CLASS, size=SIZE, seed=0, val_per_class=1)
@@ -367,7 +367,7 @@ def local_outputs(cluster: LocalCluster) -> list[str]:
 
 def stage_seconds(run_dir: str) -> dict[str, float]:
     """Each stage's own wall time, from the `_stage.json` it wrote last."""
-    from pipelines import rundir, storage
+    from pipelines.core import rundir, storage
 
     return {stage: storage.read_json(storage.join(run_dir, folder, rundir.STAGE_RECORD))["wall_s"]
             for stage, folder in STAGE_DIRS.items()}

@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 uv run python benchmarks/domain_evaluator.py [--classes 10] [--per-class 32]
         [--size 48] [--epochs 20] [--batch 32] [--holdout 0.2] [--seed 0] [--out FILE.json]
 
-Makes `pipelines.synth.make_synthetic_imagenet(classes, per_class, size, seed, val_per_class=2)`
-in a temporary folder, trains the evaluator (pipelines.evaluator.train_evaluator) on its train
+Makes `pipelines.data.synth.make_synthetic_imagenet(classes, per_class, size, seed, val_per_class=2)`
+in a temporary folder, trains the evaluator (pipelines.evaluate.domain_training.train_evaluator) on its train
 split on the CPU, then scores, with torch-fidelity through the "sar-domain" extractor, one half
 of the held-out real images (each class's held-out images alternate between two halves)
 against the other half, and other sets against that same half:
@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-from pipelines import evaluator  # noqa: E402
-from pipelines.synth import make_synthetic_imagenet  # noqa: E402
+from pipelines.evaluate import domain, domain_training  # noqa: E402
+from pipelines.data.synth import make_synthetic_imagenet  # noqa: E402
 
 
 def blurred(images: np.ndarray, radius: float) -> np.ndarray:
@@ -60,27 +60,27 @@ def main() -> None:
         root, path = os.path.join(tmp, "imagenet"), os.path.join(tmp, "evaluator.pt")
         make_synthetic_imagenet(root, classes=args.classes, per_class=args.per_class, size=args.size,
                                 seed=args.seed, val_per_class=2)
-        info = evaluator.train_evaluator(root, image_size=args.size, out_url=path, epochs=args.epochs,
+        info = domain_training.train_evaluator(root, image_size=args.size, out_url=path, epochs=args.epochs,
                                          batch_size=args.batch, holdout_fraction=args.holdout, seed=args.seed)
         print(f"trained on {info.num_train} images, held out {info.num_heldout}: held-out accuracy "
               f"{info.heldout_accuracy:.3f}, train accuracy {info.train_accuracy:.3f}, {info.seconds:.1f} s "
               f"(torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')})")
 
-        held = evaluator.reference_images(path, root)
+        held = domain.reference_images(path, root)
         a, b = held.halves()
         sets = {
             "floor": (a, a.labels),
             "shuffled": (a, (a.labels + 1) % args.classes),
-            "blurred": (evaluator.LabelledImages(blurred(a.images, 2.0), a.labels), a.labels),
-            "inverted": (evaluator.LabelledImages(255 - a.images, a.labels), a.labels),
-            "noise": (evaluator.noise_images(len(a), args.size, seed=args.seed + 1), a.labels),
+            "blurred": (domain.LabelledImages(blurred(a.images, 2.0), a.labels), a.labels),
+            "inverted": (domain.LabelledImages(255 - a.images, a.labels), a.labels),
+            "noise": (domain.noise_images(len(a), args.size, seed=args.seed + 1), a.labels),
         }
         results = {}
         print(f"\n{'set':<9} {'n':>4} {'FID':>9} {'KID':>9} {'prec':>6} {'recall':>6} {'acc':>6}   vs half B "
               f"({len(b)} real held-out images)")
         for name, (images, labels) in sets.items():
             start = time.time()
-            r = evaluator.evaluate_samples(images, labels, b, path, batch_size=64, cuda=False)
+            r = domain.evaluate_samples(images, labels, b, path, batch_size=64, cuda=False)
             r["seconds"] = round(time.time() - start, 2)
             results[name] = r
             kid = r["kid"]["mean"] if r["kid"] else float("nan")

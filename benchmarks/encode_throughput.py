@@ -1,6 +1,6 @@
 """Throughput of the encoder stage: Ray Data actor pool vs the same encoder in a plain loop.
 
-Both sides run `pipelines.encode.EncodeLatents` (image + flip -> token grids, grouping,
+Both sides run `pipelines.data.encode.EncodeLatents` (image + flip -> token grids, grouping,
 storage cast) over the same preprocessed uint8 images, with the same batch size. Printed per
 encoder: images/s of the plain loop, of the Ray Data stage in steady state (first batch
 start to last batch end, across actors: Ray Data's own overheads between batches count,
@@ -26,10 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 
-from pipelines.encode import EncodeLatents
-from pipelines.latents import ERROR, KEY, LABEL
-from pipelines.preprocess import PIXELS, center_crop_arr
-from pipelines.synth import render
+from pipelines.data.encode import EncodeLatents
+from pipelines.data.latents import ERROR, KEY, LABEL
+from pipelines.data.preprocess import PIXELS, center_crop_arr
+from pipelines.data.synth import render
 
 
 def make_images(n: int, size: int) -> np.ndarray:

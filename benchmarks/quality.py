@@ -4,12 +4,12 @@
         [--source DIR] [--work DIR] [--tables guidance,refine,grouping] [--grouping-steps N] [--per-class 8]
 
 Without Inception weights FID says nothing offline, so the yardstick is the domain evaluator
-(pipelines/evaluator.py): a small classifier trained on the dataset's own real images, whose
+(pipelines/evaluate/domain.py): a small classifier trained on the dataset's own real images, whose
 penultimate features stand in for Inception's in torch-fidelity's FID and precision/recall, and
 whose logits give the class accuracy of class-conditional samples.
 
 1. Data: the synthetic ImageNet-layout set `sar demo` makes (10 classes x 32 train images at
-   48 px, pipelines/synth.py) plus `--per-class` validation images per class that nothing trains
+   48 px, pipelines/data/synth.py) plus `--per-class` validation images per class that nothing trains
    on; or `--source DIR` (any ImageNet-layout folder; its val/ split, if any, is the real set).
 2. Evaluator: trained on the train split; 20% of each class is held out: the reference R.
 3. Pipeline: `sar run` with the config (encode, pretrain, refine, sample, fid) in this process.
@@ -19,7 +19,7 @@ whose logits give the class accuracy of class-conditional samples.
    printed (and half the spread). The tables draw one set per row.
 5. Tables (`--tables`): guidance kinds on the refined checkpoint (the config's weights);
    refinement vs its pretrained start at equal sampling settings, with the exposure-bias gap
-   (student vs teacher clean estimates, pipelines/objectives.py) of both on the same batches;
+   (student vs teacher clean estimates, pipelines/train/objectives.py) of both on the same batches;
    groupings at equal optimizer steps and batch (each pretrained from scratch, no refinement).
 
 Prints markdown tables for docs/benchmarks.md. On 2 CPU cores the default run takes ~10-25 min.
@@ -44,7 +44,10 @@ import torch  # noqa: E402
 
 from jobs.config import PipelineConfig, load_config  # noqa: E402
 from models import Guidance  # noqa: E402
-from pipelines import checkpoints, evaluator, latents, sampling  # noqa: E402
+from pipelines.evaluate import sampling  # noqa: E402
+from pipelines.data import latents
+from pipelines.evaluate import domain
+from pipelines.train import checkpoints
 
 SEED_SETS = (0, 1)  # sample seeds of the main rows: each score is the mean over these draws
 METRICS = ("fid", "precision", "recall", "accuracy")
@@ -53,16 +56,16 @@ METRICS = ("fid", "precision", "recall", "accuracy")
 def synthetic_source(root: str, per_class: int) -> str:
     """The demo's synthetic set (jobs/demo.py's sizes) with `per_class` validation images per class."""
     from jobs.demo import DEMO_CLASSES, DEMO_PER_CLASS, DEMO_SIZE
-    from pipelines.synth import make_synthetic_imagenet
+    from pipelines.data.synth import make_synthetic_imagenet
 
     make_synthetic_imagenet(root, classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS, size=DEMO_SIZE, seed=0,
                             val_per_class=per_class)
     return root
 
 
-def real_set(source: str, cfg: PipelineConfig, per_class: int, wnids: list[str]) -> evaluator.LabelledImages:
+def real_set(source: str, cfg: PipelineConfig, per_class: int, wnids: list[str]) -> domain.LabelledImages:
     """`per_class` real images per class that neither the evaluator nor the generator trained on."""
-    from pipelines.imagenet import list_imagenet
+    from pipelines.data.imagenet import list_imagenet
 
     listing = list_imagenet(source, "val", None, None)
     if not listing.items:
@@ -72,12 +75,12 @@ def real_set(source: str, cfg: PipelineConfig, per_class: int, wnids: list[str])
         by_label.setdefault(wnids.index(listing.wnids[label]), []).append(key)
     keys = [k for label in sorted(by_label) for k in by_label[label][:per_class]]
     labels = [label for label in sorted(by_label) for _ in by_label[label][:per_class]]
-    images, labels, keys, rejected = evaluator.decode_keys(source, keys, labels, cfg.encode.image_size)
-    return evaluator.LabelledImages(images, labels, keys)
+    images, labels, keys, rejected = domain.decode_keys(source, keys, labels, cfg.encode.image_size)
+    return domain.LabelledImages(images, labels, keys)
 
 
 def sample_set(ckpt: str, cfg: PipelineConfig, per_class: int, seed: int,
-               guidance: Guidance | None = None) -> evaluator.LabelledImages:
+               guidance: Guidance | None = None) -> domain.LabelledImages:
     """`per_class` images of every class from a checkpoint's EMA weights, made as `sar sample` makes them
     (the config's sample settings; `guidance` replaces the config's)."""
     model, codec, meta = sampling.load_generator(ckpt, "ema", None, torch.device("cpu"))
@@ -86,10 +89,10 @@ def sample_set(ckpt: str, cfg: PipelineConfig, per_class: int, seed: int,
     settings = sampling.SampleSettings.from_config(cfg.sample)
     if guidance is not None:
         settings = dataclasses.replace(settings, guidance=dataclasses.asdict(guidance))
-    return evaluator.LabelledImages(settings.render(model, codec, rows, torch.device("cpu")), rows[sampling.LABEL])
+    return domain.LabelledImages(settings.render(model, codec, rows, torch.device("cpu")), rows[sampling.LABEL])
 
 
-def score(scorer: evaluator.DomainScorer, sets: list[evaluator.LabelledImages]) -> dict[str, tuple[float, float]]:
+def score(scorer: domain.DomainScorer, sets: list[domain.LabelledImages]) -> dict[str, tuple[float, float]]:
     """Mean and spread (max - min) of each metric over the given sets."""
     rows = [scorer.score(s, s.labels if s.labels.min() >= 0 else None, kid=False) for s in sets]
     out = {}
@@ -108,7 +111,7 @@ def run_stages(cfg: PipelineConfig, only: str | None = None) -> float:
     from jobs.run import run_pipeline
 
     t0 = time.perf_counter()
-    rc = run_pipeline(cfg, argparse.Namespace(force=False, only_stage=only, from_stage=None))
+    rc = run_pipeline(cfg, only=only)
     if rc:
         raise SystemExit(f"sar run failed with exit code {rc}")
     return time.perf_counter() - t0
@@ -117,7 +120,7 @@ def run_stages(cfg: PipelineConfig, only: str | None = None) -> float:
 @torch.no_grad()
 def exposure_gap(ckpt: str, cfg: PipelineConfig, batches: list[dict]) -> dict[str, float]:
     """The refine objective's exposure-bias gap (per group bucket) of a checkpoint's EMA weights."""
-    from pipelines.objectives import RefineObjective
+    from pipelines.train.objectives import RefineObjective
 
     model, _ = checkpoints.load_model(ckpt, "ema")
     objective = RefineObjective(model, cfg.refine).eval()
@@ -161,9 +164,9 @@ def main() -> None:
 
     # The pipeline: encode, pretrain, refine, sample, fid (the evaluator is trained in its first use).
     seconds = run_stages(cfg)
-    meta = evaluator.read_metadata(cfg.evaluator_path)
-    reference = evaluator.reference_images(cfg.evaluator_path, source)
-    scorer = evaluator.DomainScorer(cfg.evaluator_path, reference, batch_size=64, cuda=False)
+    meta = domain.read_metadata(cfg.evaluator_path)
+    reference = domain.reference_images(cfg.evaluator_path, source)
+    scorer = domain.DomainScorer(cfg.evaluator_path, reference, batch_size=64, cuda=False)
     n = args.per_class * len(meta["wnids"])
     pre = checkpoints.find_latest(cfg.pretrain_dir)
     ref = checkpoints.find_latest(cfg.refine_dir)
@@ -175,7 +178,7 @@ def main() -> None:
 
     real = real_set(source, cfg, args.per_class, meta["wnids"])
     rows = {"real validation images (floor)": score(scorer, [real]),
-            "noise (ceiling)": score(scorer, [evaluator.noise_images(n, cfg.encode.image_size)]),
+            "noise (ceiling)": score(scorer, [domain.noise_images(n, cfg.encode.image_size)]),
             f"pretrain step {checkpoints.read_meta(pre)['step']}": score(scorer, samples(pre)),
             f"refine step {checkpoints.read_meta(ref)['step']}": score(scorer, samples(ref))}
     guidance = cfg.sample.guidance

@@ -11,11 +11,11 @@ made by `sar fid` with fid.evaluator=domain) exist, e.g. one left by `sar demo` 
 benchmarks/quality.py; its data.source must be readable (the evaluator's held-out images).
 
 For each variant (config overrides on top of --config): pretrain with the training loop's own
-functions (pipelines/training.py `prepare` and `train_step`; no Ray: the latents are read into
+functions (pipelines/train/worker.py `prepare` and `train_step`; no Ray: the latents are read into
 memory), optionally refine the EMA weights under each `--refine` setting, then sample `--per-class` images of every
 class with the EMA weights under each sampling setting (`--sample`; default: the config's) and
 score them against the evaluator's held-out real images: domain FID, precision, recall, class
-accuracy (pipelines/evaluator.py). One line per (variant, stage, sampling setting), and the
+accuracy (pipelines/evaluate/domain.py). One line per (variant, stage, sampling setting), and the
 training seconds, so a setting's cost can be weighed on the machine that will run it.
 
 --weights STAGE [STAGE ...] trains nothing: it samples the newest checkpoint's EMA weights of each
@@ -37,8 +37,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from jobs.config import PipelineConfig, load_config  # noqa: E402
-from pipelines import checkpoints, evaluator, latents, sampling, training  # noqa: E402
-from pipelines.codecs import codec_from_manifest  # noqa: E402
+from pipelines.train import driver, worker  # noqa: E402
+from pipelines.train.loop_config import LoopConfig  # noqa: E402
+from pipelines.data import latents
+from pipelines.evaluate import domain, sampling
+from pipelines.train import checkpoints
+from pipelines.data.codecs import codec_from_manifest  # noqa: E402
 
 
 def parse(spec: str) -> tuple[str, list[str]]:
@@ -61,14 +65,15 @@ def batches(data: dict[str, np.ndarray], size: int, gen: torch.Generator):
 def train(cfg: PipelineConfig, stage: str, manifest: dict, data: dict, device: torch.device,
           start: dict | None = None) -> tuple[torch.nn.Module, float]:
     """(EMA model, seconds) after `{stage}.steps` steps of the training loop on the in-memory rows."""
-    section = training.resolve_length(getattr(cfg, stage), len(data[latents.LABEL]))
+    section = driver.resolve_length(getattr(cfg, stage), len(data[latents.LABEL]))
     with tempfile.TemporaryDirectory(prefix="sar-sweep-") as stage_dir:
-        model_config = training.build_model_config(cfg.model, manifest)
-        loop = training.LoopConfig(stage=stage, stage_dir=stage_dir, train=section, model_config=model_config,
-                                   token_space=checkpoints.token_space(manifest), inputs={}, run_config={},
-                                   hflip=cfg.data.hflip)
+        model_config = driver.build_model_config(cfg.model, manifest)
+        loop = LoopConfig(stage=stage, stage_dir=stage_dir, train=section, model_config=model_config,
+                          token_space=checkpoints.token_space(manifest), inputs={}, run_config={},
+                          use_gpu=device.type == "cuda", accum=section.global_batch // section.micro_batch,
+                          hflip=cfg.data.hflip)
         torch.manual_seed(section.seed)
-        t, _ = training.prepare(loop, device)
+        t, _ = worker.prepare(loop, device)
         if start is not None:  # refine from the pretrained EMA weights, as refine.init_weights=ema
             t.model.load_state_dict(start)
             t.ema.module.load_state_dict(start)
@@ -78,7 +83,7 @@ def train(cfg: PipelineConfig, stage: str, manifest: dict, data: dict, device: t
         it = batches(data, section.micro_batch, gen)
         t0 = time.perf_counter()
         for _ in range(section.steps):
-            training.train_step(t, [next(it) for _ in range(accum)], gen, {})
+            worker.train_step(t, [next(it) for _ in range(accum)], gen, {})
         if device.type == "cuda":
             torch.cuda.synchronize()
         return t.ema.module.eval(), time.perf_counter() - t0
@@ -94,12 +99,12 @@ def trained(cfg: PipelineConfig, stage: str, device: torch.device) -> torch.nn.M
     return model.to(device).eval()
 
 
-def generate(model, codec, cfg: PipelineConfig, per_class: int, device: torch.device) -> evaluator.LabelledImages:
+def generate(model, codec, cfg: PipelineConfig, per_class: int, device: torch.device) -> domain.LabelledImages:
     """`per_class` images of every class, made with the config's sample settings."""
     plan = sampling.SamplePlan(model.config.num_classes, per_class, cfg.sample.seed)
     rows = plan.rows(range(plan.size))
     images = sampling.SampleSettings.from_config(cfg.sample).render(model, codec, rows, device)
-    return evaluator.LabelledImages(images, rows[sampling.LABEL])
+    return domain.LabelledImages(images, rows[sampling.LABEL])
 
 
 def main() -> None:
@@ -123,8 +128,8 @@ def main() -> None:
     cfg0 = load_config(args.config, base).with_absolute_paths()
     manifest = latents.read_manifest(cfg0.latents_dir)
     data = latents.load_arrays(cfg0.latents_dir)
-    reference = evaluator.reference_images(cfg0.evaluator_path, cfg0.data.source)
-    scorer = evaluator.DomainScorer(cfg0.evaluator_path, reference, cuda=device.type == "cuda")
+    reference = domain.reference_images(cfg0.evaluator_path, cfg0.data.source)
+    scorer = domain.DomainScorer(cfg0.evaluator_path, reference, cuda=device.type == "cuda")
     codec = codec_from_manifest(checkpoints.token_space(manifest)).to(device)
     print(f"quality sweep on {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else os.cpu_count()} "
           f"{'' if device.type == 'cuda' else 'CPUs'}): {len(data[latents.LABEL])} rows, grid {manifest['grid']} x "

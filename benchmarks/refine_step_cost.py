@@ -7,7 +7,7 @@ additional forward pass").
 
 Same model (one set of weights), same batch of tokens in memory, same optimiser (the training
 loop's `make_optimizer` with the refine settings), and the loop's own step
-(pipelines/training.py `train_step`: forward, backward, gradient clipping, AdamW, EMA update).
+(pipelines/train/worker.py `train_step`: forward, backward, gradient clipping, AdamW, EMA update).
 Timed per objective:
 
   pretrain                  PretrainObjective: one teacher-forced pass, L_TF
@@ -45,11 +45,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench_models import add_model_size_args, device_for, model_sizes  # noqa: E402
 from jobs.config import load_config  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
-from pipelines.objectives import PretrainObjective, RefineObjective  # noqa: E402
-from pipelines.training import (Trainer, make_ema, make_optimizer, make_scheduler, resolve_length,  # noqa: E402
-                                train_step)
+from pipelines.train.objectives import PretrainObjective, RefineObjective  # noqa: E402
+from pipelines.train.driver import resolve_length  # noqa: E402
+from pipelines.train.optim import make_ema, make_optimizer, make_scheduler  # noqa: E402
+from pipelines.train.worker import Trainer, train_step  # noqa: E402
 
 MODES = ("deterministic", "stochastic", "cfg")
 
@@ -97,11 +99,7 @@ def sync(device: torch.device) -> None:
 def main() -> None:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="sar-b" if cuda else "tiny")
-    p.add_argument("--depth", type=int, default=None if cuda else 8, help="override the preset's depth")
-    p.add_argument("--hidden-size", type=int, default=None if cuda else 256, help="override the preset's width")
-    p.add_argument("--heads", type=int, help="override the preset's number of heads")
-    p.add_argument("--grid", type=int, default=16, help="token grid side")
+    add_model_size_args(p, cuda)
     p.add_argument("--token-dim", type=int, default=16, help="16: KL-VAE; 48: demo's raw 4x4 px")
     p.add_argument("--grouping", default="next-neighbour")
     p.add_argument("--batch", type=int, default=64 if cuda else 8)
@@ -111,12 +109,9 @@ def main() -> None:
                    help="refine.rollout_fraction values below 1 to time as well, for every mode")
     p.add_argument("--iters", type=int, default=5, help="timed steps per objective")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per objective")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
     args = p.parse_args()
 
-    device = torch.device("cuda" if cuda else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = device_for(args)
     print(f"refine step cost benchmark: {torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs, "
           f"device {torch.cuda.get_device_name() if cuda else 'cpu'}")
     print(f"load: {uptime()}")
@@ -125,10 +120,8 @@ def main() -> None:
                                             "refine.steps=1000"])
     refine = resolve_length(cfg.refine, num_rows=1)  # the EMA decay derived from the run's length
     torch.manual_seed(0)
-    sizes = {k: v for k, v in (("depth", args.depth), ("hidden_size", args.hidden_size), ("num_heads", args.heads))
-             if v}
     model = build_model(args.preset, token_dim=args.token_dim, height=args.grid, width=args.grid,
-                        grouping=args.grouping, num_classes=10, **sizes).to(device).train()
+                        grouping=args.grouping, num_classes=10, **model_sizes(args)).to(device).train()
     g, c = model.grouping, model.config
     counter = PassCounter(model)
     objectives = {"pretrain": PretrainObjective(model)}

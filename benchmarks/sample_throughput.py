@@ -23,7 +23,8 @@ import torch
 
 from jobs.config import load_config
 from models import Guidance, build_model
-from pipelines import checkpoints, sampling
+from pipelines.evaluate import sampling
+from pipelines.train import checkpoints
 
 RAW_32 = {"encoder": "raw", "weights": None, "weights_sha256": None, "scale_factor": None, "image_size": 32,
           "grid": [8, 8], "channels": 3, "patch": 4, "token_dim": 48, "grouping": "next-neighbour",
@@ -41,7 +42,7 @@ def tiny_checkpoint(root: str) -> str:
 
 def cpu_benchmark(images: int, batch: int, actors: int, flow_steps: int) -> None:
     from jobs import sample as sample_job
-    from pipelines.ray_runtime import init_ray
+    from pipelines.core.ray_runtime import init_ray
 
     with tempfile.TemporaryDirectory(prefix="sar-bench-") as root:
         ckpt = tiny_checkpoint(root)
@@ -78,7 +79,7 @@ def cuda_benchmark(images: int, batch: int, flow_steps: int, guidance: Guidance,
         return
     from diffusers import AutoencoderKL
 
-    from pipelines.codecs import KLVAECodec
+    from pipelines.data.codecs import KLVAECodec
 
     device = torch.device("cuda")
     torch.manual_seed(0)

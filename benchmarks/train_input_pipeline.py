@@ -3,11 +3,11 @@
     uv run python benchmarks/train_input_pipeline.py [--preset tiny] [--image-size 32] [--patch 4]
         [--batch 32] [--steps 20] [--warmup 5] [--rounds 3] [--storage-dtype float16]
 
-Setup: a synthetic ImageNet (pipelines/synth.py) encoded by `sar encode` (jobs/encode.py, raw
+Setup: a synthetic ImageNet (pipelines/data/synth.py) encoded by `sar encode` (jobs/encode.py, raw
 pixel tokens from configs/demo.yaml) into a temporary latents folder, sized so that one epoch
 is exactly `warmup + steps` batches; a local Ray on 2 CPUs.
 
-Both sides run the training loop's own step (pipelines/training.py: `prepare` builds the model,
+Both sides run the training loop's own step (pipelines/train/worker.py: `prepare` builds the model,
 optimizer, schedule and EMA of a pretrain run, `train_step` makes one optimizer step from a
 batch of latent rows), in this process, on the same model; bf16 autocast on CUDA, as the loop.
 
@@ -44,16 +44,18 @@ import torch  # noqa: E402
 
 from bench_models import PEAK_BF16_FLOPS, train_flops_per_image  # noqa: E402
 from jobs.config import load_config  # noqa: E402
+from jobs.stages import StageOptions  # noqa: E402
 from models import count_parameters  # noqa: E402
-from pipelines import training  # noqa: E402
-from pipelines.latents import TRAIN_COLUMNS  # noqa: E402
+from pipelines.data.latents import TRAIN_COLUMNS  # noqa: E402
+from pipelines.train import checkpoints, driver, worker  # noqa: E402
+from pipelines.train.loop_config import LoopConfig  # noqa: E402
 
 
 def make_latents(root: str, args) -> tuple:
     """Synthesise and encode `(warmup + steps) * batch` images; return (config, dataset, manifest)."""
     from jobs import encode
-    from pipelines.latents import open_latents
-    from pipelines.synth import make_synthetic_imagenet
+    from pipelines.data.latents import open_latents
+    from pipelines.data.synth import make_synthetic_imagenet
 
     rows = (args.warmup + args.steps) * args.batch
     per_class = math.ceil(rows / args.classes)
@@ -66,7 +68,7 @@ def make_latents(root: str, args) -> tuple:
         f"encode.shard_rows={args.shard_rows}", f"model.preset={args.preset}",
         f"pretrain.micro_batch={args.batch}", f"pretrain.global_batch={args.batch}", "pretrain.optim.warmup_steps=0",
         "cluster.num_cpus=2"])
-    encode.main(cfg, argparse.Namespace(force=True))
+    encode.main(cfg, StageOptions(force=True))
     dataset, manifest = open_latents(cfg.latents_dir)
     columns = [c for c in TRAIN_COLUMNS if c in manifest["columns"]]
     print(f"latents: {manifest['num_rows']} rows in {len(manifest['shards'])} shards, grid {manifest['grid']} x "
@@ -78,13 +80,16 @@ def build_step(cfg, manifest, device: torch.device):
     """(model, step(micro-batches) -> None): one optimizer step of the training loop."""
     train = cfg.pretrain
     torch.manual_seed(train.seed)
-    model_config = training.build_model_config(cfg.model, manifest)
-    loop = training.prepare_run(cfg, "pretrain", cfg.pretrain_dir, model_config, manifest, inputs={})
-    t, _ = training.prepare(loop, device)
+    model_config = driver.build_model_config(cfg.model, manifest)
+    section = driver.resolve_length(train, manifest["num_rows"])
+    loop = LoopConfig(stage="pretrain", stage_dir=cfg.pretrain_dir, train=section, model_config=model_config,
+                      token_space=checkpoints.token_space(manifest), inputs={}, run_config={},
+                      use_gpu=device.type == "cuda", accum=1, hflip=cfg.data.hflip)
+    t, _ = worker.prepare(loop, device)
     gen = torch.Generator().manual_seed(train.seed)
 
     def step(micro: list[dict[str, torch.Tensor]]) -> None:
-        training.train_step(t, micro, gen, {})
+        worker.train_step(t, micro, gen, {})
         if device.type == "cuda":
             torch.cuda.synchronize()  # the step's time is the device's, not the launch's
 
@@ -152,7 +157,7 @@ def main() -> None:
         shard = dataset.streaming_split(1, equal=True)[0]
 
         def epoch(e: int):  # the loop's batches of epoch e on rank 0, one micro-batch per step
-            return ([b] for b in training.epoch_batches(shard, cfg.pretrain, e, rank=0))
+            return ([b] for b in worker.epoch_batches(shard, cfg.pretrain, e, rank=0))
 
         t0 = time.perf_counter()
         in_memory = list(epoch(0))  # the untimed first epoch: kernels, allocator, Ray Data's start

@@ -10,129 +10,29 @@
     sar report        --config FILE [--set run_dir=DIR]
     sar submit        --address http://HEAD:8265 [--follow] [--env NAME[=VALUE] ...] -- <sar subcommand and arguments>
 
-Each stage lives in `jobs/<stage>.py` as `main(config, args) -> exit code`. A stage, `run` and
-`demo` log into the run directory's MLflow run (jobs/run.py, `tracking` in the config) and end
-with a line saying how to look at it.
+Each stage lives in `jobs/<stage>.py` as `main(config, options, tracker) -> exit code` (the table
+of stages is jobs/stages.py, the parser jobs/parser.py). A stage, `run` and `demo` log into the run
+directory's MLflow run (jobs/run.py, `tracking` in the config) and end with a line saying how to
+look at it.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
-import importlib.util
 import logging
 import sys
-from pathlib import Path
 
 from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
-from jobs.run import STAGES, TRACKED, lineage_tags, open_tracker, run_stage
-from pipelines import tracking
-from pipelines.errors import SarError
-from pipelines.lease import LeaseHeld, LeaseLost
-from pipelines.storage import StorageError
-
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-EXIT_CODES = """exit status:
-  0   success
-  1   a stage failed; one line on stderr says why (a missing input, a storage error, Ray
-      did not start, ...)
-  2   a bad config, override or argument; one line names the field and the value
-  75  try again later (EX_TEMPFAIL): another live process is writing the same output (the
-      line names it), or the object store did not answer or kept throttling"""
-EX_TEMPFAIL = 75
-
-
-def _doc(module: str) -> str:
-    """A jobs module's docstring, read without importing it (building the parser stays cheap)."""
-    spec = importlib.util.find_spec(f"jobs.{module}")
-    return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or ""
-
-
-def _command(sub, name: str, summary: str, description: str | None = None) -> argparse.ArgumentParser:
-    """A subcommand whose --help shows its purpose and the exit codes."""
-    return sub.add_parser(name, help=summary, description=description or summary, epilog=EXIT_CODES,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
-def _add_config_args(p: argparse.ArgumentParser, default: str = "the papers' reference run") -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help=f"YAML config (default: {default})")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override one dotted key, e.g. --set pretrain.steps=100 (repeatable)",
-    )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sar", description=__doc__.split("\n\n")[0], epilog=EXIT_CODES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    for stage, text in [
-        ("encode", "images to Parquet latents (Ray Data)"),
-        ("pretrain", "self-token pretraining (Ray Train)"),
-        ("refine", "self-autoregressive refinement (Ray Train)"),
-        ("sample", "generate the evaluation samples (Ray Data actor pool)"),
-        ("fid", "FID / IS / precision / recall with torch-fidelity"),
-    ]:
-        p = _command(sub, stage, text, _doc(stage))
-        _add_config_args(p)
-        if stage == "encode":
-            p.add_argument("--force", action="store_true", help="re-encode everything from scratch")
-        if stage == "sample":
-            p.add_argument("--preview", action="store_true", help="only a quick grid of a few classes, in this process")
-
-    p = _command(sub, "run", "every stage in order, skipping those already up to date",
-                 _doc("run"))
-    _add_config_args(p)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--from", dest="from_stage", choices=STAGES, help="start at this stage")
-    g.add_argument("--only", dest="only_stage", choices=STAGES, help="run this stage alone")
-    p.add_argument("--force", action="store_true", help="re-run stages even when up to date")
-
-    p = _command(sub, "demo", "synthetic data through the whole pipeline at tiny scale, on local Ray",
-                 _doc("demo"))
-    p.add_argument("--run-dir", default="runs/demo", help="where everything goes (default: runs/demo)")
-    _add_config_args(p, default=f"configs/{DEMO_CONFIG.name}")
-
-    p = _command(sub, "report", "write the run report (report.html) of a run directory", _doc("report"))
-    _add_config_args(p)
-
-    p = _command(sub, "submit", "run a sar command as a Ray Job on a cluster",
-                 _doc("submit"))
-    p.add_argument("--address", required=True, help="the Ray dashboard, e.g. http://HEAD:8265")
-    p.add_argument("--follow", action="store_true", help="stream the logs and exit with the job's status")
-    p.add_argument("--working-dir", default=".", help="project folder to ship (default: .)")
-    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
-                   help="set a variable in the job's environment, on every node (the value from this "
-                        "environment when none is given); repeatable")
-    p.add_argument("argv", nargs=argparse.REMAINDER, help="-- then the sar subcommand and its arguments")
-
-    p = _command(sub, "synth-imagenet", "write a procedural ImageNet-layout dataset",
-                 "Write a synthetic dataset in the ImageNet layout (train/<wnid>/*.JPEG, a flat val/ with "
-                 "LOC_val_solution.csv, LOC_synset_mapping.txt): one shape, colour and texture per class, "
-                 "deterministic for a seed.")
-    d = argparse.ArgumentDefaultsHelpFormatter  # show the defaults of these options
-    p.formatter_class = type("Formatter", (d, argparse.RawDescriptionHelpFormatter), {})
-    p.add_argument("out", help="output folder (local)")
-    p.add_argument("--classes", type=int, default=10, help="number of classes")
-    p.add_argument("--per-class", type=int, default=20, help="training images per class")
-    p.add_argument("--val-per-class", type=int, default=2, help="validation images per class")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
-    p.add_argument("--quirks", action="store_true",
-                   help="add CMYK, grayscale, PNG-as-JPEG, RGBA, palette, truncated and empty files")
-
-    p = _command(sub, "config", "inspect configuration")
-    csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = _command(csub, "show", "print the resolved config as YAML")
-    _add_config_args(show)
-    return parser
-
+from jobs.parser import DEMO_CONFIG, EX_TEMPFAIL, build_parser
+from jobs.run import TRACKED, lineage_tags, open_tracker, run_stage
+from jobs.stages import NAMES, StageOptions, entry
+from pipelines.core import tracking
+from pipelines.core.errors import SarError
+from pipelines.core.lease import LeaseHeld, LeaseLost
+from pipelines.core.storage import StorageError
 
 def _synth(args: argparse.Namespace) -> int:
-    from pipelines.synth import make_synthetic_imagenet
+    from pipelines.data.synth import make_synthetic_imagenet
 
     try:
         s = make_synthetic_imagenet(
@@ -162,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "submit":
         from jobs import submit
 
-        return submit.main(None, args)
+        return submit.main(args)
     try:
         if command == "demo":
             cfg = load_config(args.config or DEMO_CONFIG, [f"run_dir={args.run_dir}", *args.overrides])
@@ -175,14 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(dump_yaml(cfg))
         return 0
     cfg = cfg.with_absolute_paths()
-    module = importlib.import_module(f"jobs.{command}")
     tracker = open_tracker(cfg, command) if command in TRACKED else tracking.NULL
-    args.tracker, status = tracker, "FAILED"
+    status = "FAILED"
     try:
-        if command in STAGES:  # a stage alone: nested in the command's run, as `sar run` does
-            rc = run_stage(cfg, command, module, args, tracker)
-        else:
-            rc = int(module.main(cfg, args) or 0)
+        rc = _run_command(cfg, args, tracker)
         if rc == 0:
             status = "FINISHED"
             if tracker.enabled:
@@ -203,6 +99,27 @@ def main(argv: list[str] | None = None) -> int:
             tracker.close(status)
             if tracker.enabled:  # where to look at the runs; nothing to say when tracking is off or failed
                 print(tracker.hint(), flush=True)
+
+
+def _run_command(cfg: PipelineConfig, args: argparse.Namespace, tracker: tracking.Tracker) -> int:
+    """Run a command that takes a config; its exit code."""
+    command = args.command
+    if command in NAMES:  # a stage alone: nested in the command's run, as `sar run` does
+        options = StageOptions(force=getattr(args, "force", False), preview=getattr(args, "preview", False))
+        return run_stage(cfg, command, entry(command), options, tracker)
+    if command == "run":
+        from jobs import run
+
+        return run.run_pipeline(cfg, start=args.from_stage, only=args.only_stage, force=args.force, tracker=tracker)
+    if command == "demo":
+        from jobs import demo
+
+        return demo.main(cfg, tracker)
+    if command == "report":
+        from jobs import report
+
+        return report.main(cfg, tracker)
+    raise AssertionError(f"no handler for the command {command!r}")
 
 
 def _user_error(err: BaseException) -> BaseException | None:

@@ -19,13 +19,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines import storage
+from jobs.stages import BY_NAME, NAMES
+from models.choices import GROUPINGS, GUIDANCE_KINDS, SCALE_SCHEDULES, SOLVERS
+from pipelines.core import storage
 
 # Fields that hold a location (local path or URL).
 PATH_FIELDS = ("run_dir", "data.source", "encode.weights", "encode.output", "pretrain.output", "refine.output",
                "refine.init", "sample.output", "sample.checkpoint", "fid.output", "fid.samples", "fid.reference",
                "fid.inception_weights", "fid.domain.path")
-GROUPINGS = ("next-token", "next-row", "next-layer", "next-neighbour", "next-scale")
 
 
 class ConfigError(ValueError):
@@ -52,7 +53,7 @@ class DataConfig(_Section):
 
 
 class EncodeConfig(_Section):
-    """Images to multi-scale, grouped latents in Parquet (pipelines/encode.py)."""
+    """Images to multi-scale, grouped latents in Parquet (pipelines/data/encode.py)."""
 
     encoder: Literal["raw", "kl-vae", "wan"] = "kl-vae"  # paper's main space: KL-VAE, Table 3
     weights: str | None = None  # diffusers folder or LDM .ckpt/.safetensors; local or object store
@@ -91,8 +92,6 @@ class ModelConfig(_Section):
     @field_validator("scales")
     @classmethod
     def _known_schedule(cls, v: list[int] | str | None) -> list[int] | str | None:
-        from models import SCALE_SCHEDULES
-
         if isinstance(v, str) and v not in SCALE_SCHEDULES:
             raise ValueError(f"unknown scale schedule; give a list of sides or one of {', '.join(SCALE_SCHEDULES)}")
         return v
@@ -154,7 +153,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(50, ge=1)
     # Every N steps, sample eval_per_class images of every class with the EMA weights and score them
-    # with fid.evaluator (pipelines/evaluation.py); None: no evaluation during training.
+    # with fid.evaluator (pipelines/evaluate/during_training.py); None: no evaluation during training.
     eval_every: int | None = Field(None, ge=1)
     eval_per_class: int = Field(4, ge=1)
     ema_decay: float | None = Field(0.9999, ge=0, lt=1)  # MAR; None: from the run's length (see RefineConfig)
@@ -248,7 +247,7 @@ class RefineConfig(TrainConfig):
 class GuidanceConfig(_Section):
     """Guidance at sampling time (paper Table 2: x-CFG 1.25 + z-CFG 2.7 is best)."""
 
-    kind: Literal["none", "cfg", "z_cfg", "x_cfg", "xz_cfg"] = "xz_cfg"
+    kind: Literal[GUIDANCE_KINDS] = "xz_cfg"
     cfg: float = Field(3.5, ge=0)  # Table 2, standard CFG
     w_x: float = Field(1.25, ge=0)  # Table 2
     w_z: float = Field(2.7, ge=0)  # Table 2
@@ -268,7 +267,7 @@ class SampleConfig(_Section):
     flow_steps: int = Field(50, ge=1)  # ODE steps (DDPM head: respaced ancestral steps, MAR)
     # ODE solver of the flow head: euler (DESIGN 3), heun (EDM, Karras et al. 2022) or midpoint;
     # both 2nd order at two head evaluations per step, so 25 Heun steps cost 50 Euler steps.
-    solver: Literal["euler", "heun", "midpoint"] = "euler"
+    solver: Literal[SOLVERS] = "euler"
     # MAR's sampling temperature: the flow ODE starts from temperature x noise, the DDPM head
     # scales each ancestral step's noise (MAR's p_sample). 1.0 samples the model as trained.
     temperature: float = Field(1.0, ge=0)
@@ -289,7 +288,7 @@ class SampleConfig(_Section):
 
 
 class DomainEvaluatorConfig(_Section):
-    """The domain evaluator (pipelines/evaluator.py): a small classifier of the dataset's own images
+    """The domain evaluator (pipelines/evaluate/domain.py): a small classifier of the dataset's own images
     whose features stand in for Inception's where Inception's weights cannot be had (offline)."""
 
     path: str | None = None  # default {run_dir}/evaluator.pt; trained from data.source when missing
@@ -323,7 +322,7 @@ class FidConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    """Where runs are recorded (pipelines/tracking.py) and how often progress is written."""
+    """Where runs are recorded (pipelines/core/tracking.py) and how often progress is written."""
 
     backend: Literal["mlflow", "none"] = "mlflow"
     # None: the embedded SQLite store under {run_dir}/mlflow/ (tracking.default_uri). A server
@@ -345,17 +344,17 @@ class ClusterConfig(_Section):
     # A local Ray starts without its dashboard (a web server and its modules, seconds of start-up);
     # true starts it at http://127.0.0.1:8265.
     dashboard: bool = False
-    # Writer leases (pipelines/lease.py): one process at a time writes a stage's output. A lease
+    # Writer leases (pipelines/core/lease.py): one process at a time writes a stage's output. A lease
     # not renewed for lease_ttl_s is taken over (its holder died); a second writer waits up to
     # lease_wait_s for the first to finish, then refuses with exit status 75.
     lease_ttl_s: float = Field(60.0, ge=5)
     lease_wait_s: float = Field(0.0, ge=0)
 
 
-def _output(section: str, folder: str) -> property:
-    """A stage's output location: its section's `output`, else `{run_dir}/{folder}`."""
-    return property(lambda self: getattr(self, section).output or f"{self.run_dir}/{folder}",
-                    doc=f"{section}.output, else {{run_dir}}/{folder}")
+def _output(stage: str) -> property:
+    """A stage's output location (PipelineConfig.output_of) as a property."""
+    return property(lambda self: self.output_of(stage),
+                    doc=f"{BY_NAME[stage].section}.output, else {{run_dir}}/{BY_NAME[stage].folder}")
 
 
 class PipelineConfig(_Section):
@@ -415,16 +414,25 @@ class PipelineConfig(_Section):
                 cfg._set(name, os.path.abspath(value))
         return cfg
 
-    # Stage outputs: `{section}.output`, else a folder of run_dir ------------------------------
-    latents_dir = _output("encode", "latents")
-    pretrain_dir = _output("pretrain", "pretrain")
-    refine_dir = _output("refine", "refine")
-    samples_dir = _output("sample", "samples")
-    eval_dir = _output("fid", "eval")
+    # Stage outputs: `{section}.output`, else a folder of run_dir (jobs/stages.py) ---------------
+    def output_of(self, stage: str) -> str:
+        """Where stage `stage` writes: its section's `output`, else `{run_dir}/{its folder}`."""
+        s = BY_NAME[stage]
+        return getattr(self, s.section).output or f"{self.run_dir}/{s.folder}"
+
+    def outputs(self) -> dict[str, str]:
+        """Every stage's output location, in pipeline order."""
+        return {name: self.output_of(name) for name in NAMES}
+
+    latents_dir = _output("encode")
+    pretrain_dir = _output("pretrain")
+    refine_dir = _output("refine")
+    samples_dir = _output("sample")
+    eval_dir = _output("fid")
 
     def field_of(self, url: str) -> str | None:
         """The path field a location comes from: the one whose value is the longest prefix of `url`."""
-        from pipelines.storage import redact
+        from pipelines.core.storage import redact
 
         url, best = redact(url).rstrip("/"), (0, None)
         for name in PATH_FIELDS:

@@ -10,26 +10,24 @@ again skips every stage that is already up to date.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 from jobs.config import PipelineConfig
 from jobs.run import run_pipeline
-from pipelines import storage
-from pipelines.synth import make_synthetic_imagenet
+from pipelines.core import storage, tracking
+from pipelines.data.synth import make_synthetic_imagenet
 
 DEMO_CLASSES, DEMO_PER_CLASS, DEMO_SIZE = 10, 32, 48
 
 
-def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+def main(cfg: PipelineConfig, tracker: tracking.Tracker = tracking.NULL) -> int:
     t0 = time.perf_counter()
     if storage.is_local(cfg.data.source) and not os.path.exists(os.path.join(cfg.data.source, "train")):
         s = make_synthetic_imagenet(cfg.data.source, classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS,
                                     size=DEMO_SIZE, seed=0, val_per_class=2)
         print(f"[sar demo] synthesised {s.train_images} images of {s.classes} classes in {s.root}")
-    rc = run_pipeline(cfg, argparse.Namespace(force=False, only_stage=None, from_stage=None,
-                                              tracker=getattr(args, "tracker", None)))
+    rc = run_pipeline(cfg, tracker=tracker)
     if rc:
         return rc
     print(f"\n[sar demo] finished in {time.perf_counter() - t0:.0f} s")

@@ -15,16 +15,15 @@ import time
 from typing import Any
 
 from jobs.config import PipelineConfig
-from pipelines import checkpoints, latents, rundir, storage, training
-from pipelines.lease import stage_lease
-from pipelines.ray_runtime import init_ray
-from pipelines.tracking import NULL
+from jobs.stages import StageOptions
+from pipelines.core import rundir, storage, tracking
+from pipelines.core.lease import stage_lease
+from pipelines.core.ray_runtime import init_ray
+from pipelines.data import latents
+from pipelines.evaluate.during_training import settings_for
+from pipelines.train import checkpoints, driver
 
 STAGE = "pretrain"
-
-
-def output(cfg: PipelineConfig) -> str:
-    return cfg.pretrain_dir
 
 
 def inputs(cfg: PipelineConfig) -> dict[str, Any]:
@@ -33,30 +32,31 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def status(cfg: PipelineConfig) -> rundir.StageStatus:
-    return training.training_status(cfg, STAGE, cfg.pretrain_dir, inputs(cfg))
+    return driver.training_status(cfg, STAGE, cfg.pretrain_dir, inputs(cfg))
 
 
-def main(cfg: PipelineConfig, args=None) -> int:
-    """Check the dataset, train on Ray Train (rank 0 logs each row into `args.tracker`), record the run."""
+def main(cfg: PipelineConfig, options: StageOptions = StageOptions(), tracker: tracking.Tracker = tracking.NULL) -> int:
+    """Check the dataset, train on Ray Train (rank 0 logs each row into `tracker`), record the run."""
     # Setup: the dataset and the model are checked before anything is written; the stage folder's
     # writer lease is held from the run directory's checks to the record, and Ray starts under it.
     so, started, t0 = cfg.data.storage_options, rundir.now_utc(), time.perf_counter()
     manifest = latents.read_manifest(cfg.latents_dir, so)
-    model_config = training.build_model_config(cfg.model, manifest)
-    training.check_inputs(cfg, STAGE, model_config, manifest)
+    model_config = driver.build_model_config(cfg.model, manifest)
+    driver.check_inputs(cfg, STAGE, model_config, manifest)
     with stage_lease(cfg.pretrain_dir, cfg.cluster, so) as lease:
-        loop = training.prepare_run(cfg, STAGE, cfg.pretrain_dir, model_config, manifest, inputs(cfg), lease=lease)
+        start_step = driver.claim_run_folder(cfg, STAGE, cfg.pretrain_dir, model_config, lease)
+        evaluation = settings_for(cfg, STAGE, manifest)  # trains the domain evaluator here when it is missing
 
         # Loop: Ray Train workers (or this process with num_workers 0).
         init_ray(cfg.cluster)
-        tracker = getattr(args, "tracker", None) or NULL
-        metrics = training.run_training(loop, training.training_dataset(loop, cfg.latents_dir, manifest), tracker,
-                                        cfg.tracking.progress_interval_s)
+        loop = driver.loop_config(cfg, STAGE, cfg.pretrain_dir, model_config, manifest, inputs(cfg),
+                                  start_step=start_step, lease=lease, tracker=tracker, evaluation=evaluation)
+        metrics = driver.run_training(loop, driver.training_dataset(loop, cfg.latents_dir, manifest), tracker)
 
         # Save: the record of this run.
         lease.check()
         latest = checkpoints.find_latest(cfg.pretrain_dir, so)
-        training.write_record(loop, started, time.perf_counter() - t0, latest)
+        driver.write_record(loop, started, time.perf_counter() - t0, latest)
     print(f"pretrain done: step {metrics.get('step')}, loss {metrics.get('loss', float('nan')):.4f}; "
           f"checkpoint {storage.redact(latest or '')}")
     return 0

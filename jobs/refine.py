@@ -1,4 +1,4 @@
-"""`sar refine`: self-autoregressive refinement on Ray Train (pipelines/objectives.py).
+"""`sar refine`: self-autoregressive refinement on Ray Train (pipelines/train/objectives.py).
 
 Reads  a pretrain checkpoint (`refine.init`, default the newest under `{run_dir}/pretrain`;
        EMA or raw weights) and `{run_dir}/latents`.
@@ -12,17 +12,16 @@ import time
 from typing import Any
 
 from jobs.config import PipelineConfig
-from pipelines import checkpoints, latents, rundir, storage, training
-from pipelines.errors import SarError
-from pipelines.lease import stage_lease
-from pipelines.ray_runtime import init_ray
-from pipelines.tracking import NULL
+from jobs.stages import StageOptions
+from pipelines.core import rundir, storage, tracking
+from pipelines.core.errors import SarError
+from pipelines.core.lease import stage_lease
+from pipelines.core.ray_runtime import init_ray
+from pipelines.data import latents
+from pipelines.evaluate.during_training import settings_for
+from pipelines.train import checkpoints, driver
 
 STAGE = "refine"
-
-
-def output(cfg: PipelineConfig) -> str:
-    return cfg.refine_dir
 
 
 def start_checkpoint(cfg: PipelineConfig) -> str | None:
@@ -38,11 +37,11 @@ def inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def status(cfg: PipelineConfig) -> rundir.StageStatus:
-    return training.training_status(cfg, STAGE, cfg.refine_dir, inputs(cfg))
+    return driver.training_status(cfg, STAGE, cfg.refine_dir, inputs(cfg))
 
 
-def main(cfg: PipelineConfig, args=None) -> int:
-    """Start from the pretrain checkpoint, refine on Ray Train (rank 0 logs into `args.tracker`), record."""
+def main(cfg: PipelineConfig, options: StageOptions = StageOptions(), tracker: tracking.Tracker = tracking.NULL) -> int:
+    """Start from the pretrain checkpoint, refine on Ray Train (rank 0 logs into `tracker`), record."""
     # Setup: the start checkpoint and the dataset, then (holding the stage folder's writer lease) the
     # run directory, all before Ray starts.
     so, started, t0 = cfg.data.storage_options, rundir.now_utc(), time.perf_counter()
@@ -52,21 +51,22 @@ def main(cfg: PipelineConfig, args=None) -> int:
                        f"first or set refine.init")
     meta = checkpoints.read_meta(init, so)
     manifest = latents.read_manifest(cfg.latents_dir, so)
-    training.check_inputs(cfg, STAGE, meta["model_config"], manifest)
+    driver.check_inputs(cfg, STAGE, meta["model_config"], manifest)
     with stage_lease(cfg.refine_dir, cfg.cluster, so) as lease:
-        loop = training.prepare_run(cfg, STAGE, cfg.refine_dir, meta["model_config"], manifest, inputs(cfg),
-                                    init=(init, cfg.refine.init_weights), lease=lease)
+        start_step = driver.claim_run_folder(cfg, STAGE, cfg.refine_dir, meta["model_config"], lease)
+        evaluation = settings_for(cfg, STAGE, manifest)
         print(f"refining from {storage.redact(init)} (step {meta['step']}, {cfg.refine.init_weights} weights)")
 
         # Loop: Ray Train.
         init_ray(cfg.cluster)
-        tracker = getattr(args, "tracker", None) or NULL
-        metrics = training.run_training(loop, training.training_dataset(loop, cfg.latents_dir, manifest), tracker,
-                                        cfg.tracking.progress_interval_s)
+        loop = driver.loop_config(cfg, STAGE, cfg.refine_dir, meta["model_config"], manifest, inputs(cfg),
+                                  start_step=start_step, init=(init, cfg.refine.init_weights), lease=lease,
+                                  tracker=tracker, evaluation=evaluation)
+        metrics = driver.run_training(loop, driver.training_dataset(loop, cfg.latents_dir, manifest), tracker)
 
         # Save: the record of this run.
         lease.check()
-        training.write_record(loop, started, time.perf_counter() - t0, checkpoints.find_latest(cfg.refine_dir, so))
+        driver.write_record(loop, started, time.perf_counter() - t0, checkpoints.find_latest(cfg.refine_dir, so))
     print(f"refine done: step {metrics.get('step')}, loss_tf {metrics.get('loss_tf', float('nan')):.4f}, "
           f"loss_csf {metrics.get('loss_csf', float('nan')):.4f}")
     return 0

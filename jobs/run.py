@@ -4,29 +4,27 @@ Reads and writes what the stages do (see each `jobs/<stage>.py`), then `{run_dir
 Launch: `sar run --config FILE [--from STAGE | --only STAGE] [--force]`; on a schedule through the
 RayCronJob in `infra/k8s/`.
 
-Each stage module says what it consumes and whether its output is up to date (`status`), where
-its output is (`output`), and runs (`main`). Encode is incremental by itself (a grown source
+Each stage module (jobs/stages.py lists them) says whether its output is up to date (`status`)
+and runs (`main`); its output is `cfg.output_of(stage)`. Encode is incremental by itself (a grown source
 encodes only the new images); every other stage records the digests of what it consumed and
 is re-run when they change. A stage that must re-run over outputs made from other inputs
 first moves them to `{run_dir}/archive/<stage>-<time>/`, so nothing already written is lost.
 
-Tracking (pipelines/tracking.py): every command on a run directory logs into that directory's
+Tracking (pipelines/core/tracking.py): every command on a run directory logs into that directory's
 MLflow run (`open_tracker`), and each stage that runs, alone or here, into a run nested under it
-(`run_stage`), which it gets as `args.tracker`.
+(`run_stage`), which it gets as its `tracker` argument.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 from types import ModuleType
 from typing import Any
 
 from jobs.config import PipelineConfig
-from pipelines import rundir, storage, tracking
+from jobs.stages import NAMES, StageOptions, entry
+from pipelines.core import rundir, storage, tracking
 
-STAGES = ("encode", "pretrain", "refine", "sample", "fid")
-TRACKED = (*STAGES, "run", "demo")  # the commands that log into the run directory's MLflow run
+TRACKED = (*NAMES, "run", "demo")  # the commands that log into the run directory's MLflow run
 
 
 def open_tracker(cfg: PipelineConfig, command: str) -> tracking.Tracker:
@@ -40,7 +38,8 @@ def open_tracker(cfg: PipelineConfig, command: str) -> tracking.Tracker:
 
 def lineage_tags(cfg: PipelineConfig) -> dict[str, Any]:
     """What the run directory holds at the end of a command, by digest: the dataset, the newest checkpoints."""
-    from pipelines import checkpoints, latents  # torch: loaded when a command ends, not to parse one
+    from pipelines.data import latents  # torch: loaded when a command ends, not to parse one
+    from pipelines.train import checkpoints
 
     so = cfg.data.storage_options
     return {"dataset.digest": latents.dataset_digest(cfg.latents_dir, so),
@@ -48,17 +47,17 @@ def lineage_tags(cfg: PipelineConfig) -> dict[str, Any]:
             "refine.checkpoint.digest": checkpoints.latest_digest(cfg.refine_dir, so)}
 
 
-def run_stage(cfg: PipelineConfig, name: str, stage: ModuleType, args: argparse.Namespace,
+def run_stage(cfg: PipelineConfig, name: str, stage: ModuleType, options: StageOptions,
               tracker: tracking.Tracker) -> int:
-    """`stage.main` inside a run nested under `tracker`, passed on as `args.tracker`.
+    """`stage.main` inside a run nested under `tracker`, which the stage gets as its tracker.
 
     The nested run gets the stage's config section as params and, when the stage succeeds, what
     its `_stage.json` says it consumed and made (digests, as tags) and took (wall time, images/s),
     and what the stage's `tracked(cfg)`, where it has one, names: final metrics and files.
     """
-    out, started = stage.output(cfg), rundir.now_utc()
+    out, started = cfg.output_of(name), rundir.now_utc()
     with tracker.stage(name, out, params={name: cfg.public_dict()[name]}) as st:
-        rc = int(stage.main(cfg, argparse.Namespace(**{**vars(args), "tracker": st})) or 0)
+        rc = int(stage.main(cfg, options, st) or 0)
         if rc:
             st.close("FAILED")
             return rc
@@ -74,35 +73,28 @@ def run_stage(cfg: PipelineConfig, name: str, stage: ModuleType, args: argparse.
     return 0
 
 
-def run_pipeline(cfg: PipelineConfig, args: argparse.Namespace,
-                 stages: dict[str, ModuleType] | None = None) -> int:
-    """Run the chosen stages, then write the run report; returns the first non-zero exit code, else 0."""
+def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None, force: bool = False,
+                 tracker: tracking.Tracker = tracking.NULL, stages: dict[str, ModuleType] | None = None) -> int:
+    """Run the chosen stages (all; from `start`; or `only` one), then write the run report; returns the
+    first non-zero exit code, else 0. `stages` replaces entry modules (tests)."""
     from jobs import report  # its readers load torch; parsing a command line should not
 
-    force = getattr(args, "force", False)
-    tracker = getattr(args, "tracker", None) or tracking.NULL
-    only, start = getattr(args, "only_stage", None), getattr(args, "from_stage", None)
-    chosen = [only] if only else list(STAGES[STAGES.index(start):] if start else STAGES)
-    stages = stages or {name: importlib.import_module(f"jobs.{name}") for name in STAGES}
+    chosen = [only] if only else list(NAMES[NAMES.index(start):] if start else NAMES)
     rc = 0
     for name in chosen:
-        stage = stages[name]
+        stage = (stages or {}).get(name) or entry(name)
         status = stage.status(cfg)
         if status.up_to_date and not force:
             print(f"[sar run] {name}: up to date ({status.reason}), skipped", flush=True)
             continue
         print(f"[sar run] {name}: running ({status.reason})", flush=True)
         if status.stale:
-            moved = rundir.archive(cfg.run_dir, stage.output(cfg), name, cfg.data.storage_options)
+            moved = rundir.archive(cfg.run_dir, cfg.output_of(name), name, cfg.data.storage_options)
             if moved:
                 print(f"  moved the stale {name} output to {storage.redact(moved)}", flush=True)
-        rc = run_stage(cfg, name, stage, argparse.Namespace(force=force and name == "encode", preview=False), tracker)
+        rc = run_stage(cfg, name, stage, StageOptions(force=force and name == "encode"), tracker)
         if rc:
             print(f"[sar run] {name} failed with exit code {rc}; later stages not run", flush=True)
             break
-    report.main(cfg, argparse.Namespace(tracker=tracker))
+    report.main(cfg, tracker)
     return rc
-
-
-def main(cfg: PipelineConfig, args: argparse.Namespace) -> int:
-    return run_pipeline(cfg, args)

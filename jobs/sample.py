@@ -10,7 +10,7 @@ Launch  sar sample --config configs/imagenet256-sar-b-klvae.yaml [--set sample.n
 
 ADM's protocol: sample.per_class (50) images for each of the classes (1000), class-major.
 Each index has its own seed derived from (sample.seed, index), so the job is resumable at
-any granularity (pipelines/sampling.py): a re-run makes only the missing indices, with any
+any granularity (pipelines/evaluate/sampling.py): a re-run makes only the missing indices, with any
 number of actors and any batch size, and the finished set has exactly N images. One run at a
 time writes the set (its writer lease; a second exits with status 75); --preview writes only
 preview.png, atomically, and may run beside it.
@@ -22,17 +22,15 @@ import time
 from typing import Any
 
 from jobs.config import PipelineConfig
-from pipelines import checkpoints, rundir, sampling, storage
-from pipelines.errors import SarError
-from pipelines.lease import stage_lease
-from pipelines.ray_runtime import init_ray
-from pipelines.tracking import NULL
+from jobs.stages import StageOptions
+from pipelines.core import rundir, storage, tracking
+from pipelines.evaluate import sampling
+from pipelines.train import checkpoints
+from pipelines.core.errors import SarError
+from pipelines.core.lease import stage_lease
+from pipelines.core.ray_runtime import init_ray
 
 STAGE = "sample"
-
-
-def output(cfg: PipelineConfig) -> str:
-    return cfg.samples_dir
 
 
 def checkpoint(cfg: PipelineConfig) -> str | None:
@@ -64,7 +62,7 @@ def status(cfg: PipelineConfig) -> rundir.StageStatus:
     return sampling.set_status(cfg.samples_dir, spec, cfg.data.storage_options)
 
 
-def main(cfg: PipelineConfig, args=None) -> int:
+def main(cfg: PipelineConfig, options: StageOptions = StageOptions(), tracker: tracking.Tracker = tracking.NULL) -> int:
     # Setup: which checkpoint, which set.
     so, samples_dir, started, t0 = cfg.data.storage_options, cfg.samples_dir, rundir.now_utc(), time.perf_counter()
     ckpt = checkpoint(cfg)
@@ -72,10 +70,10 @@ def main(cfg: PipelineConfig, args=None) -> int:
         raise SarError(f"no checkpoint to sample from: none under {storage.redact(cfg.refine_dir)} or "
                        f"{storage.redact(cfg.pretrain_dir)}; train first or set sample.checkpoint")
     plan, spec, meta = plan_and_spec(cfg, ckpt)
-    if getattr(args, "preview", False):
+    if options.preview:
         url = sampling.write_preview(ckpt, plan, settings(cfg), samples_dir, cfg.fid.grid_classes,
                                      cfg.fid.grid_per_class, so)
-        (getattr(args, "tracker", None) or NULL).log_artifact(url)  # this stage's run (jobs/run.py)
+        tracker.log_artifact(url)  # this stage's run (jobs/run.py)
         print(f"preview of {storage.redact(ckpt)} written to {storage.redact(url)}")
         return 0
     with stage_lease(samples_dir, cfg.cluster, so) as lease:

@@ -35,6 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from jobs.parser import build_parser
+from jobs.stages import BY_NAME, NAMES
+
 # What never goes to the cluster: environments, outputs, data, caches and history. Ray reads
 # these as .gitignore patterns relative to the working_dir (and also honours .gitignore).
 WORKING_DIR_EXCLUDES = [
@@ -61,8 +64,6 @@ def job_argv(argv: list[str]) -> list[str]:
     Raises ValueError (exit 2) for an empty command, a nested `submit` or a command line that
     `sar` itself would reject, so a typo fails here and not minutes later on the cluster.
     """
-    from jobs.cli import build_parser
-
     command = list(argv[1:] if argv[:1] == ["--"] else argv)
     if not command:
         raise ValueError("no command to run; give one after --, "
@@ -112,10 +113,9 @@ def local_outputs(command: list[str], working_dir: str | Path) -> list[str]:
     whichever node writes it, so results would be scattered and lost. A config that does not
     load here yields nothing: the job itself reports it.
     """
-    from jobs.cli import STAGES, build_parser
     from jobs.config import ConfigError, load_config
 
-    if command[0] not in (*STAGES, "run", "report"):
+    if command[0] not in (*NAMES, "run", "report"):
         return []
     args = build_parser().parse_args(command)
     config = args.config
@@ -125,8 +125,7 @@ def local_outputs(command: list[str], working_dir: str | Path) -> list[str]:
         cfg = load_config(config, args.overrides)
     except ConfigError:
         return []
-    outputs = {"run_dir": cfg.run_dir, "latents": cfg.latents_dir, "pretrain": cfg.pretrain_dir,
-               "refine": cfg.refine_dir, "samples": cfg.samples_dir, "eval": cfg.eval_dir}
+    outputs = {"run_dir": cfg.run_dir, **{BY_NAME[name].folder: url for name, url in cfg.outputs().items()}}
     return [f"{name}={path}" for name, path in outputs.items() if "://" not in path]
 
 
@@ -208,7 +207,7 @@ def follow(client, job_id: str) -> str:
     return wait_for_end(client, job_id)
 
 
-def main(config: None, args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Submit `args.argv` as a Ray Job to `args.address`; optionally follow it to the end."""
     try:
         command = job_argv(args.argv)

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from .guidance import Guidance
+from .choices import SOLVERS
 
-SOLVERS = ("euler", "heun", "midpoint")
 _COMPILED = {}
 
 

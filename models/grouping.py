@@ -18,11 +18,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-GROUPINGS = ("next-token", "next-row", "next-layer", "next-neighbour", "next-scale")
+from .choices import GROUPINGS, INJECTIONS, SCALE_SCHEDULES  # noqa: F401 - re-exported
+
 SHIFT_ALIGNED = ("next-token", "next-row", "next-scale")  # paper eq. 12: single stream, cost 1x
-INJECTIONS = ("avg", "se")
 VAR_10 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)                # VAR / FlexVAR, for a 16x16 grid
-SCALE_SCHEDULES = ("powers-of-two", "var-10")
 
 
 class Grouping:

@@ -11,7 +11,8 @@ head at z = 0 is the unconditional head branch (trained by z dropout).
 """
 from dataclasses import dataclass, replace
 
-GUIDANCE_KINDS = ("none", "cfg", "z_cfg", "x_cfg", "xz_cfg")
+from .choices import GUIDANCE_KINDS
+
 
 
 @dataclass(frozen=True)

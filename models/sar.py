@@ -18,7 +18,7 @@ from .flow_head import FlowHead
 from .grouping import INJECTIONS, make_grouping, resolve_scales
 from .guidance import Guidance
 
-HEADS = {"flow": FlowHead, "ddpm": DDPMHead}
+HEAD_CLASSES = {"flow": FlowHead, "ddpm": DDPMHead}  # the classes of models.choices.HEADS
 
 COND, CONTEXT, GENERATION = 0, 1, 2  # stream ids: the class token, context_stream, generation_stream
 
@@ -57,8 +57,8 @@ class SARConfig:
 
     def __post_init__(self):
         self.scales = resolve_scales(self.scales, self.height)
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; choose from {tuple(HEADS)}")
+        if self.head not in HEAD_CLASSES:
+            raise ValueError(f"unknown head {self.head!r}; choose from {tuple(HEAD_CLASSES)}")
         if self.injection not in INJECTIONS:
             raise ValueError(f"unknown injection {self.injection!r}; choose from {INJECTIONS}")
 
@@ -291,7 +291,7 @@ class SARModel(nn.Module):
         pos = sincos_2d(g.coords, W, max(config.height, config.width))
         self.register_buffer("pos_embed", pos, persistent=False)    # (L, W)
         self.backbone = Backbone(config)
-        self.head = HEADS[config.head](config)
+        self.head = HEAD_CLASSES[config.head](config)
         self.initialize_weights()
 
     def initialize_weights(self):

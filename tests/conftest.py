@@ -27,18 +27,63 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+# Fixtures that start Ray or another process: a test using one is marked `ray` (the slow tier).
+PROCESS_FIXTURES = {"ray_local", "raw_latents", "writers", "mlflow_server", "ray_head"}
+ALLOWED_PROGRAMS = {"git", "uname"}  # the tracker reads the commit, MLflow the platform: milliseconds each
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that uses a process-starting fixture `ray`, so `-m "not ray"` is the fast tier."""
+    for item in items:
+        if PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _unmarked_tests_start_no_process(request, monkeypatch):
+    """A test not marked `ray` that starts Ray or a subprocess fails at once, naming the marker,
+    instead of making the fast tier slow without anyone noticing."""
+    if request.node.get_closest_marker("ray") is not None:
+        yield
+        return
+    import subprocess
+
+    import ray
+
+    def refuse(what: str):
+        raise RuntimeError(f"{request.node.nodeid} starts {what}: mark it @pytest.mark.ray")
+
+    if not ray.is_initialized():
+        monkeypatch.setattr(ray, "init", lambda *a, **k: refuse("Ray"))
+    popen_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        program = os.path.basename(str(args[0] if isinstance(args, (list, tuple)) else str(args).split()[0]))
+        if program not in ALLOWED_PROGRAMS:
+            refuse(f"a process ({program})")
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 on loopback; the standard AWS variables point every client at it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    # The server thread logs each request; after a test's captured stream closes that logging fails noisily.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {
@@ -96,7 +141,7 @@ def ray_local(s3_server):
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic ImageNet (4 classes x 6 images, 32 px) shared by the session."""
-    from pipelines.synth import make_synthetic_imagenet
+    from pipelines.data.synth import make_synthetic_imagenet
 
     root = tmp_path_factory.mktemp("imagenet")
     make_synthetic_imagenet(str(root), classes=4, per_class=6, size=32, seed=0, val_per_class=1)
@@ -116,17 +161,15 @@ def raw_latents(tmp_path_factory, ray_local):
     96 rows make an epoch of 12 steps at batch 8, so training tests do not pay Ray Data's
     per-epoch start-up at every step.
     """
-    import argparse
-
     from jobs import encode
-    from pipelines.synth import make_synthetic_imagenet
+    from pipelines.data.synth import make_synthetic_imagenet
 
     source = str(tmp_path_factory.mktemp("imagenet96"))
     make_synthetic_imagenet(source, classes=4, per_class=24, size=16, seed=0, val_per_class=0)
     out = str(tmp_path_factory.mktemp("latents"))
     cfg = load_config(DEMO_CONFIG, [f"run_dir={out}", f"data.source={source}", "encode.image_size=16",
                                     "encode.patch=4", f"encode.output={out}/latents"])
-    assert encode.main(cfg, argparse.Namespace(force=False)) == 0
+    assert encode.main(cfg) == 0
     return f"{out}/latents"
 
 
@@ -135,9 +178,9 @@ def encode_in_process(cfg) -> None:
     import numpy as np
 
     from jobs.encode import job
-    from pipelines import encode, latents
-    from pipelines.codecs import make_codec
-    from pipelines.preprocess import read_and_decode
+    from pipelines.data import encode, latents
+    from pipelines.data.codecs import make_codec
+    from pipelines.data.preprocess import read_and_decode
 
     j, enc = job(cfg), cfg.encode
     listing = encode.list_source(j)
@@ -155,7 +198,40 @@ def encode_in_process(cfg) -> None:
 
 def upload_tree(local_dir: str, url: str) -> None:
     """Copy a local folder's files to an object-store URL (test set-up)."""
-    from pipelines import storage
+    from pipelines.core import storage
 
     fs, path = storage.filesystem(url)
     fs.put(local_dir.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+
+
+def random_inception_weights(path: str, seed: int = 0) -> str:
+    """torch-fidelity's FeatureExtractorInceptionV3 architecture with random weights, saved to `path`.
+
+    Its constructor always loads a state dict (a download when no path is given), so it is
+    built here with loading disabled; He-initialised convolutions keep the activations of
+    the 94 layers at unit scale, so the features are informative (PyTorch's default init
+    shrinks them to ~1e-8).
+    """
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    from torch import nn
+
+    from pipelines.evaluate import fidelity
+
+    class Unloaded(tfi.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True):
+            return None
+
+    torch.manual_seed(seed)
+    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}):
+        net = Unloaded(fidelity.EXTRACTOR, [fidelity.FID_LAYER])
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    torch.save(net.state_dict(), path)
+    return path

@@ -14,13 +14,13 @@ import torch
 
 from jobs.config import load_config
 from jobs.encode import job
-from pipelines import latents as L
-from pipelines import storage
-from pipelines.codecs import patchify, unpatchify
-from pipelines.encode import run_encode
-from pipelines.errors import SarError
-from pipelines.preprocess import decode_image, hflip, to_model_input
-from pipelines.synth import UNREADABLE_QUIRKS, make_synthetic_imagenet
+from pipelines.data import latents as L
+from pipelines.core import storage
+from pipelines.data.codecs import patchify, unpatchify
+from pipelines.data.encode import run_encode
+from pipelines.core.errors import SarError
+from pipelines.data.preprocess import decode_image, hflip, to_model_input
+from pipelines.data.synth import UNREADABLE_QUIRKS, make_synthetic_imagenet
 
 pytestmark = pytest.mark.ray
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.errors import SarError
-from pipelines.imagenet import list_imagenet
-from pipelines.preprocess import (
+from pipelines.core.errors import SarError
+from pipelines.data.imagenet import list_imagenet
+from pipelines.data.preprocess import (
     ERROR,
     KEY,
     LABEL,
@@ -27,7 +27,8 @@ from pipelines.preprocess import (
     read_and_decode,
     to_model_input,
 )
-from pipelines.synth import QUIRK_KINDS, UNREADABLE_QUIRKS, make_synthetic_imagenet, render, wnid
+from pipelines.data.synth import QUIRK_KINDS, UNREADABLE_QUIRKS, make_synthetic_imagenet, render, wnid
+from tests.conftest import free_port
 
 
 @pytest.fixture(scope="module")
@@ -158,23 +159,16 @@ def test_missing_file_and_non_image_are_rejected(quirky, tmp_path):
     assert out[ERROR][1] == f"read failed: not found: {tmp_path}/train/gone.JPEG"
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_a_failing_store_stops_the_read_instead_of_rejecting_every_file(s3_bucket, tmp_path):
     """A missing bucket or an endpoint that does not answer is not the files' fault: recorded as
     rejections, the images would count as consumed and never be read again."""
-    from pipelines import storage
+    from pipelines.core import storage
 
     keys = ["train/n0/a.JPEG", "train/n0/b.JPEG"]
     with pytest.raises(storage.BucketNotFound, match=r"^data\.source s3://no-such-bucket-[0-9a-f]+/imagenet"):
         ReadImageBytes(f"s3://no-such-bucket-{os.getpid():x}/imagenet")(_batch("", keys))
-    once = {"endpoint_url": f"http://127.0.0.1:{_closed_port()}", "retries": 1,
+    once = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "retries": 1,
             "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 1}}}
     with pytest.raises(storage.Unreachable, match=r"^data\.source .*cannot reach the object store at http://127"):
         ReadImageBytes(f"{s3_bucket}/imagenet", once)(_batch("", keys))

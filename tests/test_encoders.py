@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import make_grouping
-from pipelines.codecs import codec_from_manifest, make_codec, patchify, unpatchify
-from pipelines.encode import EncodeLatents
-from pipelines.errors import DatasetMismatch, SarError
-from pipelines.latents import ERROR, KEY, LABEL, LOGVAR, MEAN, MEAN_FLIP, PYRAMID, TOKENS, column_values
-from pipelines.preprocess import PIXELS, hflip, to_model_input
+from pipelines.data.codecs import codec_from_manifest, make_codec, patchify, unpatchify
+from pipelines.data.encode import EncodeLatents
+from pipelines.core.errors import DatasetMismatch, SarError
+from pipelines.data.latents import ERROR, KEY, LABEL, LOGVAR, MEAN, MEAN_FLIP, PYRAMID, TOKENS, column_values
+from pipelines.data.preprocess import PIXELS, hflip, to_model_input
 
 
 # An independent LDM KL-VAE (CompVis latent-diffusion / MAR models/vae.py), condensed. -------

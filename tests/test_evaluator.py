@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines import evaluator as ev
-from pipelines import storage
-from pipelines.errors import SarError
-from pipelines.imagenet import list_imagenet
-from pipelines.synth import make_synthetic_imagenet
+from pipelines.evaluate import domain as ev
+from pipelines.evaluate import domain_training
+from pipelines.core import storage
+from pipelines.core.errors import SarError
+from pipelines.data.imagenet import list_imagenet
+from pipelines.data.synth import make_synthetic_imagenet
 from tests.conftest import upload_tree
 
 CLASSES, PER_CLASS, SIZE, HOLDOUT = 4, 20, 32, 0.3
@@ -34,9 +35,9 @@ def source(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(source, tmp_path_factory) -> tuple[ev.EvaluatorInfo, str]:
+def trained(source, tmp_path_factory) -> tuple[domain_training.EvaluatorInfo, str]:
     path = str(tmp_path_factory.mktemp("evaluator") / "evaluator.pt")
-    info = ev.train_evaluator(source, image_size=SIZE, out_url=path, holdout_fraction=HOLDOUT, epochs=8,
+    info = domain_training.train_evaluator(source, image_size=SIZE, out_url=path, holdout_fraction=HOLDOUT, epochs=8,
                               batch_size=12, seed=0)
     return info, path
 
@@ -95,7 +96,7 @@ def test_training_reads_an_object_store_source_and_splits_as_locally(source, tra
     url = f"{s3_bucket}/imagenet"
     upload_tree(source, url)
     out = f"{s3_bucket}/evaluators/from_s3.pt"
-    info = ev.train_evaluator(url, image_size=SIZE, out_url=out, holdout_fraction=HOLDOUT, epochs=1, batch_size=12,
+    info = domain_training.train_evaluator(url, image_size=SIZE, out_url=out, holdout_fraction=HOLDOUT, epochs=1, batch_size=12,
                               seed=0)
     meta, local_meta = ev.read_metadata(out), ev.read_metadata(trained[1])
     assert meta["source"] == url and info.url == out
@@ -107,27 +108,27 @@ def test_training_reads_an_object_store_source_and_splits_as_locally(source, tra
 
 def test_per_class_split_is_deterministic_by_seed():
     labels = np.repeat(np.arange(CLASSES), PER_CLASS)
-    train, held = ev.split_per_class(labels, HOLDOUT, seed=0)
-    again = ev.split_per_class(labels, HOLDOUT, seed=0)
-    other = ev.split_per_class(labels, HOLDOUT, seed=1)
+    train, held = domain_training.split_per_class(labels, HOLDOUT, seed=0)
+    again = domain_training.split_per_class(labels, HOLDOUT, seed=0)
+    other = domain_training.split_per_class(labels, HOLDOUT, seed=1)
     assert np.array_equal(held, again[1]) and np.array_equal(train, again[0])
     assert not np.array_equal(held, other[1])
     assert np.bincount(labels[held]).tolist() == [6] * CLASSES
     assert sorted(np.concatenate([train, held]).tolist()) == list(range(len(labels)))
     # A class of one image cannot be held out; a class of two holds out one.
-    train, held = ev.split_per_class(np.array([0, 1, 1]), 0.2, seed=0)
+    train, held = domain_training.split_per_class(np.array([0, 1, 1]), 0.2, seed=0)
     assert train.tolist().count(0) == 1 and len(held) == 1 and held[0] in (1, 2)
 
 
 def test_augmentation_flips_only_when_asked():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(16, 3, 8, 8) * 2 - 1
-    assert torch.equal(ev.augment(x, gen, shift=0, jitter=0.0, hflip=False), x)
-    flipped = ev.augment(x, gen, shift=0, jitter=0.0, hflip=True)
+    assert torch.equal(domain_training.augment(x, gen, shift=0, jitter=0.0, hflip=False), x)
+    flipped = domain_training.augment(x, gen, shift=0, jitter=0.0, hflip=True)
     same = [torch.equal(f, o) for f, o in zip(flipped, x)]
     mirrored = [torch.equal(f, o.flip(-1)) for f, o in zip(flipped, x)]
     assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 16
-    jittered = ev.augment(x, gen, shift=2, jitter=0.1, hflip=False)
+    jittered = domain_training.augment(x, gen, shift=2, jitter=0.1, hflip=False)
     assert jittered.shape == x.shape and jittered.abs().max() <= 1 and not torch.equal(jittered, x)
 
 
@@ -137,12 +138,12 @@ def test_extractor_is_registered_once_and_survives_a_second_import():
 
     assert FEATURE_EXTRACTORS_REGISTRY[ev.NAME] is ev.DomainExtractor
     ev.register()  # a second registration is a no-op, not torch-fidelity's "already registered"
-    original = sys.modules.pop("pipelines.evaluator")
+    original = sys.modules.pop("pipelines.evaluate.domain")
     try:
-        fresh = importlib.import_module("pipelines.evaluator")  # runs the module (and its register) again
+        fresh = importlib.import_module("pipelines.evaluate.domain")  # runs the module (and its register) again
         assert fresh is not original
     finally:
-        sys.modules["pipelines.evaluator"] = original
+        sys.modules["pipelines.evaluate.domain"] = original
         sys.modules["pipelines"].evaluator = original
     assert FEATURE_EXTRACTORS_REGISTRY[ev.NAME] is ev.DomainExtractor
     assert ev.DomainExtractor.get_default_feature_layer_for_metric("fid") == ev.PENULTIMATE
@@ -249,10 +250,10 @@ def test_bad_labels_images_and_settings_are_one_line_errors(tmp_path, trained, h
     with pytest.raises(SarError, match=r"expected uint8 \(N, 3, H, W\) images, got torch.float32"):
         ev.create_extractor(path, cuda=False)(torch.zeros(2, 3, SIZE, SIZE))
     with pytest.raises(SarError, match="holdout_fraction: 1.0 is not in"):
-        ev.train_evaluator(source, image_size=SIZE, out_url=str(tmp_path / "x.pt"), holdout_fraction=1.0, epochs=1,
+        domain_training.train_evaluator(source, image_size=SIZE, out_url=str(tmp_path / "x.pt"), holdout_fraction=1.0, epochs=1,
                            batch_size=4)
     with pytest.raises(SarError, match="image_size: 8 is too small"):
-        ev.train_evaluator(source, image_size=8, out_url=str(tmp_path / "x.pt"), epochs=1, batch_size=4)
+        domain_training.train_evaluator(source, image_size=8, out_url=str(tmp_path / "x.pt"), epochs=1, batch_size=4)
     assert not (tmp_path / "x.pt").exists()
 
     # A source that lost a held-out image since training: the error names the key.

@@ -8,48 +8,21 @@ from __future__ import annotations
 
 import os
 import urllib.error
-from argparse import Namespace
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from jobs import fid as fid_job
 from jobs.config import load_config
-from pipelines import fid, sampling, storage
-from pipelines.errors import SarError
+from pipelines.core import storage
+from pipelines.evaluate import fidelity, sampling
+from pipelines.core.errors import SarError
+from tests.conftest import random_inception_weights
 
 N_CLASSES, PER_CLASS = 4, 2  # 8 samples: PRC's k=3 needs more than 3 on each side
-
-
-def _random_inception(path: str, seed: int = 0) -> str:
-    """torch-fidelity's FeatureExtractorInceptionV3 architecture with random weights, saved to `path`.
-
-    Its constructor always loads a state dict (a download when no path is given), so it is
-    built here with loading disabled; He-initialised convolutions keep the activations of
-    the 94 layers at unit scale, so the features are informative (PyTorch's default init
-    shrinks them to ~1e-8).
-    """
-    import torch_fidelity.feature_extractor_inceptionv3 as tfi
-
-    class Unloaded(tfi.FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True):
-            return None
-
-    torch.manual_seed(seed)
-    with mock.patch.object(tfi, "load_state_dict_from_url", lambda *a, **k: {}):
-        net = Unloaded(fid.EXTRACTOR, [fid.FID_LAYER])
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-    torch.save(net.state_dict(), path)
-    return path
 
 
 def _images(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
@@ -79,12 +52,12 @@ def _write_sample_set(folder: str, images: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> str:
-    return _random_inception(str(tmp_path_factory.mktemp("inception") / "inception.pth"))
+    return random_inception_weights(str(tmp_path_factory.mktemp("inception") / "inception.pth"))
 
 
 @pytest.fixture(scope="module")
 def extractor(weights):
-    return fid.load_inception(weights, cuda=False)
+    return fidelity.load_inception(weights, cuda=False)
 
 
 @pytest.fixture(scope="module")
@@ -92,25 +65,25 @@ def base_features(extractor) -> dict[str, torch.Tensor]:
     """Features of the clean set and of two noisier copies, in one extraction (24 images)."""
     clean = _images(8)
     stacked = np.concatenate([clean, _noisy(clean, 12), _noisy(clean, 48)])
-    feats = fid.extract_features(fid.ImageArray(stacked), extractor, batch_size=24, cuda=False)
-    return {name: feats[fid.FID_LAYER][i * 8:(i + 1) * 8] for i, name in enumerate(["clean", "noise12", "noise48"])}
+    feats = fidelity.extract_features(fidelity.ImageArray(stacked), extractor, batch_size=24, cuda=False)
+    return {name: feats[fidelity.FID_LAYER][i * 8:(i + 1) * 8] for i, name in enumerate(["clean", "noise12", "noise48"])}
 
 
 def test_fid_grows_as_noise_is_added(base_features):
     # FID of the set against itself (~0) is checked end to end in the `sar fid` test below:
     # each FID is one 2048 x 2048 eigen-decomposition, the slow part on a CPU.
     assert base_features["clean"].std() > 1e-3  # the random Inception gives informative features
-    mu, sigma = fid.statistics(base_features["clean"])
-    fids = [fid.frechet_distance(mu, sigma, *fid.statistics(base_features[k])) for k in ("noise12", "noise48")]
+    mu, sigma = fidelity.statistics(base_features["clean"])
+    fids = [fidelity.frechet_distance(mu, sigma, *fidelity.statistics(base_features[k])) for k in ("noise12", "noise48")]
     assert 1e-2 < fids[0] < fids[1]
 
 
 def test_adm_style_npz_reference_loads_float32_statistics(tmp_path, extractor, base_features):
     # ADM's VIRTUAL_imagenet256_labeled.npz stores mu/sigma as float32 beside the images arr_0.
-    mu, sigma = fid.statistics(base_features["clean"])
+    mu, sigma = fidelity.statistics(base_features["clean"])
     path = str(tmp_path / "VIRTUAL_ref.npz")
     np.savez(path, mu=mu.astype(np.float32), sigma=sigma.astype(np.float32))
-    ref = fid.load_reference(path, extractor, image_size=32, cache_url=str(tmp_path / "c.npz"), extractor_id="x",
+    ref = fidelity.load_reference(path, extractor, image_size=32, cache_url=str(tmp_path / "c.npz"), extractor_id="x",
                              need_features=True, batch_size=8, cuda=False)
     assert ref.mu.dtype == np.float64 and ref.sigma.dtype == np.float64 and ref.mu.shape == (2048,)
     assert ref.features is None  # no arr_0: statistics only, so no precision/recall
@@ -120,20 +93,20 @@ def test_adm_style_npz_reference_loads_float32_statistics(tmp_path, extractor, b
     bad = str(tmp_path / "bad.npz")
     np.savez(bad, mu=np.zeros(64, np.float32), sigma=np.eye(64, dtype=np.float32))
     with pytest.raises(SarError, match=r"bad\.npz.*mu \(2048,\)"):
-        fid.load_reference(bad, extractor, image_size=32, cache_url="", extractor_id="x", need_features=False,
+        fidelity.load_reference(bad, extractor, image_size=32, cache_url="", extractor_id="x", need_features=False,
                            batch_size=8, cuda=False)
     with pytest.raises(SarError, match="neither mu/sigma nor arr_0"):
         empty = str(tmp_path / "empty.npz")
         np.savez(empty, other=np.zeros(3))
-        fid.load_reference(empty, extractor, image_size=32, cache_url="", extractor_id="x", need_features=False,
+        fidelity.load_reference(empty, extractor, image_size=32, cache_url="", extractor_id="x", need_features=False,
                            batch_size=8, cuda=False)
 
 
 def test_npz_reference_images_give_precision_recall_features(tmp_path, extractor, base_features):
-    mu, sigma = fid.statistics(base_features["clean"])
+    mu, sigma = fidelity.statistics(base_features["clean"])
     path = str(tmp_path / "ref.npz")
     np.savez(path, mu=mu.astype(np.float32), sigma=sigma.astype(np.float32), arr_0=_images(8))
-    ref = fid.load_reference(path, extractor, image_size=32, cache_url="", extractor_id="x", need_features=True,
+    ref = fidelity.load_reference(path, extractor, image_size=32, cache_url="", extractor_id="x", need_features=True,
                              batch_size=8, cuda=False)
     assert ref.count == 8 and tuple(ref.features.shape) == (8, 2048)
     torch.testing.assert_close(ref.features, base_features["clean"], rtol=1e-4, atol=1e-4)
@@ -147,14 +120,14 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path):
 
     with mock.patch.object(tfi, "load_state_dict_from_url", offline), \
             pytest.raises(SarError, match=r"fid\.inception_weights") as err:
-        fid.load_inception(None, cuda=False)
+        fidelity.load_inception(None, cuda=False)
     assert "weights-inception-2015-12-05" in str(err.value)
     with pytest.raises(SarError, match=r"fid\.inception_weights: .*nowhere\.pth not found"):
-        fid.load_inception(str(tmp_path / "nowhere.pth"), cuda=False)
+        fidelity.load_inception(str(tmp_path / "nowhere.pth"), cuda=False)
     junk = tmp_path / "junk.pth"
     torch.save({"conv.weight": torch.zeros(1)}, junk)
     with pytest.raises(SarError, match="is not torch-fidelity's inception-v3-compat state dict"):
-        fid.load_inception(str(junk), cuda=False)
+        fidelity.load_inception(str(junk), cuda=False)
 
 
 def _cfg(tmp_path, weights, **sets):
@@ -172,15 +145,15 @@ def test_sar_fid_against_the_same_images_and_without_reference(tmp_path, weights
         storage.write_bytes(str(ref_dir / f"ref_{i}.png"), sampling.png_bytes(image))
     cfg.fid.reference = str(tmp_path / "reference")
 
-    assert fid_job.main(cfg, Namespace()) == 0
+    assert fid_job.main(cfg) == 0
     m = storage.read_json(os.path.join(cfg.eval_dir, "metrics.json"))
     assert abs(m["fid"]) < 1e-3 and m["precision"] == 1.0 and m["recall"] == 1.0
     assert m["num_samples"] == 8 and m["inception_score"]["splits"] == 4 and m["inception_score"]["mean"] > 1.0
     assert m["checkpoint_digest"] == "abc123" and m["flow_steps"] == 7 and m["guidance"]["kind"] == "xz_cfg"
     assert m["reference_count"] == 8 and m["config"]["fid"]["grid_classes"] == 3
     # The folder's features are cached in eval/: a second load needs no Inception at all.
-    cached = fid.load_reference(cfg.fid.reference, None, image_size=32, extractor_id=fid.weights_id(weights),
-                                cache_url=os.path.join(cfg.eval_dir, fid.REFERENCE_CACHE), need_features=True,
+    cached = fidelity.load_reference(cfg.fid.reference, None, image_size=32, extractor_id=fidelity.weights_id(weights),
+                                cache_url=os.path.join(cfg.eval_dir, fidelity.REFERENCE_CACHE), need_features=True,
                                 batch_size=8, cuda=False)
     assert cached.count == 8 and tuple(cached.features.shape) == (8, 2048)
     # grid: 3 classes x 2 samples, 32 px images shown at 64 px with 2 px padding
@@ -193,12 +166,12 @@ def test_sar_fid_against_the_same_images_and_without_reference(tmp_path, weights
     cfg.fid.reference = str(tmp_path / "missing.npz")
     cfg.fid.output = str(tmp_path / "eval2")
     with pytest.raises(SarError, match=r"fid\.reference: not found: .*missing\.npz"):
-        fid_job.main(cfg, Namespace())
+        fid_job.main(cfg)
     assert not os.path.exists(os.path.join(cfg.eval_dir, "metrics.json"))
 
     # No reference at all: FID and precision/recall are skipped with the reason; IS is still computed.
     cfg.fid.reference = None
-    assert fid_job.main(cfg, Namespace()) == 0
+    assert fid_job.main(cfg) == 0
     m2 = storage.read_json(os.path.join(cfg.eval_dir, "metrics.json"))
     assert m2["fid"] is None and m2["precision"] is None and "fid.reference is not set" in m2["skipped"]["fid"]
     assert m2["inception_score"]["mean"] == pytest.approx(m["inception_score"]["mean"])
@@ -208,7 +181,7 @@ def test_sar_fid_against_the_same_images_and_without_reference(tmp_path, weights
 def test_sar_fid_needs_a_finished_sample_set(tmp_path, weights):
     cfg = _cfg(tmp_path, weights)
     with pytest.raises(SarError, match=r"_manifest\.json missing.*sar sample"):
-        fid_job.main(cfg, Namespace())
+        fid_job.main(cfg)
 
 
 def test_npz_shards_dataset_reads_images_in_index_order(tmp_path):
@@ -217,7 +190,7 @@ def test_npz_shards_dataset_reads_images_in_index_order(tmp_path):
     for shard, sl in [(0, slice(0, 3)), (1, slice(3, 5))]:
         part = {k: v[sl] for k, v in rows.items()}
         storage.write_bytes(str(tmp_path / sampling.shard_name(shard)), sampling.npz_bytes(images[sl], part))
-    ds = fid.NpzShards([str(tmp_path / sampling.shard_name(s)) for s in (0, 1)])
+    ds = fidelity.NpzShards([str(tmp_path / sampling.shard_name(s)) for s in (0, 1)])
     assert len(ds) == 5
     for i in (4, 0, 3):
         assert torch.equal(ds[i], torch.from_numpy(images[i]).permute(2, 0, 1))
@@ -230,11 +203,11 @@ def test_samples_on_an_object_store_are_read_as_a_dataset(tmp_path, s3_bucket):
     url = f"{s3_bucket}/samples"
     _write_sample_set(url, images)
     index = storage.read_json(f"{url}/{sampling.INDEX_FILE}")
-    ds = fid.samples_dataset(url, index, str(tmp_path))
+    ds = fidelity.samples_dataset(url, index, str(tmp_path))
     assert len(ds) == 8 and torch.equal(ds[5], torch.from_numpy(images[5]).permute(2, 0, 1))
     storage.remove(f"{url}/images/000003.png")
     with pytest.raises(SarError, match=r"1 files of index\.json are missing \(first: images/000003\.png\)"):
-        fid.samples_dataset(url, index, str(tmp_path / "again"))
+        fidelity.samples_dataset(url, index, str(tmp_path / "again"))
 
 
 def _sample_set_of(folder: str, images: np.ndarray, per_class: int) -> None:
@@ -252,7 +225,7 @@ def _sample_set_of(folder: str, images: np.ndarray, per_class: int) -> None:
 def test_sar_fid_with_the_domain_evaluator_scores_real_images_above_noise(tmp_path, synth_root, capsys):
     """Offline scoring: the evaluator is trained on the dataset once, then real training images
     score a lower domain FID and a higher class accuracy than noise."""
-    from pipelines import evaluator
+    from pipelines.evaluate import domain
 
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.source={synth_root}", "encode.image_size=32",
                  "fid.evaluator=domain", "fid.domain.epochs=6", "fid.batch_size=16", "fid.grid_classes=2",
@@ -262,10 +235,10 @@ def test_sar_fid_with_the_domain_evaluator_scores_real_images_above_noise(tmp_pa
     real = np.stack([np.asarray(Image.open(os.path.join(synth_root, "train", wnid, f)).convert("RGB"))
                      for wnid in listing for f in sorted(os.listdir(os.path.join(synth_root, "train", wnid)))[:per_class]])
     scores = {}
-    for name, images in [("real", real), ("noise", evaluator.noise_images(len(real), 32).images)]:
+    for name, images in [("real", real), ("noise", domain.noise_images(len(real), 32).images)]:
         cfg = load_config(None, [*overrides, f"sample.output={tmp_path / name}", f"fid.output={tmp_path / name}-eval"])
         _sample_set_of(cfg.samples_dir, images, per_class)
-        assert fid_job.main(cfg, Namespace()) == 0
+        assert fid_job.main(cfg) == 0
         scores[name] = storage.read_json(os.path.join(cfg.eval_dir, "metrics.json"))
     assert os.path.exists(tmp_path / "run" / "evaluator.pt")  # trained once, then reused
     real_m, noise_m = scores["real"]["domain"], scores["noise"]["domain"]

@@ -24,7 +24,8 @@ import jsonschema
 import pytest
 import yaml
 
-from jobs.cli import STAGES, build_parser
+from jobs.parser import build_parser
+from jobs.stages import NAMES as STAGES
 from jobs.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import latents as L
-from pipelines.errors import DatasetMismatch, SarError
-from pipelines.latents import ERROR, KEY, LABEL
+from pipelines.data import latents as L
+from pipelines.core.errors import DatasetMismatch, SarError
+from pipelines.data.latents import ERROR, KEY, LABEL
 
 HEADER = {"schema_version": L.SCHEMA_VERSION, "encoder": "raw", "weights_sha256": None, "scale_factor": 1.0,
           "image_size": 8, "grid": [2, 2], "channels": 3, "patch": 4, "token_dim": 48, "grouping": "next-row",
@@ -117,7 +117,7 @@ def test_check_compatible_names_field_and_values():
 
 def test_scale_schedule_names_resolve_to_the_manifest_sides():
     """encode writes a named schedule as its sides; check_compatible resolves the model's name."""
-    from pipelines.encode import resolved_scales
+    from pipelines.data.encode import resolved_scales
 
     var10 = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
     assert resolved_scales("var-10", 16) == var10 and resolved_scales(None, 16) is None

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from pipelines import lease as L
-from pipelines import storage
+from pipelines.core import lease as L
+from pipelines.core import storage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMAND = "sar encode --config demo.yaml"
@@ -23,7 +23,7 @@ COMMAND = "sar encode --config demo.yaml"
 # A writer process: one WriterLease, driven by one command per line on stdin, one reply line each.
 WRITER = r"""
 import json, sys
-from pipelines.lease import LeaseError, WriterLease
+from pipelines.core.lease import LeaseError, WriterLease
 url, options, ttl, command = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 lease = None
 print("ready", flush=True)

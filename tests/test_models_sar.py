@@ -258,6 +258,7 @@ def test_config_round_trips_and_reads_older_names():
         SARConfig.from_dict({**d, "head_dpeth": 7})
 
 
+@pytest.mark.ray  # FlexAttention compiles on CPU: a C++ compiler process
 def test_flex_equals_sdpa_cpu():
     """FlexAttention (compiled on CPU, inference only there) agrees with masked SDPA."""
     sdpa, flex = tiny("next-neighbour", attention="sdpa"), tiny("next-neighbour", attention="flex")

@@ -1,6 +1,5 @@
 """Pretraining end to end on Ray: local mode, 2 DDP workers with a worker failure, object storage."""
 
-import argparse
 import json
 import logging
 import os
@@ -10,9 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines import checkpoints, tracking
+from pipelines.core import tracking
+from pipelines.train import checkpoints
 from jobs.config import load_config
-from pipelines.errors import DatasetMismatch
+from pipelines.core.errors import DatasetMismatch
 from tests.conftest import DEMO_CONFIG
 
 TRAIN = ["pretrain.global_batch=8", "pretrain.micro_batch=8", "pretrain.log_every=5",
@@ -45,32 +45,34 @@ class Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsys):
-    from jobs import pretrain
-    from pipelines.latents import read_manifest
+def _captured(fn):
+    """(return value, stdout, stderr) of fn(), its Python-level output captured."""
+    import contextlib
+    import io
 
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        value = fn()
+    return value, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def local_runs(tmp_path_factory, raw_latents):
+    """One local-mode pretraining of 40 steps with in-training evaluation, then a relaunch with 50 steps
+    in a tracked run (which resumes): the two launches the tests below read."""
+    from jobs import pretrain
+    from pipelines.data.latents import read_manifest
+
+    tmp_path = tmp_path_factory.mktemp("local-pretrain")
     source = read_manifest(raw_latents)["source"]  # the images the latents were encoded from
     evaluation = [f"data.source={source}", "pretrain.eval_every=20", "pretrain.eval_per_class=2",
                   "fid.evaluator=domain", "fid.domain.epochs=3", "encode.image_size=16", "sample.flow_steps=2"]
-    cfg = config(tmp_path, raw_latents, "pretrain.steps=40", "pretrain.checkpoint_every=20", *evaluation)
-    assert pretrain.main(cfg) == 0
-    rows = history(cfg.pretrain_dir)
-    assert [r["step"] for r in rows] == list(range(5, 41, 5))
-    assert mean_loss(rows[-2:]) < 0.9 * mean_loss(rows[:2])
-    assert {"loss_early", "loss_middle", "loss_late", "lr", "grad_norm", "images_per_s", "tokens_per_s",
-            "data_wait_fraction"} <= set(rows[-1])
-    assert os.path.getsize(os.path.join(cfg.pretrain_dir, "loss.png")) > 1000
-    assert checkpoints.list_steps(cfg.pretrain_dir) == [20, 40]
+    first = config(tmp_path, raw_latents, "pretrain.steps=40", "pretrain.checkpoint_every=20", *evaluation)
+    rc, _, _ = _captured(lambda: pretrain.main(first))
+    assert rc == 0
+    after_first = {"rows": history(first.pretrain_dir), "steps": checkpoints.list_steps(first.pretrain_dir),
+                   "evals": [json.loads(line) for line in open(os.path.join(first.pretrain_dir, "evals.jsonl"))]}
 
-    # Quality was measured during training: the EMA weights' samples scored by the domain evaluator.
-    evals = [json.loads(line) for line in open(os.path.join(cfg.pretrain_dir, "evals.jsonl"))]
-    assert [e["step"] for e in evals] == [20, 40] and all(e["evaluator"] == "domain" for e in evals)
-    assert all(e["fid"] > 0 and 0 <= e["accuracy"] <= 1 and e["num_samples"] == 8 for e in evals)
-    assert os.path.getsize(os.path.join(cfg.pretrain_dir, evals[-1]["grid"])) > 100
-
-    # Re-launching with a larger budget continues from the newest checkpoint, now in a tracked run:
-    # the loop re-sends the rows before the resume (the store lacks them), then logs its own.
-    capsys.readouterr()
     longer = config(tmp_path, raw_latents, "pretrain.steps=50", "pretrain.checkpoint_every=20", *evaluation)
     ray_logger, echoed = logging.getLogger("ray"), Records()
     level = ray_logger.level
@@ -78,33 +80,62 @@ def test_local_pretrain_lowers_the_loss_and_resumes(tmp_path, raw_latents, capsy
     ray_logger.addHandler(echoed)
     try:
         with tracking.open_run(str(tmp_path)) as tr, tr.stage("pretrain", longer.pretrain_dir) as st:
-            assert pretrain.main(longer, argparse.Namespace(tracker=st)) == 0
+            rc, out, err = _captured(lambda: pretrain.main(longer, tracker=st))
+        assert rc == 0
     finally:
         ray_logger.removeHandler(echoed)
         ray_logger.setLevel(level)
-    out, err = capsys.readouterr()
-    assert "resumed from step 40" in out
-    assert re.search(r"^pretrain: 50/50 steps in \S+, [\d.,]+ steps/s$", err, re.M), err  # rate of this launch
-    assert [line.split()[0] for line in out.splitlines() if line.startswith("step=")] == ["step=45", "step=50"]
-    assert not [m for m in echoed.messages if "Reported metrics" in m]  # one line per row, not two
-    rows = history(cfg.pretrain_dir)
-    assert [r["step"] for r in rows] == list(range(5, 51, 5))  # continued, nothing repeated
-    from mlflow.tracking import MlflowClient
+    return SimpleNamespace(root=tmp_path, cfg=longer, first=after_first, out=out, err=err, echoed=echoed.messages,
+                           run_id=st.run_id)
 
-    logged = MlflowClient(tracking.default_uri(str(tmp_path))).get_metric_history(st.run_id, "loss")
-    assert sorted((m.step, m.value) for m in logged) == [(r["step"], pytest.approx(r["loss"])) for r in rows]
-    evals = [json.loads(line) for line in open(os.path.join(cfg.pretrain_dir, "evals.jsonl"))]
+
+def test_local_pretrain_lowers_the_loss_and_checkpoints(local_runs):
+    rows = local_runs.first["rows"]
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert mean_loss(rows[-2:]) < 0.9 * mean_loss(rows[:2])
+    assert {"loss_early", "loss_middle", "loss_late", "lr", "grad_norm", "images_per_s", "tokens_per_s",
+            "data_wait_fraction"} <= set(rows[-1])
+    assert local_runs.first["steps"] == [20, 40]
+    assert os.path.getsize(os.path.join(local_runs.cfg.pretrain_dir, "loss.png")) > 1000
+
+
+def test_in_training_evaluations_score_the_ema_weights(local_runs):
+    evals = local_runs.first["evals"]
+    assert [e["step"] for e in evals] == [20, 40] and all(e["evaluator"] == "domain" for e in evals)
+    # 8 samples (4 classes x 2): an accuracy is a count of right ones out of 8, a FID is positive.
+    assert all(e["fid"] > 0 and e["num_samples"] == 8 and (e["accuracy"] * 8) == pytest.approx(round(e["accuracy"] * 8))
+               for e in evals)
+    assert os.path.getsize(os.path.join(local_runs.cfg.pretrain_dir, evals[-1]["grid"])) > 100
+
+
+def test_a_relaunch_with_a_larger_budget_resumes_without_repeating_a_step(local_runs):
+    assert "resumed from step 40" in local_runs.out
+    assert re.search(r"^pretrain: 50/50 steps in \S+, [\d.,]+ steps/s$", local_runs.err, re.M), local_runs.err
+    assert [line.split()[0] for line in local_runs.out.splitlines() if line.startswith("step=")] == ["step=45", "step=50"]
+    assert not [m for m in local_runs.echoed if "Reported metrics" in m]  # one line per row, not two
+    assert [r["step"] for r in history(local_runs.cfg.pretrain_dir)] == list(range(5, 51, 5))
+    evals = [json.loads(line) for line in open(os.path.join(local_runs.cfg.pretrain_dir, "evals.jsonl"))]
     assert [e["step"] for e in evals] == [20, 40, 50]
-    state, meta = checkpoints.load_state(checkpoints.find_latest(cfg.pretrain_dir))
+    state, meta = checkpoints.load_state(checkpoints.find_latest(local_runs.cfg.pretrain_dir))
     assert state["step"] == meta["step"] == 50 and meta["config"]["pretrain"]["steps"] == 50
     assert set(state) >= {"model", "ema", "optimizer", "scheduler", "data"}
 
-    # The EMA weights load for sampling and differ from the raw weights.
-    ema_model, meta = checkpoints.load_model(checkpoints.find_latest(cfg.pretrain_dir), "ema")
-    raw_model, _ = checkpoints.load_model(checkpoints.find_latest(cfg.pretrain_dir), "raw")
+
+def test_the_tracked_relaunch_logs_every_row_once(local_runs):
+    """The loop re-sends the rows before the resume (the store lacks them), then logs its own."""
+    from mlflow.tracking import MlflowClient
+
+    rows = history(local_runs.cfg.pretrain_dir)
+    logged = MlflowClient(tracking.default_uri(str(local_runs.root))).get_metric_history(local_runs.run_id, "loss")
+    assert sorted((m.step, m.value) for m in logged) == [(r["step"], pytest.approx(r["loss"])) for r in rows]
+
+
+def test_the_ema_weights_load_for_sampling_and_differ_from_the_raw_weights(local_runs):
+    latest = checkpoints.find_latest(local_runs.cfg.pretrain_dir)
+    ema_model, meta = checkpoints.load_model(latest, "ema")
+    raw_model, _ = checkpoints.load_model(latest, "raw")
     assert meta["weights_loaded"] == "ema"
-    diffs = [not torch.equal(a, b) for a, b in zip(ema_model.parameters(), raw_model.parameters())]
-    assert any(diffs)
+    assert any(not torch.equal(a, b) for a, b in zip(ema_model.parameters(), raw_model.parameters()))
     out = ema_model.generate(torch.tensor([0, 1]), seeds=[1, 2], flow_steps=2)
     assert out.shape == (2, 16, 48) and torch.isfinite(out).all()
 
@@ -137,11 +168,12 @@ def test_checkpoints_to_object_storage(tmp_path, raw_latents, s3_bucket):
 def test_small_latents_are_read_by_the_driver_larger_ones_by_ray_data(raw_latents, monkeypatch):
     import numpy as np
 
-    from pipelines import latents, training
+    from pipelines.data import latents
+    from pipelines.train import driver
 
     manifest = latents.read_manifest(raw_latents)
     loop = SimpleNamespace(token_space={"columns": list(manifest["columns"])}, storage_options={})
-    dataset = training.training_dataset(loop, raw_latents, manifest)
+    dataset = driver.training_dataset(loop, raw_latents, manifest)
     assert dataset.num_blocks() == len(manifest["shards"])  # one block per shard, no read task
     assert dataset.columns() == ["label", "mean", "mean_flip"]  # the training columns only
     rows, expected = dataset.take_batch(1000, batch_format="numpy"), latents.load_arrays(raw_latents)
@@ -163,13 +195,13 @@ def test_small_latents_are_read_by_the_driver_larger_ones_by_ray_data(raw_latent
     def driver_read(*args):
         raise AssertionError("read by the driver")
 
-    monkeypatch.setattr(training, "read_into_object_store", driver_read)
-    monkeypatch.setattr(training, "DRIVER_READ_MAX", 0)
+    monkeypatch.setattr(driver, "read_into_object_store", driver_read)
+    monkeypatch.setattr(driver, "DRIVER_READ_MAX", 0)
     for share, calls in [(0.25, [("select_columns", ["label", "mean", "mean_flip"]), ("materialize",)]),
                          (1e-12, [("select_columns", ["label", "mean", "mean_flip"])])]:
         streaming = Streaming()
-        monkeypatch.setattr(training, "open_latents", lambda url, so: (streaming, manifest))
-        assert training.training_dataset(loop, raw_latents, manifest, share=share) is streaming
+        monkeypatch.setattr(driver, "open_latents", lambda url, so: (streaming, manifest))
+        assert driver.training_dataset(loop, raw_latents, manifest, share=share) is streaming
         assert streaming.calls == calls
 
 
@@ -244,15 +276,15 @@ def test_latents_made_with_other_encode_settings_are_refused(tmp_path, synth_roo
     patch-4 latents under `encode.patch: 8` would train and say patch 8. Nothing here needs Ray."""
     import logging
 
-    from pipelines import training
-    from pipelines.latents import read_manifest
+    from pipelines.train import driver
+    from pipelines.data.latents import read_manifest
     from tests.conftest import encode_in_process
 
     base = [f"run_dir={tmp_path}", f"data.source={synth_root}", "encode.image_size=16", "encode.patch=4"]
     cfg = load_config(DEMO_CONFIG, base)
     encode_in_process(cfg)
     manifest = read_manifest(cfg.latents_dir)
-    model_config = training.build_model_config(cfg.model, manifest)
+    model_config = driver.build_model_config(cfg.model, manifest)
     for override, message in [
         ("encode.patch=8", "encode.patch: the latents at .* were made with 4, the config says 8; set encode.patch=4"),
         ("encode.image_size=32", "encode.image_size: .* made with 16, the config says 32"),
@@ -260,12 +292,12 @@ def test_latents_made_with_other_encode_settings_are_refused(tmp_path, synth_roo
         ("encode.patch=null", "encode.patch: .* made with 4, the config says 16"),  # raw's default patch
     ]:
         with pytest.raises(DatasetMismatch, match=message):
-            training.check_inputs(load_config(DEMO_CONFIG, [*base, override]), "pretrain", model_config, manifest)
+            driver.check_inputs(load_config(DEMO_CONFIG, [*base, override]), "pretrain", model_config, manifest)
 
     # A warm-up longer than the run is allowed (the schedule compresses it), and said once.
     long_warmup = load_config(DEMO_CONFIG, [*base, "pretrain.steps=10", "pretrain.optim.warmup_steps=50"])
     with caplog.at_level(logging.WARNING):
-        training.check_inputs(long_warmup, "pretrain", model_config, manifest)
-        training.check_inputs(cfg, "pretrain", model_config, manifest)
+        driver.check_inputs(long_warmup, "pretrain", model_config, manifest)
+        driver.check_inputs(cfg, "pretrain", model_config, manifest)
     assert caplog.text.count("warmup_steps") == 1
     assert "pretrain.optim.warmup_steps 50 is more than pretrain.steps 10" in caplog.text

@@ -1,11 +1,11 @@
-"""pipelines/progress.py: one line per interval in a log, one redrawn line on a terminal."""
+"""pipelines/core/progress.py: one line per interval in a log, one redrawn line on a terminal."""
 
 from __future__ import annotations
 
 import io
 import sys
 
-from pipelines.progress import Progress, format_duration
+from pipelines.core.progress import Progress, format_duration
 
 
 class FakeClock:
@@ -117,7 +117,7 @@ def test_other_lines_leave_the_progress_line_whole():
 def test_ray_data_progress_bars_only_on_a_terminal(monkeypatch):
     from ray.data import DataContext
 
-    from pipelines.ray_runtime import quiet_data_progress
+    from pipelines.core.ray_runtime import quiet_data_progress
 
     ctx = DataContext.get_current()
     monkeypatch.setattr(ctx, "enable_progress_bars", True)

@@ -7,7 +7,7 @@ import io
 import os
 import re
 import tempfile
-from argparse import Namespace
+from jobs.stages import StageOptions
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import checkpoints
+from pipelines.train import checkpoints
 from jobs import sample as sample_job
 from jobs.config import load_config
 from models import Guidance, build_model
-from pipelines import sampling, storage
-from pipelines.errors import SarError
+from pipelines.core import storage
+from pipelines.evaluate import sampling
+from pipelines.core.errors import SarError
 
 CLASSES, PER_CLASS = 4, 3  # N = 12
 RAW_SPACE = {"encoder": "raw", "weights": None, "weights_sha256": None, "scale_factor": None, "image_size": 32,
@@ -170,7 +171,7 @@ def test_killed_job_resumes_to_exactly_n_identical_images(ray_local, cfg, tmp_pa
     assert manifest["config"]["sample"]["num_actors"] == 2
 
     # A finished set: a re-run makes nothing and needs no Ray work.
-    assert sample_job.main(cfg, Namespace(preview=False)) == 0
+    assert sample_job.main(cfg) == 0
 
 
 def test_resume_refuses_a_set_made_differently(cfg):
@@ -215,7 +216,7 @@ def test_sampler_settings_reach_the_model(cfg):
 def test_checkpoint_choice_and_missing_checkpoint(tmp_path):
     cfg = _cfg(tmp_path)
     with pytest.raises(SarError, match=r"no checkpoint to sample from.*sample\.checkpoint"):
-        sample_job.main(cfg, Namespace(preview=False))
+        sample_job.main(cfg)
     pre = _publish_checkpoint(cfg.pretrain_dir, step=10)
     assert sample_job.checkpoint(cfg) == pre
     refined = _publish_checkpoint(cfg.refine_dir, step=5)
@@ -224,11 +225,11 @@ def test_checkpoint_choice_and_missing_checkpoint(tmp_path):
     assert sample_job.checkpoint(cfg) == pre
     cfg.sample.num_classes = CLASSES + 1
     with pytest.raises(SarError, match="trained on 4 classes"):
-        sample_job.main(cfg, Namespace(preview=False))
+        sample_job.main(cfg)
 
 
 def test_preview_grid_shows_the_run_s_images(cfg):
-    assert sample_job.main(cfg, Namespace(preview=True)) == 0
+    assert sample_job.main(cfg, StageOptions(preview=True)) == 0
     grid = Image.open(os.path.join(cfg.samples_dir, sampling.PREVIEW_FILE))
     assert grid.size == (2 + 2 * 66, 2 + 3 * 66)  # 3 classes x 2 samples, 32 px shown at 64
     assert not os.path.exists(os.path.join(cfg.samples_dir, sampling.MANIFEST_FILE))

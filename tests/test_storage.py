@@ -3,7 +3,8 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines import storage
+from pipelines.core import storage
+from tests.conftest import free_port
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -161,18 +162,11 @@ def test_the_innermost_field_names_an_error(tmp_path):
     assert str(info.value) == f"data.source not found: {url}" and info.value.field == "data.source"
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_unreachable_endpoint_is_named(s3_server):
     import time
 
-    port = _closed_port()
+    port = free_port()
     opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": SECRET,
             "config_kwargs": {"retries": {"mode": "standard", "total_max_attempts": 2}}, "retries": 1,
             "skip_instance_cache": True}

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,14 +22,10 @@ import pytest
 
 from jobs import submit
 from jobs.cli import main
+from tests.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
@@ -50,7 +45,7 @@ def _wait_for_dashboard(url: str, proc: subprocess.Popen, timeout_s: float = 120
 def ray_head():
     """A one-CPU Ray head with a dashboard on free loopback ports; yields its http:// URL."""
     temp_dir = tempfile.mkdtemp(prefix="sar-ray-", dir="/tmp")  # short: Ray's socket paths are limited
-    dash_port = _free_port()
+    dash_port = free_port()
     bin_dir = os.path.dirname(sys.executable)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # The job's `python` must be this environment's, as it is the image's on a real cluster.
@@ -60,9 +55,9 @@ def ray_head():
     env["RAY_AUTH_MODE"] = "disabled"
     cmd = [
         os.path.join(bin_dir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+        f"--temp-dir={temp_dir}", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
         "--num-cpus=1", "--num-gpus=0", f"--object-store-memory={100 * 1024 * 1024}",
     ]
     log = open(os.path.join(temp_dir, "ray-start.log"), "w")
@@ -127,7 +122,7 @@ def test_empty_command_exits_2(capsys):
 
 def test_unreachable_address_exits_1(capsys, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # must not override --address
-    port = _free_port()  # bound and released: nothing listens there
+    port = free_port()  # bound and released: nothing listens there
     assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--", "config", "show"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"sar submit: cannot reach the Ray dashboard at http://127.0.0.1:{port}")

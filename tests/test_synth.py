@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.cli import main
-from pipelines.synth import QUIRK_KINDS, make_synthetic_imagenet, wnid
+from pipelines.data.synth import QUIRK_KINDS, make_synthetic_imagenet, wnid
 
 
 def _digest(root):

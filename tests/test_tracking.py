@@ -1,4 +1,4 @@
-"""pipelines/tracking.py against a real MLflow server on loopback, the embedded store and moto's S3."""
+"""pipelines/core/tracking.py against a real MLflow server on loopback, the embedded store and moto's S3."""
 
 from __future__ import annotations
 
@@ -17,22 +17,18 @@ import uuid
 
 import pytest
 
-from pipelines import storage, tracking
+from pipelines.core import storage, tracking
+from tests.conftest import free_port
 
 MLFLOW = os.path.join(os.path.dirname(sys.executable), "mlflow")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free loopback port with its own SQLite store and artifact root."""
     root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+    port = free_port()
     # No job-runner process beside the server: it starts faster on a busy machine.
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     for k in [k for k in env if k.startswith("AWS_")]:  # artifacts stay on local disk
@@ -298,7 +294,7 @@ def test_object_store_run_dir_mirrors_and_restores(s3_bucket, tmp_path, monkeypa
 
 # Failures ---------------------------------------------------------------------------------------
 def test_dead_server_warns_once_and_the_run_goes_on(tmp_path, caplog):
-    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     start = time.perf_counter()
     tr = tracking.open_run(str(tmp_path / "run"), uri=uri, params={"a": 1})
     st = tr.stage("pretrain", str(tmp_path / "run" / "pretrain"))

@@ -7,11 +7,11 @@ import torch
 
 from jobs.config import load_config
 from models import build_model
-from pipelines.errors import SarError
-from pipelines.latents import tokens_from_batch
-from pipelines.objectives import PretrainObjective, RefineObjective, group_buckets
-from pipelines.rundir import bind_run_dir, config_fingerprint
-from pipelines.training import make_ema, make_optimizer, make_scheduler
+from pipelines.core.errors import SarError
+from pipelines.data.latents import tokens_from_batch
+from pipelines.train.objectives import PretrainObjective, RefineObjective, group_buckets
+from pipelines.core.rundir import bind_run_dir, config_fingerprint
+from pipelines.train.optim import make_ema, make_optimizer, make_scheduler
 from tests.conftest import DEMO_CONFIG
 
 
@@ -221,8 +221,8 @@ def test_in_training_evaluations_reach_the_stage_run(tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
-    from pipelines.training import track_evaluation
+    from pipelines.core import tracking
+    from pipelines.train.worker import track_evaluation
 
     stage_dir = tmp_path / "pretrain"
     (stage_dir / "evals").mkdir(parents=True)
@@ -275,7 +275,7 @@ def test_rollout_fraction_takes_pass_two_on_the_first_examples():
 
 
 def test_window_means_cover_the_steps_that_carry_a_metric():
-    from pipelines.training import LoopState, add_metric, log_row
+    from pipelines.train.worker import LoopState, add_metric, log_row
 
     window = {}
     for step in range(4):
@@ -297,7 +297,7 @@ def test_bfloat16_shards_are_read_as_values():
 
 def test_refine_length_and_ema_follow_the_dataset():
     """10 epochs of the dataset at the global batch, and an EMA that keeps <= 5% of the start weights."""
-    from pipelines.training import EMA_START_SHARE, resolve_length
+    from pipelines.train.driver import EMA_START_SHARE, resolve_length
 
     refine = load_config(None).refine  # the papers' defaults: epochs 10, batch 2048, derived EMA
     imagenet = resolve_length(refine, 1_281_167)
@@ -321,8 +321,8 @@ def test_refine_runs_with_the_ddpm_head(mode):
 
 def test_named_scale_schedule_resolves_for_the_dataset_grid():
     from models.grouping import VAR_10
-    from pipelines.errors import DatasetMismatch
-    from pipelines.training import build_model_config, check_dataset
+    from pipelines.core.errors import DatasetMismatch
+    from pipelines.train.driver import build_model_config, check_dataset
 
     model = load_config(None, ["model.preset=tiny", "model.grouping=next-scale", "model.scales=var-10"]).model
     manifest = {"grid": [16, 16], "token_dim": 6, "num_classes": 3, "grouping": "next-scale", "scales": list(VAR_10)}

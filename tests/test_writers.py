@@ -14,12 +14,15 @@ import uuid
 import pytest
 import yaml
 
-from jobs.cli import EX_TEMPFAIL, main
+from jobs.cli import main
+from jobs.parser import EX_TEMPFAIL
 from jobs.config import load_config
-from pipelines import checkpoints, latents, training
-from pipelines.lease import LEASE_FILE, LeaseLost, WriterLease
-from pipelines.synth import make_synthetic_imagenet
-from tests.conftest import REPO, encode_in_process
+from pipelines.data import latents
+from pipelines.train import checkpoints, driver
+from pipelines.train.loop_config import METRICS
+from pipelines.core.lease import LEASE_FILE, LeaseLost, WriterLease
+from pipelines.data.synth import make_synthetic_imagenet
+from tests.conftest import REPO, encode_in_process, free_port
 
 TINY = {
     "encode": {"encoder": "raw", "image_size": 16, "patch": 4, "shard_rows": 4, "batch_size": 4,
@@ -106,24 +109,21 @@ def test_training_that_lost_its_lease_stops_without_writing(ray_local, tiny):
     _, cfg = tiny
     encode_in_process(cfg)
     manifest = latents.read_manifest(cfg.latents_dir)
-    model_config = training.build_model_config(cfg.model, manifest)
+    model_config = driver.build_model_config(cfg.model, manifest)
     lease = WriterLease(cfg.pretrain_dir, ttl_s=60).acquire()
-    loop = training.prepare_run(cfg, "pretrain", cfg.pretrain_dir, model_config, manifest, {}, lease=lease)
+    start = driver.claim_run_folder(cfg, "pretrain", cfg.pretrain_dir, model_config, lease)
+    loop = driver.loop_config(cfg, "pretrain", cfg.pretrain_dir, model_config, manifest, {}, start_step=start,
+                              lease=lease)
     lease.release()  # as if it had expired...
     with WriterLease(cfg.pretrain_dir, ttl_s=60, command="sar pretrain (the other one)"):  # ...and been taken
-        dataset = training.training_dataset(loop, cfg.latents_dir, manifest)
+        dataset = driver.training_dataset(loop, cfg.latents_dir, manifest)
         with pytest.raises(LeaseLost, match=r"taken over by .*\(sar pretrain \(the other one\)\)"):
-            training.run_training(loop, dataset)
+            driver.run_training(loop, dataset)
     assert checkpoints.list_steps(cfg.pretrain_dir) == []
-    assert not os.path.exists(os.path.join(cfg.pretrain_dir, training.METRICS))
+    assert not os.path.exists(os.path.join(cfg.pretrain_dir, METRICS))
 
 
 # Object-store failures through the command line, on moto --------------------------------------
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _cli(args: list[str], **env_changes: str | None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
@@ -133,6 +133,7 @@ def _cli(args: list[str], **env_changes: str | None) -> subprocess.CompletedProc
                           capture_output=True, timeout=300)
 
 
+@pytest.mark.ray  # `sar` subprocesses
 @pytest.mark.parametrize("case", ["no credentials", "missing bucket", "unreachable endpoint", "run_dir bucket"])
 def test_object_store_failures_are_one_line_naming_the_field(case, s3_bucket, tmp_path, synth_root):
     secret = f"sekrit-{uuid.uuid4().hex}"
@@ -149,7 +150,7 @@ def test_object_store_failures_are_one_line_naming_the_field(case, s3_bucket, tm
         source = f"{missing}/imagenet"
         field, url, code, said = "data.source", source, 1, f"bucket '{missing[5:]}' does not exist"
     elif case == "unreachable endpoint":
-        endpoint = f"http://127.0.0.1:{_closed_port()}"
+        endpoint = f"http://127.0.0.1:{free_port()}"
         env.update(AWS_ENDPOINT_URL_S3=endpoint, AWS_ENDPOINT_URL=endpoint, AWS_MAX_ATTEMPTS="2",
                    AWS_RETRY_MODE="standard")
         field, url, code, said = "data.source", source, EX_TEMPFAIL, f"cannot reach the object store at {endpoint}"

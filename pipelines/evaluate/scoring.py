@@ -1,0 +1,113 @@
+"""Scoring a finished sample set, as `sar fid` does: the domain evaluator's metrics beside the real
+floor, or torch-fidelity's Inception metrics, and the summary line.
+
+`cfg` arguments are the resolved pipeline config (jobs/config.py), read as plain attributes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from pipelines.core import storage
+from pipelines.core.errors import SarError
+from pipelines.data import latents
+from pipelines.evaluate import domain, domain_training, fidelity, sampling
+
+
+def domain_scorer(cfg: Any) -> tuple[domain.DomainScorer, Any]:
+    """(scorer against the evaluator's held-out real images, those images); trains the evaluator if missing."""
+    import torch
+
+    so, d = cfg.data.storage_options, cfg.fid.domain
+    meta = domain_training.ensure_evaluator(cfg.evaluator_path, cfg.data.source, split=cfg.data.split,
+                                      image_size=d.image_size or cfg.encode.image_size, classes=cfg.data.classes,
+                                      per_class=cfg.data.per_class, settings=d, storage_options=so)
+    if storage.exists(storage.join(cfg.latents_dir, latents.MANIFEST), so):
+        domain.check_classes(meta, latents.read_manifest(cfg.latents_dir, so).get("classes"),
+                                storage.redact(cfg.evaluator_path))
+    reference = domain.reference_images(cfg.evaluator_path, cfg.data.source, so)
+    scorer = domain.DomainScorer(cfg.evaluator_path, reference, batch_size=cfg.fid.batch_size,
+                                    cuda=torch.cuda.is_available(), storage_options=so)
+    return scorer, reference
+
+
+def domain_metrics(cfg: Any, dataset, labels: np.ndarray) -> dict[str, Any]:
+    """The domain evaluator's scores of the samples, and of real held-out images for scale."""
+    scorer, reference = domain_scorer(cfg)
+    scores = scorer.score(dataset, labels, prc=cfg.fid.prc)
+    # Real images against real images: one half of the held-out set scored against the other.
+    half_a, half_b = reference.halves()
+    real = domain.DomainScorer(cfg.evaluator_path, half_b, batch_size=cfg.fid.batch_size, cuda=scorer.cuda,
+                                  storage_options=cfg.data.storage_options).score(half_a, half_a.labels, kid=False)
+    scores["real_heldout"] = {k: real[k] for k in ("fid", "precision", "recall", "accuracy", "num_samples",
+                                                   "num_reference")}
+    return scores
+
+
+def inception_metrics(cfg: Any, dataset, manifest: dict[str, Any]) -> dict[str, Any]:
+    """torch-fidelity's Inception metrics of the samples (FID and precision/recall need fid.reference)."""
+    import torch
+
+    so, f, cuda = cfg.data.storage_options, cfg.fid, torch.cuda.is_available()
+    try:
+        extractor = fidelity.load_inception(f.inception_weights, cuda, so)
+    except SarError as err:
+        if f.inception_weights or f.on_missing_weights != "skip":
+            raise
+        return fidelity.skipped_metrics(str(err))
+    extractor_id = fidelity.weights_id(f.inception_weights, so)
+    reason = fidelity.reference_problem(f.reference, so)
+    reference = None
+    if reason is None:
+        reference = fidelity.load_reference(
+            f.reference, extractor, image_size=manifest.get("image_size"),
+            cache_url=storage.join(cfg.eval_dir, fidelity.REFERENCE_CACHE), extractor_id=extractor_id,
+            need_features=f.prc, batch_size=f.batch_size, cuda=cuda, storage_options=so)
+    scores = fidelity.compute_metrics(dataset, reference, extractor, batch_size=f.batch_size, cuda=cuda,
+                                 isc=f.isc, prc=f.prc)
+    if reason:
+        scores["skipped"]["fid"] = reason
+        if f.prc:
+            scores["skipped"]["precision_recall"] = reason
+    return {**scores, "feature_extractor": fidelity.EXTRACTOR,
+            "inception_weights": storage.redact(f.inception_weights) if f.inception_weights else extractor_id,
+            "inception_weights_id": extractor_id,
+            "reference": reference.source if reference else None,
+            "reference_count": reference.count if reference else None}
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """The closing line: the numbers that were computed, and what was not."""
+    parts = []
+    if metrics.get("fid") is not None:
+        parts.append(f"FID {metrics['fid']:.3f}")
+    if metrics.get("inception_score"):
+        parts.append(f"IS {metrics['inception_score']['mean']:.2f}")
+    if metrics.get("precision") is not None:
+        parts.append(f"precision {metrics['precision']:.3f} recall {metrics['recall']:.3f}")
+    d = metrics.get("domain")
+    if d:
+        real = d["real_heldout"]
+
+        def shown(value):
+            return "n/a" if value is None else f"{value:.3f}"
+        parts.append(f"domain FID {shown(d['fid'])} (real held-out images: {shown(real['fid'])}), "
+                     f"class accuracy {shown(d['accuracy'])} (real: {shown(real['accuracy'])})")
+        skipped = {**metrics["skipped"], **{f"domain {k}": v for k, v in d["skipped"].items()}}
+        metrics = {**metrics, "skipped": skipped}
+    skipped = "; ".join(f"{what} not computed: {why}" for what, why in metrics["skipped"].items())
+    return f"{metrics['num_samples']} samples: {', '.join(parts) or 'no metric'}" + (f"; {skipped}" if skipped else "")
+
+
+def score_samples(cfg: Any, source: str, manifest: dict[str, Any], index: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scores of the set at `source` (its manifest and index) with the evaluator fid.evaluator names."""
+    with tempfile.TemporaryDirectory(prefix="sar-fid-") as staging:
+        dataset = fidelity.samples_dataset(source, index, staging, cfg.data.storage_options)
+        if cfg.fid.evaluator == "domain":
+            labels = np.array([e[sampling.LABEL] for e in index], dtype=np.int64)
+            return fidelity.skipped_metrics("fid.evaluator is 'domain' (the dataset's own classifier)") | {
+                "num_samples": len(dataset), "domain": domain_metrics(cfg, dataset, labels)}
+        return inception_metrics(cfg, dataset, manifest)

@@ -1,0 +1,144 @@
+"""The training objectives: teacher forcing (pretrain) and self-autoregressive refinement (refine).
+
+An objective wraps the SARModel; `forward(x, labels, generator, log_metrics)` returns (loss,
+per-token loss (B, L), metrics) so the shared training loop (pipelines/train/training.py) can run
+either. `log_metrics` is False on the steps whose metrics the loop does not log: the metrics that
+cost compute of their own (refine's exposure gap) are left out there.
+
+Refinement (the refinement paper: eqs. 8-11, Algorithm 1, Table 5) is two backbone passes a step
+with gradient (three forwards with the `cfg` sample step, whose unconditional pass has none):
+  pass 1, teacher forcing: z^T from the ground truth, L_TF (eq. 9);
+  the sample step, without gradient: predicted tokens x^T from the head at z^T (Table 5 modes);
+  pass 2, stagger-scale rollout: both streams rebuilt from x^T (for next-scale, the upsampled
+  predictions) give z^S; CSFL (eq. 10) trains the head at z^S toward the detached x^T (or the
+  ground truth, Algorithm 1), over groups 2..T or one chosen group;
+  L = L_TF + gamma * L_CSF (eq. 11).
+`refine.rollout_fraction` < 1 (an approximation, off by default) takes the sample step, pass 2 and
+CSFL on the first share of each micro-batch only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from models import Guidance
+from models.sar import gaussian_noise
+from pipelines.core.errors import SarError
+
+
+def group_buckets(group_index: torch.Tensor, num_groups: int) -> dict[str, torch.Tensor]:
+    """Boolean masks over sequence positions for the early, middle and late thirds of the groups."""
+    edges = np.linspace(0, num_groups, 4)
+    return {name: (group_index >= edges[i]) & (group_index < edges[i + 1])
+            for i, name in enumerate(("early", "middle", "late"))}
+
+
+class Objective(nn.Module):
+    """Base of a stage's objective: wraps the model; forward returns (loss, per-token loss, metrics)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+
+class PretrainObjective(Objective):
+    """Teacher forcing: the one-pass forward on ground truth and the flow-matching loss L_TF."""
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                log_metrics: bool = True):
+        z = self.model(x, labels)  # (B, L, W); class dropout drawn inside in training
+        per_token = self.model.head.loss(z, x)  # (B, L)
+        return per_token.mean(), per_token, {}
+
+
+class RefineObjective(Objective):
+    """L = L_TF + gamma * L_CSF with one stagger-scale rollout per step.
+
+    `settings` is the refine section of the config (jobs.config.RefineConfig): gamma,
+    sample_mode, sample_steps, cfg_scale, target, group, rollout_fraction.
+    """
+
+    def __init__(self, model, settings: Any):
+        super().__init__(model)
+        self.settings = settings
+        g = model.grouping
+        csf = g.group_index >= 1  # eq. 10 sums i = 2..N: the first group sees no prediction
+        if settings.group is not None:
+            if not 0 <= settings.group < g.num_groups:
+                raise SarError(f"refine.group: {settings.group} is not a group of {g.num_groups}")
+            csf = g.group_index == settings.group
+        self.register_buffer("csf_mask", csf, persistent=False)
+        self.buckets = group_buckets(g.group_index, g.num_groups)
+
+    @torch.no_grad()
+    def rollout_tokens(self, x: torch.Tensor, labels: torch.Tensor, z_teacher: torch.Tensor,
+                       generator: torch.Generator | None) -> torch.Tensor:
+        """The sample step: predicted tokens x^T at the teacher-forced conditions (no gradient).
+
+        deterministic: the head's conditional mean, one evaluation from e = 0 (the argmax analogue);
+        stochastic: the ODE from fresh noise; cfg: that ODE under classifier-free guidance, with
+        the unconditional conditions from one more teacher-forced pass on the null class;
+        x_cfg: the ODE under head-only guidance.
+        """
+        s, head = self.settings, self.model.head
+        shape = (*z_teacher.shape[:2], self.model.config.token_dim)
+        if s.sample_mode == "deterministic":
+            return head.sample(z_teacher, torch.zeros(shape, device=z_teacher.device), 1, mode="one_step")
+        z, guidance = z_teacher, Guidance()
+        if s.sample_mode == "cfg":
+            null = torch.ones_like(labels, dtype=torch.bool)
+            z = torch.cat([z_teacher, self.model(x, labels, drop_labels=null)])  # [cond; uncond]
+            guidance = Guidance("cfg", cfg=s.cfg_scale)
+        elif s.sample_mode == "x_cfg":
+            guidance = Guidance("x_cfg", w_x=s.x_cfg_scale)
+        noise = gaussian_noise(shape, generator, z_teacher.device)
+        return head.sample(z, noise, s.sample_steps, guidance,
+                           step_noise=lambda: gaussian_noise(shape, generator, z_teacher.device))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                log_metrics: bool = True):
+        drop = self.model.class_dropout_mask(labels)  # the same draw for both passes
+        head = self.model.head
+        # Pass 1: teacher forcing.
+        z_teacher = self.model(x, labels, drop_labels=drop)  # (B, L, W)
+        tf = head.loss(z_teacher, x)  # (B, L)
+        # The rollout takes the first n examples: all of them unless rollout_fraction < 1.
+        n = math.ceil(self.settings.rollout_fraction * x.shape[0])
+        x_r, labels_r, drop_r, z_t = x[:n], labels[:n], drop[:n], z_teacher[:n].detach()
+        # The sample step, then pass 2 on streams rebuilt from the predictions alone.
+        x_teacher = self.rollout_tokens(x_r, labels_r, z_t, generator)  # (n, L, D), no grad
+        z_student = self.model(x_teacher, labels_r, drop_labels=drop_r)  # (n, L, W)
+        target = x_teacher if self.settings.target == "teacher" else x_r
+        csf = head.loss(z_student, target)  # (n, L)
+        loss_tf = tf.mean()
+        loss_csf = csf[:, self.csf_mask.to(csf.device)].mean()
+        loss = loss_tf + self.settings.gamma * loss_csf
+        metrics = {"loss_tf": loss_tf.detach(), "loss_csf": loss_csf.detach()}
+        if log_metrics:
+            metrics.update(self.exposure_gap(z_student.detach(), z_t, x_teacher))
+        return loss, tf, metrics
+
+    @torch.no_grad()
+    def exposure_gap(self, z_student: torch.Tensor, z_teacher: torch.Tensor,
+                     x_teacher: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Exposure-bias gap per bucket of groups: student vs teacher one-step clean estimates."""
+        head = self.model.head
+        noise = torch.zeros_like(x_teacher)
+        x_s = head.sample(z_student, noise, 1, mode="one_step")
+        # The deterministic sample step already is the teacher's one-step estimate.
+        x_t = x_teacher if self.settings.sample_mode == "deterministic" else head.sample(
+            z_teacher, noise, 1, mode="one_step")
+        gap = (x_s - x_t).pow(2).mean(-1)  # (n, L)
+        return {f"gap_{name}": gap[:, mask.to(gap.device)].mean() for name, mask in self.buckets.items()}
+
+
+def make_objective(stage: str, model: nn.Module, settings: Any) -> Objective:
+    """The objective of a training stage ('pretrain' or 'refine') around `model`."""
+    if stage == "refine":
+        return RefineObjective(model, settings)
+    return PretrainObjective(model)

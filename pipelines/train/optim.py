@@ -1,0 +1,55 @@
+"""Optimisation pieces a Train worker builds: AdamW with MAR's parameter groups, the warm-up
+schedule, torch's EMA, and FSDP2 sharding per transformer block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def make_optimizer(model: nn.Module, train: Any) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (1-D or named embeddings), as MAR."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": train.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.optim.lr, betas=tuple(train.optim.betas))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, train: Any) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up, then constant or cosine, from torch's own schedulers."""
+    from torch.optim import lr_scheduler as S
+
+    warm = min(train.optim.warmup_steps, train.steps)
+    rest = max(train.steps - warm, 1)
+    main = (S.CosineAnnealingLR(opt, T_max=rest) if train.optim.schedule == "cosine"
+            else S.ConstantLR(opt, factor=1.0, total_iters=0))
+    if warm == 0:
+        return main
+    return S.SequentialLR(opt, [S.LinearLR(opt, start_factor=1.0 / warm, total_iters=warm), main], milestones=[warm])
+
+
+def make_ema(model: nn.Module, decay: float, use_buffers: bool = True) -> torch.optim.swa_utils.AveragedModel:
+    """torch's own EMA (AveragedModel with the EMA averaging function).
+
+    Under FSDP the buffers (fixed position tables) stay out of the average: they are plain
+    tensors while the sharded parameters are DTensors, and one foreach update cannot mix them.
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=use_buffers)
+
+
+def fsdp_shard(module: nn.Module, backbone: nn.Module) -> None:
+    """FSDP2: each transformer block its own unit, then the rest under the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in backbone.blocks:
+        fully_shard(block)
+    fully_shard(module)
+
