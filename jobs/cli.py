@@ -1,6 +1,7 @@
 """`sar`: the one command line of the pipeline.
 
     sar synth-imagenet OUT --classes N --per-class M --size S --seed K [--quirks]
+    sar mnist         OUT [--size 32] [--split 400,50,50] [--seed 0]
     sar config show   --config FILE [--set key=value ...]
     sar encode        --config FILE [--set ...] [--force]
     sar pretrain | refine | fid  --config FILE [--set ...]
@@ -37,13 +38,30 @@ def _synth(args: argparse.Namespace) -> int:
     try:
         s = make_synthetic_imagenet(
             args.out, classes=args.classes, per_class=args.per_class, size=args.size,
-            seed=args.seed, val_per_class=args.val_per_class, quirks=args.quirks,
+            seed=args.seed, val_per_class=args.val_per_class, quirks=args.quirks, test_per_class=args.test_per_class,
         )
     except ValueError as err:
         print(f"sar synth-imagenet: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {s.train_images} train and {s.val_images} val images of {s.classes} classes to {s.root}"
+    print(f"wrote {s.train_images} train, {s.val_images} val and {s.test_images} test images of {s.classes} classes "
+          f"to {s.root}"
           + (f" ({len(s.quirks)} quirk files)" if s.quirks else ""))
+    return 0
+
+
+def _mnist(args: argparse.Namespace) -> int:
+    from pipelines.data.mnist import write_mnist
+
+    try:
+        split = tuple(int(n) for n in args.split.split(","))
+        s = write_mnist(args.out, size=args.size, split=split, seed=args.seed)
+    except ValueError:
+        print(f"sar mnist: error: --split {args.split!r}: three whole numbers, e.g. 400,50,50", file=sys.stderr)
+        return 2
+    except SarError as err:
+        print(f"sar mnist: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in s.counts.items())} images of 10 digits to {s.root}")
     return 0
 
 
@@ -59,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     if command == "synth-imagenet":
         return _synth(args)
+    if command == "mnist":
+        return _mnist(args)
     if command == "submit":
         from jobs import submit
 

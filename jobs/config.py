@@ -295,8 +295,15 @@ class DomainEvaluatorConfig(_Section):
     image_size: int | None = Field(None, ge=16)  # None: encode.image_size
     epochs: int = Field(20, ge=1)  # 20 reach 100% held-out accuracy on the demo's synthetic set
     batch_size: int = Field(32, ge=1)
-    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per class, never trained on: the reference images
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per class, never trained on: its own accuracy
     hflip: bool = False  # flip augmentation; off: an evaluator blind to flips cannot see a mirrored class
+    # The protocol of docs/benchmarks.md (Quality): samples are scored against the real images of
+    # `reference_split` (chosen settings are tuned against it), and the floor is real images of
+    # `floor_split` against the same reference at the samples' set size (FID's bias depends on the set
+    # sizes, so only equal sizes compare). A split the source lacks falls back to the evaluator's
+    # held-out training images (half of them each when both are missing).
+    reference_split: str = "val"
+    floor_split: str | None = "test"
 
 
 class FidConfig(_Section):
@@ -375,6 +382,17 @@ class PipelineConfig(_Section):
     @classmethod
     def _no_trailing_slash(cls, v: str) -> str:
         return v.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _real_splits_are_not_trained_on(self) -> "PipelineConfig":
+        d = self.fid.domain
+        if self.data.split in (d.reference_split, d.floor_split):
+            raise ValueError(f"fid.domain: the reference and floor splits must be images the generator does not "
+                             f"train on, not data.split {self.data.split!r}")
+        if d.reference_split == d.floor_split:
+            raise ValueError(f"fid.domain.floor_split: {d.floor_split!r} is the reference split too; the floor "
+                             f"needs other real images")
+        return self
 
     @model_validator(mode="after")
     def _check_scales(self) -> "PipelineConfig":

@@ -88,6 +88,14 @@ def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsy
         assert value in err
 
 
+def test_the_real_reference_and_floor_are_splits_nothing_trains_on():
+    with pytest.raises(ConfigError, match="not data.split 'train'"):
+        load_config(DEMO_CONFIG, ["fid.domain.reference_split=train"])
+    with pytest.raises(ConfigError, match="floor_split: 'val' is the reference split too"):
+        load_config(DEMO_CONFIG, ["fid.domain.floor_split=val"])
+    assert load_config(DEMO_CONFIG, ["fid.domain.floor_split=null"]).fid.domain.floor_split is None
+
+
 def test_next_scale_needs_a_schedule():
     with pytest.raises(ConfigError, match="model.scales"):
         load_config(None, ["model.grouping=next-scale"])

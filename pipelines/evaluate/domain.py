@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -34,6 +35,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from models.domain_classifier import DomainClassifier, to_input
 from pipelines.core import storage
 from pipelines.core.errors import SarError
+from pipelines.data.imagenet import list_imagenet
 from pipelines.data.preprocess import ERROR, KEY, LABEL, PIXELS, read_and_decode
 from pipelines.evaluate import fidelity
 
@@ -182,6 +184,71 @@ def reference_images(evaluator_path: str, source: str,
         raise SarError(f"{storage.redact(source)}: {len(rejected)} held-out images of evaluator "
                        f"{storage.redact(evaluator_path)} cannot be read (first: {key}: {reason})")
     return LabelledImages(images, labels, keys)
+
+
+def split_images(source: str, split: str, wnids: Sequence[str], image_size: int,
+                 storage_options: dict[str, Any] | None = None) -> LabelledImages | None:
+    """The real images of `split` of an ImageNet-layout `source`, labelled in the evaluator's class
+    order (`wnids`) and ADM-cropped to its size; None when the source has no `split`/ folder."""
+    if not storage.exists(storage.join(source, split), storage_options):
+        return None
+    listing = list_imagenet(source, split, storage_options=storage_options)
+    index = {w: i for i, w in enumerate(wnids)}
+    unknown = sorted({listing.wnids[label] for _, label in listing.items} - index.keys())
+    if unknown:
+        raise SarError(f"{storage.redact(source)}/{split}: classes the domain evaluator does not know "
+                       f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+    keys = [k for k, _ in listing.items]
+    labels = [index[listing.wnids[label]] for _, label in listing.items]
+    images, labels, keys, rejected = decode_keys(source, keys, labels, image_size, storage_options)
+    if rejected:
+        key, reason = next(iter(rejected.items()))
+        raise SarError(f"{storage.redact(source)}/{split}: {len(rejected)} images cannot be read (first: {key}: {reason})")
+    return LabelledImages(images, labels, keys)
+
+
+@dataclass(frozen=True)
+class RealSets:
+    """The real images a sample set is scored against (`reference`) and compared with (`floor`: real
+    images against the same reference), and where each came from."""
+
+    reference: LabelledImages
+    reference_from: str
+    floor: LabelledImages | None = None
+    floor_from: str | None = None
+
+
+def real_sets(evaluator_path: str, source: str, reference_split: str, floor_split: str | None,
+              need_floor: bool = True, storage_options: dict[str, Any] | None = None) -> RealSets:
+    """The reference and floor images of the protocol: the source's `reference_split` and `floor_split`,
+    each falling back to the evaluator's held-out training images when the source lacks the split
+    (half B and half A of them when it lacks both)."""
+    meta = read_metadata(evaluator_path, storage_options)
+    size, wnids = meta["image_size"], meta["wnids"]
+    reference = split_images(source, reference_split, wnids, size, storage_options)
+    floor = split_images(source, floor_split, wnids, size, storage_options) if need_floor and floor_split else None
+    held = "the evaluator's held-out training images"
+    if reference is not None and (floor is not None or not need_floor):
+        return RealSets(reference, f"{reference_split}/", floor, f"{floor_split}/" if floor is not None else None)
+    heldout = reference_images(evaluator_path, source, storage_options)
+    if reference is None and need_floor and floor is None:
+        half_a, half_b = heldout.halves()
+        return RealSets(half_b, f"{held}, half B", half_a, f"{held}, half A")
+    if reference is None:
+        return RealSets(heldout, held, floor, f"{floor_split}/" if floor is not None else None)
+    return RealSets(reference, f"{reference_split}/", heldout, held)
+
+
+def balanced_subset(images: LabelledImages, n: int) -> LabelledImages:
+    """The first `n` images taken one class at a time in turn (each class's images in their order):
+    as even over the classes as their sizes allow, and the same subset every time."""
+    by_class = [list(np.flatnonzero(images.labels == label)) for label in np.unique(images.labels)]
+    picked: list[int] = []
+    while len(picked) < min(n, len(images)):
+        for idx in by_class:
+            if idx and len(picked) < n:
+                picked.append(int(idx.pop(0)))
+    return images.subset(sorted(picked))
 
 
 def check_classes(meta: dict[str, Any], classes: Sequence[str] | None, where: str) -> None:

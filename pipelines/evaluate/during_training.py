@@ -44,7 +44,8 @@ class EvalSettings:
     evaluator: str                 # "domain" | "inception"
     token_space: dict[str, Any]    # the dataset's: how tokens decode to images
     evaluator_path: str | None = None   # domain: the evaluator file
-    source: str | None = None           # domain: the dataset root its held-out images are read from
+    source: str | None = None           # domain: the dataset root the reference images are read from
+    reference_split: str = "val"        # domain: fid.domain.reference_split (its held-out images if missing)
     reference: str | None = None        # inception: fid.reference
     inception_weights: str | None = None
 
@@ -78,7 +79,8 @@ def settings_for(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings
                                           classes=cfg.data.classes, per_class=cfg.data.per_class,
                                           settings=f.domain, storage_options=so)
         domain.check_classes(meta, manifest.get("classes"), storage.redact(cfg.evaluator_path))
-        extra = {"evaluator_path": cfg.evaluator_path, "source": cfg.data.source}
+        extra = {"evaluator_path": cfg.evaluator_path, "source": cfg.data.source,
+                 "reference_split": f.domain.reference_split}
     else:
         if not (f.inception_weights and f.reference):
             raise SarError(f"{stage}.eval_every with fid.evaluator=inception needs fid.inception_weights and "
@@ -108,9 +110,10 @@ class TrainingEvaluator:
         from pipelines.evaluate import domain
 
         s = self.settings
-        reference = domain.reference_images(s.evaluator_path, s.source, self.so)
-        scorer = domain.DomainScorer(s.evaluator_path, reference, batch_size=s.sample.batch_size,
-                                        cuda=self.device.type == "cuda", storage_options=self.so)
+        real = domain.real_sets(s.evaluator_path, s.source, s.reference_split, None, need_floor=False,
+                                storage_options=self.so)
+        scorer = domain.DomainScorer(s.evaluator_path, real.reference, batch_size=s.sample.batch_size,
+                                     cuda=self.device.type == "cuda", storage_options=self.so)
         return lambda images, labels: scorer.score(images, labels, kid=False)
 
     def _inception_scorer(self):
