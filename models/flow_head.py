@@ -138,15 +138,18 @@ class MLPHead(nn.Module):
         return z, x
 
     # ---- guidance -----------------------------------------------------------------------
-    def guidance_inputs(self, z, guidance):
+    def guidance_inputs(self, z, guidance, token_weights=None):
         """The embedded conditions (N or 2N, width) of z (B, N, W), or (2B, N, W) [cond; uncond]
-        when the guidance needs the unconditional backbone, and the head-level weight w."""
+        when the guidance needs the unconditional backbone, and the head-level weight w: the
+        guidance's, or `token_weights` (B, N), one per token (a weight that varies over the groups)."""
         if guidance.kind in ("z_cfg", "xz_cfg"):                        # guide in feature space
             z_c, z_u = z.chunk(2)
             z = z_u + guidance.w_z * (z_c - z_u)
         z = z.reshape(-1, z.shape[-1])                                  # (B N, W); cfg: (2 B N, W)
         if guidance.kind in ("x_cfg", "xz_cfg"):                        # the head at z and at 0
             z = torch.cat([z, torch.zeros_like(z)])
+        if token_weights is not None:
+            return self.cond_embed(z), token_weights.reshape(-1, 1).float()  # (B N, 1)
         w = guidance.cfg if guidance.kind == "cfg" else guidance.w_x
         return self.cond_embed(z), torch.tensor(w, device=z.device)     # once, not per step
 
@@ -221,16 +224,17 @@ class FlowHead(MLPHead):
         return steps if solver == "euler" else 2 * steps
 
     def sample(self, z, noise, steps, guidance=None, mode="ode", *, solver="euler", temperature=1.0,
-               compile_head=False, step_noise=None):
+               compile_head=False, step_noise=None, token_weights=None):
         """Tokens (B, N, D) from conditions z (B, N, W), or (2B, N, W) [cond; uncond] when the
         guidance needs the unconditional backbone, integrating from temperature x noise (B, N, D).
 
         `mode` 'one_step' is the clean estimate e + v(e, 0), one evaluation; `compile_head`
-        runs each step compiled on CUDA; `step_noise` is for ancestral heads (the ODE takes none).
+        runs each step compiled on CUDA; `step_noise` is for ancestral heads (the ODE takes none);
+        `token_weights` (B, N) replace the guidance's weight token by token.
         """
         guidance = guidance or Guidance()
         B, N, D = noise.shape
-        cz, w = self.guidance_inputs(z, guidance)
+        cz, w = self.guidance_inputs(z, guidance, token_weights)
         x = temperature * noise.reshape(B * N, D).float()
         if mode == "one_step":
             t0 = torch.zeros((), device=x.device)

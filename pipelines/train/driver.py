@@ -84,6 +84,38 @@ def resolve_length(train: Any, num_rows: int) -> Any:
     return train.model_copy(update={"steps": steps, "ema_decay": decay})
 
 
+def refine_start(cfg: Any, required: bool = True) -> str | None:
+    """The checkpoint refinement starts from (refine.init): a location as given, the pretrain checkpoint
+    of a step, the newest one at or before a fraction of pretrain.steps, or (unset) the newest one.
+
+    None when there is none yet and not `required`; else a SarError naming the steps there are.
+    """
+    init, so = cfg.refine.init, cfg.data.storage_options
+    if isinstance(init, str):
+        return init
+    if init is None:
+        latest = checkpoints.find_latest(cfg.pretrain_dir, so)
+        if latest is None and required:
+            raise SarError(f"no pretrain checkpoint under {storage.redact(cfg.pretrain_dir)}; run `sar pretrain` "
+                           f"first or set refine.init")
+        return latest
+    steps = checkpoints.list_steps(cfg.pretrain_dir, so)
+    if isinstance(init, float):
+        total = resolve_length(cfg.pretrain, read_manifest(cfg.latents_dir, so)["num_rows"]).steps
+        wanted = math.floor(init * total)
+        found = [s for s in steps if s <= wanted][-1:]
+        what = f"at or before step {wanted} ({init:g} of {total})"
+    else:
+        found, what = [s for s in steps if s == init], f"at step {init}"
+    if not found:
+        if not required:
+            return None
+        raise SarError(f"refine.init {init!r}: no pretrain checkpoint {what} under {storage.redact(cfg.pretrain_dir)} "
+                       f"(it holds steps {steps or 'none'}); pretrain.checkpoint_every and keep_checkpoints decide "
+                       f"which are kept")
+    return storage.join(cfg.pretrain_dir, checkpoints.CHECKPOINTS, checkpoints.step_dir_name(found[0]))
+
+
 def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: dict[str, Any]) -> None:
     """Refuse latents made with other encode settings or another token space than this run's, and
     warn (once, here) about a warm-up longer than the run; writes nothing, needs no Ray."""
