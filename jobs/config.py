@@ -229,7 +229,7 @@ class RefineConfig(TrainConfig):
     ema_decay: float | None = Field(None, ge=0, lt=1)
     optim: RefineOptimConfig = Field(default_factory=RefineOptimConfig)
     # L = L_TF + gamma * L_CSF (eq. 11). The authors' released recipe uses 0.01 (on a cross-entropy loss);
-    # benchmarks/quality_sweep.py chose 0.1: gamma 1 hurt domain FID at toy scale, 0.1 and 0.01 helped.
+    # benchmarks/quality.py (the refine table) measures it against a control (docs/benchmarks.md).
     gamma: float = Field(0.1, ge=0)
     # Where refinement starts: a checkpoint's location; a pretraining step (an int: the pretrain
     # checkpoint of that step); or a fraction of pretraining (a float in (0, 1): the newest pretrain

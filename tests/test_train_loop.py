@@ -106,6 +106,20 @@ def test_run_dir_refuses_another_config(tmp_path):
     bind("pretrain.optim.lr=0.5", "pretrain.allow_config_change=true")
 
 
+def test_a_setting_added_by_a_later_release_counts_as_its_default(tmp_path):
+    """A binding written before a setting existed lacks it: its default is what that run did."""
+    from pipelines.core.rundir import first_difference
+
+    cfg, default = load_config(DEMO_CONFIG), load_config(None)
+    ours, defaults = (config_fingerprint(c.public_dict(), "refine") for c in (cfg, default))
+    old = copy.deepcopy(ours)
+    del old["refine"]["rollout_groups"]
+    assert first_difference(old, ours, defaults=defaults) is None
+    changed = config_fingerprint(load_config(DEMO_CONFIG, ["refine.rollout_groups=random-one"]).public_dict(), "refine")
+    assert first_difference(old, changed, defaults=defaults) == \
+        'refine.rollout_groups: run has "all", config has "random-one"'
+
+
 # Refinement ------------------------------------------------------------------------------------
 def refine_step(head="flow", **settings):
     """One refine step of a tiny model: (objective, whether each backbone forward carried a gradient, loss, batch)."""

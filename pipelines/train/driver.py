@@ -129,6 +129,13 @@ def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: d
                     train.steps, stage)
 
 
+def fingerprints(cfg: Any, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what this config binds a stage folder to, the same of the default config): a setting a folder's
+    binding lacks was added by a later release and counts as its default (rundir.first_difference)."""
+    return (rundir.config_fingerprint(cfg.public_dict(), stage),
+            rundir.config_fingerprint(type(cfg)().public_dict(), stage))
+
+
 def claim_run_folder(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any],
                      lease: WriterLease | None) -> int:
     """Make `stage_dir` this run's, under its writer lease (held by the caller); returns the step the
@@ -144,8 +151,8 @@ def claim_run_folder(cfg: Any, stage: str, stage_dir: str, model_config: dict[st
     if lease is not None:
         checkpoints.set_aside_corrupt(stage_dir, so)
     check_resumable(stage_dir, model_config, so)
-    rundir.bind_run_dir(stage_dir, rundir.config_fingerprint(cfg.public_dict(), stage), stage,
-                        train.allow_config_change, so)
+    fingerprint, defaults = fingerprints(cfg, stage)
+    rundir.bind_run_dir(stage_dir, fingerprint, stage, train.allow_config_change, so, defaults=defaults)
     latest = checkpoints.find_latest(stage_dir, so)
     return checkpoints.read_meta(latest, so)["step"] if latest else 0
 
@@ -186,7 +193,7 @@ def training_status(cfg: Any, stage: str, stage_dir: str, inputs: dict[str, Any]
     if inputs.get("latents") is None:
         return rundir.StageStatus(False, "no latents yet")
     steps = resolve_length(getattr(cfg, stage), read_manifest(cfg.latents_dir, storage_options)["num_rows"]).steps
-    fingerprint = rundir.config_fingerprint(cfg.public_dict(), stage)
+    fingerprint, defaults = fingerprints(cfg, stage)
     latest = checkpoints.find_latest(stage_dir, storage_options)
     if latest is None:
         return rundir.StageStatus(False, "no checkpoint")
@@ -194,7 +201,7 @@ def training_status(cfg: Any, stage: str, stage_dir: str, inputs: dict[str, Any]
     if meta.get("inputs") != inputs:
         return rundir.StageStatus(False, "made from other inputs (its inputs changed)", stale=True)
     bound = rundir.bound_fingerprint(stage_dir, storage_options)
-    if bound is not None and bound != fingerprint:
+    if bound is not None and rundir.first_difference(bound, fingerprint, defaults=defaults):
         return rundir.StageStatus(False, "made from other inputs (its config changed)", stale=True)
     if meta["step"] < steps:
         return rundir.StageStatus(False, f"at step {meta['step']} of {steps}")
