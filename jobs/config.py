@@ -306,6 +306,9 @@ class SampleConfig(_Section):
     temperature: float = Field(1.0, ge=0)
     compile_head: bool = False  # CUDA only: the head's sampling steps under torch.compile with CUDA graphs
     batch_size: int = Field(64, ge=1)
+    # Images per decoder call: the decode runs in chunks, so the decoder's activations (not the
+    # sampling batch) bound its memory; the images do not depend on it.
+    decode_batch: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(1.0, ge=0)
     # Custom resources each sampling actor reserves, to keep the pool on the nodes that advertise

@@ -118,17 +118,28 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
+def decode_images(codec, grid: torch.Tensor, decode_batch: int | None = None) -> np.ndarray:
+    """Images (B, H, W, 3) uint8 of token grids (B, h, w, D), `decode_batch` at a time (all at once
+    when None). The decoder's activations at full resolution dwarf the generator's KV cache (a kl16
+    decode of 512 images at once ran out of an 80 GB GPU's memory, docs/benchmarks.md), so decoding
+    in chunks lets the sampling batch grow past what the decoder could take in one call."""
+    step = decode_batch or max(grid.shape[0], 1)
+    return np.concatenate([to_uint8(codec.decode(grid[i:i + step])) for i in range(0, grid.shape[0], step)])
+
+
+@torch.no_grad()
 def render(model, codec, labels, seeds, guidance, flow_steps: int, device: torch.device,
-           sampler: dict[str, Any] | None = None) -> np.ndarray:
+           sampler: dict[str, Any] | None = None, decode_batch: int | None = None) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for class labels and per-sample seeds; `sampler` holds the head's
-    sampling options (SampleSettings.sampler: solver, temperature, compile_head)."""
+    sampling options (SampleSettings.sampler: solver, temperature, compile_head); the tokens are
+    decoded `decode_batch` images at a time (`decode_images`)."""
     labels = torch.as_tensor(np.array(labels), dtype=torch.long, device=device)
     seeds = [int(s) for s in seeds]
     with autocast(device):
         tokens = model.generate(labels, seeds=seeds, guidance=guidance, flow_steps=flow_steps,
                                 **(sampler or {}))                                              # (B, L, D)
     grid = model.grouping.to_grid(tokens.float())                                               # (B, h, w, D)
-    return to_uint8(codec.decode(grid))                                                         # (B, H, W, 3)
+    return decode_images(codec, grid, decode_batch)                                             # (B, H, W, 3)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -168,6 +179,7 @@ class SampleSettings:
     image_format: str = "png"       # "png" | "npz"
     shard_size: int = 1000          # images per npz shard
     batch_size: int = 64            # images per generate call
+    decode_batch: int = 64          # images per decoder call (decode_images): bounds the decoder's memory
     solver: str = "euler"           # the flow head's ODE solver: "euler" | "heun" | "midpoint"
     temperature: float = 1.0        # noise scale of the head's sampler
     compile_head: bool = False      # the head's steps compiled (CUDA graphs) on CUDA
@@ -182,7 +194,8 @@ class SampleSettings:
         """The settings of the config's sample section (jobs.config.SampleConfig)."""
         return cls(guidance=sample.guidance.model_dump(), flow_steps=sample.flow_steps, weights=sample.weights,
                    image_format=sample.format, shard_size=sample.npz_shard, batch_size=sample.batch_size,
-                   solver=sample.solver, temperature=sample.temperature, compile_head=sample.compile_head)
+                   decode_batch=sample.decode_batch, solver=sample.solver, temperature=sample.temperature,
+                   compile_head=sample.compile_head)
 
     def render(self, model, codec, rows: dict[str, np.ndarray], device: torch.device) -> np.ndarray:
         """The images (N, H, W, 3) uint8 of plan rows (labels and seeds), in batches of batch_size."""
@@ -190,7 +203,7 @@ class SampleSettings:
 
         guidance, b = Guidance(**self.guidance), self.batch_size
         return np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
-                                      self.flow_steps, device, self.sampler)
+                                      self.flow_steps, device, self.sampler, self.decode_batch)
                                for i in range(0, len(rows[LABEL]), b)])
 
 
