@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import os
 import statistics
 import sys

@@ -25,12 +25,13 @@ import sys
 
 from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
 from jobs.parser import DEMO_CONFIG, EX_TEMPFAIL, build_parser
-from jobs.run import TRACKED, lineage_tags, open_tracker, run_stage
+from jobs.run import TRACKED, lineage_tags, open_tracker, run_pipeline, run_stage
 from jobs.stages import NAMES, StageOptions, entry
 from pipelines.core import tracking
 from pipelines.core.errors import SarError
 from pipelines.core.lease import LeaseHeld, LeaseLost
 from pipelines.core.storage import StorageError
+
 
 def _synth(args: argparse.Namespace) -> int:
     from pipelines.data.synth import make_synthetic_imagenet
@@ -128,9 +129,7 @@ def _run_command(cfg: PipelineConfig, args: argparse.Namespace, tracker: trackin
         options = StageOptions(force=getattr(args, "force", False), preview=getattr(args, "preview", False))
         return run_stage(cfg, command, entry(command), options, tracker)
     if command == "run":
-        from jobs import run
-
-        return run.run_pipeline(cfg, start=args.from_stage, only=args.only_stage, force=args.force, tracker=tracker)
+        return run_pipeline(cfg, start=args.from_stage, only=args.only_stage, force=args.force, tracker=tracker)
     if command == "demo":
         from jobs import demo
 

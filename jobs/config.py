@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs.stages import BY_NAME, NAMES
 from models.choices import GROUPINGS, GUIDANCE_KINDS, SCALE_SCHEDULES, SOLVERS
 from pipelines.core import storage
+from pipelines.core.storage import redact
 
 # Fields that hold a location (local path or URL).
 PATH_FIELDS = ("run_dir", "data.source", "encode.weights", "encode.output", "pretrain.output", "refine.output",
@@ -486,8 +487,6 @@ class PipelineConfig(_Section):
 
     def field_of(self, url: str) -> str | None:
         """The path field a location comes from: the one whose value is the longest prefix of `url`."""
-        from pipelines.core.storage import redact
-
         url, best = redact(url).rstrip("/"), (0, None)
         for name in PATH_FIELDS:
             value = self._get(name)

@@ -18,7 +18,7 @@ from pipelines.core import rundir, storage, tracking
 from pipelines.core.lease import stage_lease
 from pipelines.core.ray_runtime import init_ray
 from pipelines.data import latents
-from pipelines.evaluate.during_training import settings_for
+from pipelines.evaluate.during_training import in_training_evaluation
 from pipelines.train import checkpoints, driver
 
 STAGE = "refine"
@@ -50,12 +50,12 @@ def main(cfg: PipelineConfig, options: StageOptions = StageOptions(), tracker: t
     driver.check_inputs(cfg, STAGE, meta["model_config"], manifest)
     with stage_lease(cfg.refine_dir, cfg.cluster, so) as lease:
         start_step = driver.claim_run_folder(cfg, STAGE, cfg.refine_dir, meta["model_config"], lease)
-        evaluation = settings_for(cfg, STAGE, manifest)
+        evaluation = in_training_evaluation(cfg, STAGE, manifest)
         print(f"refining from {storage.redact(init)} (step {meta['step']}, {cfg.refine.init_weights} weights)")
 
         # Loop: Ray Train.
         init_ray(cfg.cluster)
-        loop = driver.loop_config(cfg, STAGE, cfg.refine_dir, meta["model_config"], manifest, inputs(cfg),
+        loop = driver.build_loop_config(cfg, STAGE, cfg.refine_dir, meta["model_config"], manifest, inputs(cfg),
                                   start_step=start_step, init=(init, cfg.refine.init_weights), lease=lease,
                                   tracker=tracker, evaluation=evaluation)
         metrics = driver.run_training(loop, driver.training_dataset(loop, cfg.latents_dir, manifest), tracker)

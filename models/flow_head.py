@@ -21,8 +21,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .guidance import Guidance
 from .choices import SOLVERS
+from .guidance import Guidance
 
 _COMPILED = {}
 

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from .choices import HEADS
 from .ddpm_head import DDPMHead
 from .flow_head import FlowHead
 from .grouping import INJECTIONS, make_grouping, resolve_scales
 from .guidance import Guidance
 
-HEAD_CLASSES = {"flow": FlowHead, "ddpm": DDPMHead}  # the classes of models.choices.HEADS
+HEAD_CLASSES = {"flow": FlowHead, "ddpm": DDPMHead}  # the class of each of models.choices.HEADS
+assert set(HEAD_CLASSES) == set(HEADS)
 
 COND, CONTEXT, GENERATION = 0, 1, 2  # stream ids: the class token, context_stream, generation_stream
 
@@ -57,8 +59,8 @@ class SARConfig:
 
     def __post_init__(self):
         self.scales = resolve_scales(self.scales, self.height)
-        if self.head not in HEAD_CLASSES:
-            raise ValueError(f"unknown head {self.head!r}; choose from {tuple(HEAD_CLASSES)}")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose from {HEADS}")
         if self.injection not in INJECTIONS:
             raise ValueError(f"unknown injection {self.injection!r}; choose from {INJECTIONS}")
 

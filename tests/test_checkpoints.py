@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from pipelines.train import checkpoints as C
 from pipelines.core.errors import SarError
+from pipelines.train import checkpoints as C
 
 
 def _save(stage_dir: str, step: int) -> str:

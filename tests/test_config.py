@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from jobs.cli import main
-from jobs.config import ConfigError, PipelineConfig, config_from_dict, dump_yaml, load_config
+from jobs.config import ConfigError, config_from_dict, dump_yaml, load_config
 from tests.conftest import DEMO_CONFIG, REPO
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 from jobs import fid as fid_job
 from jobs.config import load_config
 from pipelines.core import storage
-from pipelines.evaluate import fidelity, sampling
 from pipelines.core.errors import SarError
+from pipelines.evaluate import fidelity, sampling
 from tests.conftest import random_inception_weights
 
 N_CLASSES, PER_CLASS = 4, 2  # 8 samples: PRC's k=3 needs more than 3 on each side

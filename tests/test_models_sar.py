@@ -2,8 +2,19 @@
 import pytest
 import torch
 
-from models import (GROUPINGS, GUIDANCE_KINDS, PRESETS, SOLVERS, FlowHead, Guidance, SARConfig, build_model,
-                    count_parameters, make_grouping, preset_config)
+from models import (
+    GROUPINGS,
+    GUIDANCE_KINDS,
+    PRESETS,
+    SOLVERS,
+    FlowHead,
+    Guidance,
+    SARConfig,
+    build_model,
+    count_parameters,
+    make_grouping,
+    preset_config,
+)
 from models.ddpm_head import DIFFUSION_STEPS, NoiseSchedule
 from models.sar import gaussian_noise
 

@@ -8,7 +8,6 @@ import io
 import os
 import re
 import tempfile
-from jobs.stages import StageOptions
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.train import checkpoints
 from jobs import sample as sample_job
 from jobs.config import load_config
+from jobs.stages import StageOptions
 from models import Guidance, build_model
 from pipelines.core import storage
-from pipelines.evaluate import sampling
 from pipelines.core.errors import SarError
+from pipelines.evaluate import sampling
+from pipelines.train import checkpoints
 
 CLASSES, PER_CLASS = 4, 3  # N = 12
 RAW_SPACE = {"encoder": "raw", "weights": None, "weights_sha256": None, "scale_factor": None, "image_size": 32,

@@ -8,9 +8,9 @@ import torch
 from jobs.config import load_config
 from models import build_model
 from pipelines.core.errors import SarError
+from pipelines.core.rundir import bind_run_dir, config_fingerprint
 from pipelines.data.latents import tokens_from_batch
 from pipelines.train.objectives import PretrainObjective, RefineObjective, group_buckets
-from pipelines.core.rundir import bind_run_dir, config_fingerprint
 from pipelines.train.optim import make_ema, make_optimizer, make_scheduler
 from tests.conftest import DEMO_CONFIG
 

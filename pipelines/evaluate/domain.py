@@ -30,7 +30,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
 
 from models.domain_classifier import DomainClassifier, to_input
 from pipelines.core import storage
@@ -316,8 +320,6 @@ register()
 # Metrics ---------------------------------------------------------------------------------------
 def create_extractor(evaluator_path: str, cuda: bool, storage_options: dict[str, Any] | None = None):
     """torch-fidelity's `create_feature_extractor` for NAME, both feature layers."""
-    from torch_fidelity.utils import create_feature_extractor
-
     return create_feature_extractor(NAME, [PENULTIMATE, LOGITS], cuda=cuda,
                                     feature_extractor_weights_path=evaluator_path, storage_options=storage_options,
                                     verbose=False)
@@ -346,9 +348,9 @@ class DomainScorer:
             return None
         labels = np.asarray(labels)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise SarError(f"evaluate_samples labels: expected ({n},) integers, got {labels.shape} {labels.dtype}")
+            raise SarError(f"domain scoring: the samples' labels: expected ({n},) integers, got {labels.shape} {labels.dtype}")
         if n and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise SarError(f"evaluate_samples labels: values must be in [0, {self.num_classes}) (the evaluator's "
+            raise SarError(f"domain scoring: the samples' labels: values must be in [0, {self.num_classes}) (the evaluator's "
                            f"classes), got [{labels.min()}, {labels.max()}]")
         return labels
 
@@ -362,13 +364,9 @@ class DomainScorer:
         logits), num_samples, num_reference, and the evaluator's path, sha256 and held-out
         accuracy; what cannot be computed is None, with the reason in `skipped`.
         """
-        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-        from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-
         n, m, ex = len(samples), self.num_reference, self.extractor
         if n == 0:
-            raise SarError("evaluate_samples: no samples to score")
+            raise SarError("domain scoring: no samples to score")
         labels = self._check_labels(labels, n)
         feats = fidelity.extract_features(samples, ex, self.batch_size, self.cuda)
         f1, f2 = feats[PENULTIMATE], self.reference

@@ -21,11 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipelines.core import storage
 from pipelines.core.errors import SarError
+from pipelines.data.codecs import codec_from_manifest
+from pipelines.evaluate import fidelity
+from pipelines.evaluate.sampling import LABEL, SamplePlan, SampleSettings, grid_png
+from pipelines.train import checkpoints
 
 log = logging.getLogger("sar.eval")
 
@@ -55,7 +58,7 @@ class EvalSettings:
         return TrainingEvaluator(self, stage_dir, device, storage_options)
 
 
-def settings_for(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings | None:
+def in_training_evaluation(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings | None:
     """The in-training evaluation of a training stage, or None when `{stage}.eval_every` is unset.
 
     `cfg` is the resolved jobs.config.PipelineConfig. The domain evaluator is trained here, in the
@@ -68,8 +71,6 @@ def settings_for(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings
         raise SarError(f"{stage}.eval_every: in-training evaluation samples on rank 0 alone, which sharded "
                        f"(FSDP) weights do not allow; unset it or use {stage}.strategy=ddp")
     from pipelines.evaluate import domain, domain_training
-    from pipelines.train import checkpoints
-    from pipelines.evaluate.sampling import SampleSettings
 
     f, s = cfg.fid, cfg.sample
     extra: dict[str, Any] = {}
@@ -97,9 +98,6 @@ class TrainingEvaluator:
 
     def __init__(self, settings: EvalSettings, stage_dir: str, device: torch.device,
                  storage_options: dict[str, Any] | None = None):
-        from pipelines.data.codecs import codec_from_manifest
-        from pipelines.evaluate.sampling import SamplePlan
-
         self.settings, self.stage_dir, self.device, self.so = settings, stage_dir, device, storage_options
         self.codec = codec_from_manifest(settings.token_space, storage_options).to(device).eval()
         self.rows = SamplePlan(settings.num_classes, settings.per_class, settings.seed).rows(
@@ -117,8 +115,6 @@ class TrainingEvaluator:
         return lambda images, labels: scorer.score(images, labels, kid=False)
 
     def _inception_scorer(self):
-        from pipelines.evaluate import fidelity
-
         s, cuda = self.settings, self.device.type == "cuda"
         extractor = fidelity.load_inception(s.inception_weights, cuda, self.so)
         reference = fidelity.load_reference(
@@ -137,7 +133,6 @@ class TrainingEvaluator:
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         """Sample the set with `model` (the EMA weights), score it, write its grid; returns the row."""
         from pipelines.evaluate.domain import LabelledImages
-        from pipelines.evaluate.sampling import LABEL, grid_png
 
         s, t0, was_training = self.settings, time.perf_counter(), model.training
         model.eval()

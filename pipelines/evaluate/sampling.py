@@ -29,9 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models import Guidance
 from pipelines.core import storage
 from pipelines.core.errors import SarError
 from pipelines.core.progress import Progress
+from pipelines.core.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
+from pipelines.core.rundir import StageStatus
+from pipelines.data.codecs import codec_from_manifest
+from pipelines.train.checkpoints import load_model, meta_token_space
 
 log = logging.getLogger(__name__)
 
@@ -199,29 +204,16 @@ class SampleSettings:
 
     def render(self, model, codec, rows: dict[str, np.ndarray], device: torch.device) -> np.ndarray:
         """The images (N, H, W, 3) uint8 of plan rows (labels and seeds), in batches of batch_size."""
-        from models import Guidance
-
         guidance, b = Guidance(**self.guidance), self.batch_size
         return np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
                                       self.flow_steps, device, self.sampler, self.decode_batch)
                                for i in range(0, len(rows[LABEL]), b)])
 
 
-def token_space(meta: dict[str, Any]) -> dict[str, Any]:
-    """The dataset manifest (token space) a checkpoint was trained on."""
-    space = meta.get("latents") or meta.get("token_space")
-    if not space:
-        raise SarError("checkpoint meta.json has no 'latents' token space: cannot decode its samples")
-    return space
-
-
 def load_generator(checkpoint: str, weights: str, storage_options: dict[str, Any] | None, device: torch.device):
     """(model, codec, meta) of a checkpoint, on `device`."""
-    from pipelines.train.checkpoints import load_model
-    from pipelines.data.codecs import codec_from_manifest
-
     model, meta = load_model(checkpoint, weights=weights, storage_options=storage_options)
-    codec = codec_from_manifest(token_space(meta), storage_options=storage_options)
+    codec = codec_from_manifest(meta_token_space(meta), storage_options=storage_options)
     return model.to(device).eval(), codec.to(device).eval(), meta
 
 
@@ -318,8 +310,6 @@ def check_spec(samples_dir: str, spec: dict[str, Any], storage_options: dict[str
 
 def set_status(samples_dir: str, spec: dict[str, Any], storage_options: dict[str, Any] | None = None):
     """Whether the set in `samples_dir` is complete and made with `spec` (a rundir.StageStatus)."""
-    from pipelines.core.rundir import StageStatus
-
     url = storage.join(samples_dir, SPEC_FILE)
     if not storage.exists(url, storage_options):
         return StageStatus(False, "no samples")
@@ -361,8 +351,6 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
     reserving `resources_per_actor` (custom resources) besides its GPU share; a progress line
     (pipelines/core/progress.py) every `progress_interval_s` in a log."""
     import ray
-
-    from pipelines.core.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
 
     if settings.image_format == "npz":
         shards = sorted({i // settings.shard_size for i in missing})
@@ -412,7 +400,7 @@ def finish_set(samples_dir: str, plan: SamplePlan, settings: SampleSettings, spe
     storage.write_json(storage.join(samples_dir, INDEX_FILE),
                        index_rows(plan, settings.image_format, settings.shard_size), storage_options)
     manifest = {**spec, "index": INDEX_FILE, "num_classes_trained": meta.get("num_classes"),
-                "image_size": token_space(meta).get("image_size"), "config": run_config}
+                "image_size": meta_token_space(meta).get("image_size"), "config": run_config}
     check()
     storage.write_json(storage.join(samples_dir, MANIFEST_FILE), manifest, storage_options)
     return manifest

@@ -10,6 +10,7 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipelines.core import storage
 from pipelines.core.errors import SarError
@@ -19,8 +20,6 @@ from pipelines.evaluate import domain, domain_training, fidelity, sampling
 
 def domain_scorer(cfg: Any, need_floor: bool = True) -> tuple[domain.DomainScorer, domain.RealSets]:
     """(scorer against the protocol's reference images, the real sets); trains the evaluator if missing."""
-    import torch
-
     so, d = cfg.data.storage_options, cfg.fid.domain
     meta = domain_training.ensure_evaluator(cfg.evaluator_path, cfg.data.source, split=cfg.data.split,
                                             image_size=d.image_size or cfg.encode.image_size, classes=cfg.data.classes,
@@ -54,8 +53,6 @@ def domain_metrics(cfg: Any, dataset, labels: np.ndarray) -> dict[str, Any]:
 
 def inception_metrics(cfg: Any, dataset, manifest: dict[str, Any]) -> dict[str, Any]:
     """torch-fidelity's Inception metrics of the samples (FID and precision/recall need fid.reference)."""
-    import torch
-
     so, f, cuda = cfg.data.storage_options, cfg.fid, torch.cuda.is_available()
     try:
         extractor = fidelity.load_inception(f.inception_weights, cuda, so)

@@ -4,13 +4,13 @@
     check_inputs        refuse latents or a model that do not fit the run (before anything is written)
     claim_run_folder    the stage folder under its writer lease: corrupt checkpoints set aside, the
                         architecture checked against its checkpoints, the folder bound to the config
-    loop_config         the complete, frozen LoopConfig shipped to every worker (once Ray is up)
+    build_loop_config   the complete, frozen LoopConfig shipped to every worker (once Ray is up)
     training_dataset    the Ray Dataset the workers read
     run_training        Ray Train's TorchTrainer over worker.train_loop_per_worker; the last metrics row
     write_record        `_stage.json` of a finished launch
     training_status     whether a stage's output is up to date (for `sar run`)
 
-Nothing here needs Ray before `loop_config`, so a wrong dataset or a changed config is refused
+Nothing here needs Ray before `build_loop_config`, so a wrong dataset or a changed config is refused
 before any worker starts. `cfg` arguments are the resolved pipeline config (jobs/config.py's
 PipelineConfig), read as plain attributes; nothing here imports `jobs`.
 """
@@ -23,13 +23,23 @@ import math
 import os
 from typing import Any
 
+from models import preset_config
 from pipelines.core import rundir, storage, tracking
 from pipelines.core.errors import DatasetMismatch, SarError
 from pipelines.core.lease import LeaseLost, WriterLease
-from pipelines.data.latents import (TRAIN_COLUMNS, check_compatible, check_encode_settings, data_bytes, open_latents,
-                                    read_into_object_store, read_manifest)
+from pipelines.core.ray_runtime import cluster_gpus
+from pipelines.data.latents import (
+    TRAIN_COLUMNS,
+    check_compatible,
+    check_encode_settings,
+    data_bytes,
+    open_latents,
+    read_into_object_store,
+    read_manifest,
+)
 from pipelines.train import checkpoints
 from pipelines.train.loop_config import LEASE_LOST, METRICS, PLOT, Evaluation, LoopConfig
+from pipelines.train.worker import train_loop_per_worker
 
 log = logging.getLogger("sar.train")
 
@@ -38,8 +48,6 @@ log = logging.getLogger("sar.train")
 def build_model_config(model: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     """The SARConfig fields of a run: the config's model section (preset, grouping, scales,
     overrides) on the dataset's token space."""
-    from models import preset_config
-
     grid = manifest["grid"]
     fields = dict(token_dim=manifest["token_dim"], height=grid[0], width=grid[1],
                   num_classes=manifest.get("num_classes", 1000), grouping=model.grouping, scales=model.scales)
@@ -157,15 +165,13 @@ def claim_run_folder(cfg: Any, stage: str, stage_dir: str, model_config: dict[st
     return checkpoints.read_meta(latest, so)["step"] if latest else 0
 
 
-def loop_config(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
+def build_loop_config(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
                 inputs: dict[str, Any], *, start_step: int, init: tuple[str, str] | None = None,
                 lease: WriterLease | None = None, tracker: tracking.Tracker = tracking.NULL,
                 evaluation: Evaluation | None = None) -> LoopConfig:
     """The LoopConfig of this launch, complete: called once Ray is up (GPUs are counted in the cluster
     when `{stage}.use_gpu` is unset). `tracker` is the stage's run, which rank 0 logs into;
     `evaluation` the in-training evaluation (pipelines/evaluate/during_training.py), or None."""
-    from pipelines.core.ray_runtime import cluster_gpus
-
     train = resolve_length(getattr(cfg, stage), manifest["num_rows"])
     return LoopConfig(
         stage=stage, stage_dir=stage_dir, train=train, model_config=model_config,
@@ -253,7 +259,6 @@ def run_training(loop: LoopConfig, dataset, tracker: tracking.Tracker = tracking
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.train.worker import train_loop_per_worker
 
     train = loop.train
     if train.num_workers == 0:
