@@ -173,12 +173,27 @@ class FlowHead(MLPHead):
     def __init__(self, config):
         super().__init__(config, config.token_dim)
         self.train_time = config.train_time
+        self.train_time_loc, self.train_time_scale = config.train_time_loc, config.train_time_scale
         self.time_schedule, self.time_shift = config.time_schedule, config.time_shift
+        self.x_prediction, self.x_pred_eps = config.head_prediction == "x", config.x_pred_eps
+
+    def velocity(self, out, x_t, t):
+        """The velocity from the network's output at x_t (N, D), times t (N,) or 0-d: the output
+        itself, or under x-prediction (x_hat - x_t) / (1 - t), 1 - t clipped at x_pred_eps."""
+        if not self.x_prediction:
+            return out
+        one_minus_t = (1 - t).clamp_min(self.x_pred_eps)
+        return (out - x_t.float()) / (one_minus_t[:, None] if one_minus_t.dim() else one_minus_t)
+
+    def evaluate(self, x, t, cz, kind, w):
+        """The guided velocity at x (N, D), time t (0-d). Guidance mixes the outputs linearly, so under
+        x-prediction guiding x_hat then converting equals converting each branch then guiding."""
+        return self.velocity(super().evaluate(x, t, cz, kind, w), x, t)
 
     # ---- training -----------------------------------------------------------------------
     def _train_times(self, n, device):
         if self.train_time == "logit_normal":                           # SD3's logit-normal, m=0 s=1
-            return torch.sigmoid(torch.randn(n, device=device))
+            return torch.sigmoid(self.train_time_loc + self.train_time_scale * torch.randn(n, device=device))
         return torch.rand(n, device=device)
 
     def loss(self, z, target):
@@ -188,8 +203,8 @@ class FlowHead(MLPHead):
         t = self._train_times(x.shape[0], x.device)                     # (m B L,)
         e = torch.randn_like(x)
         x_t = t[:, None] * x + (1 - t[:, None]) * e
-        v = self(x_t, self.condition(t, z))                             # (m B L, D)
-        loss = (v.float() - (x - e)).pow(2).mean(-1)                    # (m B L,)
+        v = self.velocity(self(x_t, self.condition(t, z)).float(), x_t, t)  # (m B L, D)
+        loss = (v - (x - e)).pow(2).mean(-1)                            # (m B L,)
         return loss.view(self.batch_mul, B, L).mean(0)                  # (B, L)
 
     # ---- sampling -----------------------------------------------------------------------
