@@ -150,7 +150,10 @@ def test_per_sample_seeds_independent_of_batch(head):
     guidance = Guidance("cfg", cfg=2.0)
     batch = model.generate(torch.tensor([3, 1, 4]), seeds=[10, 11, 12], flow_steps=3, guidance=guidance)
     alone = model.generate(torch.tensor([1]), seeds=torch.tensor([11]), flow_steps=3, guidance=guidance)
-    assert torch.allclose(batch[1:2], alone, rtol=1e-4, atol=1e-5)  # rtol: an untrained DDPM head is large
+    # An untrained DDPM head's samples reach ~1e4, where batch size changes the float rounding of the
+    # matmuls: equal up to a millionth of the set's scale (another seed differs by its whole scale).
+    scale = alone.abs().max()
+    assert torch.allclose(batch[1:2], alone, rtol=1e-4, atol=1e-6 * scale + 1e-5)
     assert not torch.allclose(batch[0], batch[2], atol=1e-3)
 
 
