@@ -83,6 +83,7 @@ def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsy
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1, err
+    assert err.startswith("sar config: error: "), err  # the prefix of every failure (README, "Exit status")
     assert repr(field) in err
     if value is not None:
         assert value in err

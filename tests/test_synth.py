@@ -81,3 +81,4 @@ def test_cli(tmp_path, capsys):
     assert "wrote 13 train and 4 val images of 2 classes" in capsys.readouterr().out  # 6 + 7 quirks
     assert len(os.listdir(tmp_path / "d" / "train")) == 2
     assert main(["synth-imagenet", str(tmp_path / "e"), "--classes", "0"]) == 2
+    assert capsys.readouterr().err.startswith("sar synth-imagenet: error: ")
