@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cfg.with_absolute_paths()
     # SIGTERM and SIGINT stop a stage at its next safe point (pipelines/core/stop.py).
     with stop.handling() if command in TRACKED else contextlib.nullcontext():
-        return _run_tracked(cfg, args)
+        try:
+            return _run_tracked(cfg, args)
+        except stop.Stopped as err:  # a second signal during the first one's clean-up
+            print(f"sar {command}: {err}", file=sys.stderr, flush=True)
+            return err.exit_status
 
 
 def console() -> None:

@@ -10,13 +10,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import socket  # noqa: E402
+import signal  # noqa: E402
+import socket
+import subprocess
 import sys
+import time
 import uuid
 
 import pytest
 
 from jobs.config import PipelineConfig, load_config
+from pipelines.core.lease import LEASE_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
@@ -198,6 +202,17 @@ def tiny_run(tmp_path) -> tuple[str, PipelineConfig]:
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "data": {"source": str(source)}, **TINY}))
     return str(path), load_config(path)
+
+
+def hold_once_leased(proc: subprocess.Popen, folder: str, timeout: float = 180.0) -> None:
+    """Wait until `proc` holds the writer lease of `folder`, then stop it there (SIGSTOP): a process
+    caught at a known point however fast or slow this machine is."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(os.path.join(folder, LEASE_FILE)):
+        assert proc.poll() is None, f"the first launch ended ({proc.returncode}): {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "the first launch never took the writer lease"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGSTOP)
 
 
 def encode_in_process(cfg) -> None:

@@ -9,34 +9,23 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
 
 from jobs.cli import main
 from jobs.parser import EX_TEMPFAIL
+from pipelines.core.lease import LEASE_FILE, LeaseLost, WriterLease
 from pipelines.data import latents
 from pipelines.train import checkpoints, driver
 from pipelines.train.loop_config import METRICS
-from pipelines.core.lease import LEASE_FILE, LeaseLost, WriterLease
-from tests.conftest import REPO, SAR, encode_in_process, free_port, tiny_run
+from tests.conftest import REPO, SAR, encode_in_process, free_port, hold_once_leased, tiny_run
+
 
 @pytest.fixture
 def tiny(tmp_path):
     """(config file, resolved config) of a fresh run on 8 synthetic 16 px images."""
     return tiny_run(tmp_path)
-
-
-def hold_once_leased(proc: subprocess.Popen, folder: str, timeout: float = 180.0) -> None:
-    """Wait until `proc` holds the writer lease of `folder`, then stop it there (SIGSTOP), so the
-    second launch meets a live lease however fast or slow this machine is."""
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(os.path.join(folder, LEASE_FILE)):
-        assert proc.poll() is None, f"the first launch ended ({proc.returncode}): {proc.communicate()[1][-2000:]}"
-        assert time.monotonic() < deadline, "the first launch never took the writer lease"
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGSTOP)
 
 
 def two_launches(command: str, config: str, folder: str) -> str:

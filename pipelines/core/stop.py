@@ -16,7 +16,9 @@ stop between two batches, after committing what arrived; `sar run` between two s
     run_in_thread   a blocking call (Ray Train's fit) in a thread, the main thread left to the handlers
     forward / Poll  the request to processes of the Ray cluster (Train workers), through Ray's GCS
                     key-value store: one small write by the driver, a read at most every second
-                    by the worker that polls
+                    by the worker that polls (`ray.experimental.internal_kv`, the store Ray's own
+                    libraries share state through; its functions are underscored, hence the pin
+                    of Ray to 2.60.x)
 
 Stopped is a BaseException, as KeyboardInterrupt is, so that no `except Exception` on the way
 (a storage retry, a tracker) mistakes it for a failure; its exit status is 128 + the signal
