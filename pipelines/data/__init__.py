@@ -6,4 +6,5 @@
     latents.py      the latent schema, Parquet shards, the manifest and its commit protocol
     encode.py       the encode stage's Ray Data pipeline and its driver
     synth.py        a procedural ImageNet-layout dataset (the demo's)
+    mnist.py        MNIST's 5,000 packaged digits as an ImageNet-layout folder with train / val / test
 """

@@ -13,6 +13,8 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from pipelines.core.lease import LeaseToken
+
 METRICS = "metrics.jsonl"   # one row per log step, rewritten with every checkpoint
 EVALS = "evals.jsonl"       # one row per in-training evaluation, rewritten at every evaluation
 PLOT = "loss.png"           # the training curves, drawn when the run ends
@@ -53,5 +55,5 @@ class LoopConfig:
     progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/core/progress.py)
     plot: bool = True               # draw loss.png when the run ends
     evaluation: Evaluation | None = None  # in-training evaluation, None: none
-    lease: Any = None               # the driver's writer-lease token (core.lease.LeaseToken), checked before each write
+    lease: LeaseToken | None = None  # the driver's writer-lease token, checked before each write
     stop_key: str | None = None     # where the driver forwards a stop request (core.stop.forward), read by rank 0
