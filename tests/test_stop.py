@@ -52,6 +52,46 @@ def test_a_blocking_call_runs_beside_the_handlers_and_hears_of_the_stop(monkeypa
         stop.run_in_thread(lambda: 1 / 0)
 
 
+def test_a_second_signal_during_the_clean_up_of_a_stop_ends_in_one_more_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM stopped the stage; a second signal arrives while the driver leaves Ray: no traceback,
+    the second signal's line and status."""
+    from jobs import cli
+
+    def stopped(*args):
+        raise stop.Stopped(signal.SIGTERM, "newest checkpoint step 2")
+
+    def interrupted():
+        raise stop.Stopped(signal.SIGINT, "what was committed is kept", at_once=True)
+
+    monkeypatch.setattr(stop, "_forced", False)
+    monkeypatch.setattr(cli, "_run_command", stopped)
+    monkeypatch.setattr(cli, "shutdown_ray", interrupted)
+    assert cli.main(["pretrain", "-c", DEMO_CONFIG, "--set", f"run_dir={tmp_path}", "--set",
+                     "tracking.backend=none"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "sar pretrain: stopped by SIGTERM: newest checkpoint step 2",
+        "sar pretrain: stopped at once by a second SIGINT: what was committed is kept"]
+
+
+@pytest.mark.ray
+def test_a_stop_forwarded_by_the_driver_reaches_a_process_of_the_cluster(ray_local):
+    """The Train workers' view of a stop: the driver's request, written once into Ray's key-value
+    store, is what a Poll in another process of the cluster (a Ray task here) reads; forget() ends it."""
+    key = f"stop-test-{os.getpid()}-{time.monotonic_ns()}"
+
+    @ray_local.remote(num_cpus=0)
+    def poll(key: str) -> tuple[int, int]:
+        from pipelines.core import stop
+
+        return stop.requested(), stop.Poll(key, every_s=0)()
+
+    assert ray_local.get(poll.remote(key)) == (0, 0)
+    stop.forward(key, signal.SIGTERM)
+    assert ray_local.get(poll.remote(key)) == (0, signal.SIGTERM)  # forwarded, not this process's own
+    stop.forget(key)
+    assert ray_local.get(poll.remote(key)) == (0, 0)
+
+
 class _Shard:
     """A Train dataset shard of in-memory batches; asks for a stop when batch `stop_at` is drawn."""
 
@@ -178,11 +218,13 @@ def _wait_for(path: str, what: str, proc: subprocess.Popen, timeout: float = 240
 
 
 @pytest.mark.ray
-def test_sigterm_to_sar_pretrain_saves_releases_and_exits_143(ray_local, tmp_path):
-    """Kubernetes' and KubeRay's SIGTERM: the step finishes, a checkpoint is written, the lease is
-    released, the driver leaves Ray, and the command ends in one line with status 143; no C stack
-    dump (Ray's own handler), no clean-up error. The process joins the session's Ray, as a Ray Job's
-    driver joins its cluster (a local Ray of its own would add its start-up to the suite's time)."""
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_sar_pretrain_saves_releases_and_exits_128_plus_it(signum, status, ray_local, tmp_path):
+    """Kubernetes' and KubeRay's SIGTERM, or Ctrl-C's SIGINT: the step finishes, a checkpoint is
+    written, the lease is released, the driver leaves Ray, and the command ends in one line with
+    128 + the signal; no C stack dump (Ray's own SIGTERM handler), no abort by Ray Train's SIGINT
+    handler, no clean-up error. The process joins the session's Ray, as a Ray Job's driver joins its
+    cluster (a local Ray of its own would add its start-up to the suite's time)."""
     config, cfg = tiny_run(tmp_path)
     encode_in_process(cfg)
     out, err = tmp_path / "out", tmp_path / "err"
@@ -192,17 +234,17 @@ def test_sigterm_to_sar_pretrain_saves_releases_and_exits_143(ray_local, tmp_pat
                                 env=env)
     try:
         _wait_for(str(out), "step=2 ", proc)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         code = proc.wait(timeout=240)
     finally:
         proc.kill()
     stderr, stdout = err.read_text(), out.read_text()
-    assert code == 143, stderr[-3000:]
+    assert code == status, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
     step = checkpoints.list_steps(cfg.pretrain_dir)[-1]
-    assert last == (f"sar pretrain: stopped by SIGTERM: newest checkpoint step {step} of 100000 "
+    assert last == (f"sar pretrain: stopped by {signum.name}: newest checkpoint step {step} of 100000 "
                     f"({checkpoints.find_latest(cfg.pretrain_dir)}); the same command resumes from it"), last
-    assert f"SIGTERM: stopped after step {step}; checkpoint saved at step {step}" in stdout
+    assert f"{signum.name}: stopped after step {step}; checkpoint saved at step {step}" in stdout
     state, _ = checkpoints.load_state(checkpoints.find_latest(cfg.pretrain_dir))  # whole: its digest matches
     assert state["step"] == step >= 2
     for noise in ("Traceback", "SIGTERM received at time", "Ray is not initialized"):
