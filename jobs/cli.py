@@ -20,17 +20,22 @@ look at it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 
 from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
 from jobs.parser import DEMO_CONFIG, EX_TEMPFAIL, build_parser
 from jobs.run import TRACKED, lineage_tags, open_tracker, run_pipeline, run_stage
 from jobs.stages import NAMES, StageOptions, entry
-from pipelines.core import tracking
-from pipelines.core.errors import SarError
+from pipelines.core import stop, tracking
+from pipelines.core.errors import SarError, causes, describe, root_cause
 from pipelines.core.lease import LeaseHeld, LeaseLost
+from pipelines.core.ray_runtime import shutdown_ray
 from pipelines.core.storage import StorageError
+
+log = logging.getLogger("sar")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -42,7 +47,7 @@ def _synth(args: argparse.Namespace) -> int:
             seed=args.seed, val_per_class=args.val_per_class, quirks=args.quirks, test_per_class=args.test_per_class,
         )
     except ValueError as err:
-        print(f"sar synth-imagenet: {err}", file=sys.stderr)
+        print(f"sar synth-imagenet: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {s.train_images} train, {s.val_images} val and {s.test_images} test images of {s.classes} classes "
           f"to {s.root}"
@@ -67,6 +72,7 @@ def _mnist(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `sar` command line; its exit status (README, "Exit status")."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -90,36 +96,67 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
-        print(f"sar {command}: {err}", file=sys.stderr)
+        print(f"sar {command}: error: {err}", file=sys.stderr)
         return 2
     if command == "config":
         sys.stdout.write(dump_yaml(cfg))
         return 0
     cfg = cfg.with_absolute_paths()
-    tracker = open_tracker(cfg, command) if command in TRACKED else tracking.NULL
-    status = "FAILED"
+    # SIGTERM and SIGINT stop a stage at its next safe point (pipelines/core/stop.py).
+    with stop.handling() if command in TRACKED else contextlib.nullcontext():
+        try:
+            return _run_tracked(cfg, args)
+        except stop.Stopped as err:  # a second signal during the first one's clean-up
+            print(f"sar {command}: {err}", file=sys.stderr, flush=True)
+            return err.exit_status
+
+
+def console() -> None:
+    """The `sar` program: main's exit status; after a second stop signal at once, without waiting for
+    Ray, the tracker or the interpreter to wind down (the lease is already released)."""
+    code = main()
+    if stop.forced():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run_tracked(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """A config command inside the run directory's tracking; every failure ends as one line."""
+    command = args.command
+    tracker, status, line = tracking.NULL, "FAILED", None
     try:
-        rc = _run_command(cfg, args, tracker)
-        if rc == 0:
+        if command in TRACKED:
+            tracker = open_tracker(cfg, command)
+        code = _run_command(cfg, args, tracker)
+        if code == 0:
             status = "FINISHED"
             if tracker.enabled:
                 tracker.set_tags(lineage_tags(cfg))
-        return rc
-    except KeyboardInterrupt:
+    except stop.Stopped as err:
+        status, code, line = "KILLED", err.exit_status, f"sar {command}: {err}"
+        if err.at_once:  # no clean-up: console() exits now
+            print(line, file=sys.stderr, flush=True)
+            return code
+    except KeyboardInterrupt:  # a command without stop handling (report)
         status = "KILLED"
         raise
-    except Exception as err:
-        failure = _user_error(err)
-        if failure is None:
-            raise
-        code, message = _exit_status(failure, cfg)
-        print(f"sar {command}: {message}", file=sys.stderr)
-        return code
-    finally:
-        if command in TRACKED:
+    except Exception as err:  # noqa: BLE001 - any failure is one line; -v shows the trace
+        log.debug("sar %s failed", command, exc_info=err)
+        code, line = _failure(err, cfg, command, args.verbose)
+    if line:
+        print(line, file=sys.stderr, flush=True)
+    if command in TRACKED:
+        try:
             tracker.close(status)
-            if tracker.enabled:  # where to look at the runs; nothing to say when tracking is off or failed
-                print(tracker.hint(), flush=True)
+        except Exception as err:  # noqa: BLE001 - a clean-up failure never hides the command's own result
+            log.warning("tracking could not be closed: %s", " ".join(str(err).split()))
+        if tracker.enabled:  # where to look at the runs; nothing to say when tracking is off or failed
+            print(tracker.hint(), flush=True)
+    if status == "KILLED":
+        shutdown_ray()  # the Train workers and actors this driver started end now
+    return code
 
 
 def _run_command(cfg: PipelineConfig, args: argparse.Namespace, tracker: tracking.Tracker) -> int:
@@ -143,21 +180,25 @@ def _run_command(cfg: PipelineConfig, args: argparse.Namespace, tracker: trackin
 
 def _user_error(err: BaseException) -> BaseException | None:
     """The error to show the user: a config, stage or storage error, found inside whatever wrapped it
-    (a Ray task's RayTaskError keeps it as `cause`; Ray Data chains it as __cause__)."""
-    queue, seen = [err], set()
-    while queue:
-        e = queue.pop(0)
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, BaseException):  # the task's own exception, not Ray's traceback-laden copy
-            queue.insert(0, cause)
-            continue
-        if isinstance(e, (ConfigError, SarError, StorageError)):
-            return e
-        queue += [e.__cause__, e.__context__]
-    return None
+    (a Ray task's RayTaskError, Ray Data's UserCodeException, Ray Train's worker failures)."""
+    return next((e for e in causes(err) if isinstance(e, (ConfigError, SarError, StorageError))), None)
+
+
+def _failure(err: BaseException, cfg: PipelineConfig, command: str, verbose: bool) -> tuple[int, str]:
+    """(exit status, the one line) of a failed command: a known error as it says, anything else by
+    its cause inside Ray's wrappers (a full disk, a permission, out of memory, ...), the file it
+    names prefixed with the config field it comes from."""
+    known = _user_error(err)
+    if known is not None:
+        code, message = _exit_status(known, cfg)
+        return code, f"sar {command}: {message}"
+    cause = root_cause(err)
+    text = describe(cause)
+    path = getattr(cause, "filename", None)
+    field = cfg.field_of(str(path)) if path else None
+    if not isinstance(cause, (OSError, MemoryError)) and type(cause).__name__ != "OutOfMemoryError" and not verbose:
+        text += " (`sar -v` shows the full trace)"
+    return 1, f"sar {command}: error: {field + ' ' if field else ''}{text}"
 
 
 def _exit_status(err: BaseException, cfg: PipelineConfig) -> tuple[int, str]:
@@ -168,9 +209,9 @@ def _exit_status(err: BaseException, cfg: PipelineConfig) -> tuple[int, str]:
     if isinstance(err, StorageError) and err.field is None:
         field = cfg.field_of(err.url) if err.url else None
         text = f"{field} {text}" if field else text
-    temporary = isinstance(err, (LeaseHeld, LeaseLost)) or (isinstance(err, StorageError) and err.transient)
+    temporary = isinstance(err, (LeaseHeld, LeaseLost)) or getattr(err, "transient", False)
     return (EX_TEMPFAIL if temporary else 1), f"error: {text}"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -155,6 +155,10 @@ class TrainConfig(_Section):
     micro_batch: int = Field(64, ge=1)  # per worker per forward; accumulation fills global_batch
     checkpoint_every: int = Field(5000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
+    # On SIGTERM or SIGINT the run stops after its current step and saves a checkpoint when the newest
+    # one is older than this (seconds of training): a save takes part of the grace period before
+    # SIGKILL (docs/cluster.md, "Stopping"), and redoing under a minute of steps is cheaper. 0: always.
+    checkpoint_on_stop_after_s: float = Field(60.0, ge=0)
     log_every: int = Field(50, ge=1)
     # Every N steps, sample eval_per_class images of every class with the EMA weights and score them
     # with fid.evaluator (pipelines/evaluate/during_training.py); None: no evaluation during training.

@@ -37,12 +37,14 @@ def job(cfg: PipelineConfig) -> EncodeJob:
 
 def status(cfg: PipelineConfig) -> rundir.StageStatus:
     """Up to date when a committed dataset has consumed every file of the source and has every shard
-    its manifest lists."""
+    its manifest lists, whole (its size and footer checksum)."""
     manifest, consumed, _ = latents.committed_state(cfg.latents_dir, cfg.data.storage_options)
     if manifest is None:
         return rundir.StageStatus(False, "no latents")
-    if manifest.get(latents.MISSING_SHARDS):
-        return rundir.StageStatus(False, f"{len(manifest[latents.MISSING_SHARDS])} shards missing")
+    bad = manifest.get(latents.BAD_SHARDS)
+    if bad:
+        name = next(iter(bad))
+        return rundir.StageStatus(False, f"{len(bad)} shards missing or damaged ({name}: {bad[name]})")
     _, new = list_new_sources(job(cfg), consumed)
     if new:
         return rundir.StageStatus(False, f"{len(new)} new source files")

@@ -22,7 +22,10 @@ EXIT_CODES = """exit status:
       did not start, ...)
   2   a bad config, override or argument; one line names the field and the value
   75  try again later (EX_TEMPFAIL): another live process is writing the same output (the
-      line names it), or the object store did not answer or kept throttling"""
+      line names it), the object store or the Ray cluster did not answer
+  130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM (128 + the signal): the stage
+      stopped at a safe point, kept what it committed (training: a checkpoint), and the same
+      command resumes; a second signal stops at once"""
 EX_TEMPFAIL = 75
 
 
@@ -38,8 +41,20 @@ def _command(sub, name: str, summary: str, description: str | None = None) -> ar
                           formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def _add_config_args(p: argparse.ArgumentParser, default: str = "the papers' reference run") -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help=f"YAML config (default: {default})")
+def _defaults() -> str:
+    """What a command without --config runs, from jobs/config.py's defaults, said where a newcomer looks."""
+    from jobs.config import DataConfig, EncodeConfig, ModelConfig
+
+    def default(section, name):  # the field's declared default: no validation, which would import torch
+        return section.model_fields[name].default
+
+    return (f"the papers' reference run: ImageNet {default(EncodeConfig, 'image_size')} from "
+            f"{default(DataConfig, 'source')}, {default(ModelConfig, 'preset')} on {default(EncodeConfig, 'encoder')} "
+            "latents; `sar config show` prints it all")
+
+
+def _add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help=f"YAML config (default: {default or _defaults()})")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override one dotted key, e.g. --set pretrain.steps=100 (repeatable)",

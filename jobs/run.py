@@ -1,18 +1,17 @@
 """`sar run`: encode, pretrain, refine, sample and fid in order, skipping what is up to date.
 
-Reads and writes what the stages do (see each `jobs/<stage>.py`), then `{run_dir}/report.html`.
-Launch: `sar run --config FILE [--from STAGE | --only STAGE] [--force]`; on a schedule through the
-RayCronJob in `infra/k8s/`.
+Reads the images at `data.source`; writes under `run_dir` what each stage writes (`latents/`,
+`pretrain/`, `refine/`, `samples/`, `eval/`), then `{run_dir}/report.html`.
+Launch: `sar run --config FILE [--from STAGE | --only STAGE] [--force]`; without --config, the
+config's defaults: the papers' reference run on ImageNet (`sar config show` prints every value);
+`sar demo` is the small one. On a schedule: the RayCronJob in infra/k8s/.
 
-Each stage module (jobs/stages.py lists them) says whether its output is up to date (`status`)
-and runs (`main`); its output is `cfg.output_of(stage)`. Encode is incremental by itself (a grown source
-encodes only the new images); every other stage records the digests of what it consumed and
-is re-run when they change. A stage that must re-run over outputs made from other inputs
-first moves them to `{run_dir}/archive/<stage>-<time>/`, so nothing already written is lost.
-
-Tracking (pipelines/core/tracking.py): every command on a run directory logs into that directory's
-MLflow run (`open_tracker`), and each stage that runs, alone or here, into a run nested under it
-(`run_stage`), which it gets as its `tracker` argument.
+Encode is incremental (a grown source encodes only the new images); every other stage records what
+it consumed and runs again when that changes, after moving its old output to
+`{run_dir}/archive/<stage>-<time>/`, so nothing already written is lost. SIGTERM or Ctrl-C stops the
+stage under way at its next safe point and runs no later one; the same command goes on from there.
+Every command logs into the run directory's MLflow run and each stage into a run nested under it
+(`tracking` in the config; the last line printed says how to open it).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from typing import Any
 
 from jobs.config import PipelineConfig
 from jobs.stages import NAMES, StageOptions, entry
-from pipelines.core import rundir, storage, tracking
+from pipelines.core import rundir, stop, storage, tracking
 
 TRACKED = (*NAMES, "run", "demo")  # the commands that log into the run directory's MLflow run
 
@@ -76,12 +75,18 @@ def run_stage(cfg: PipelineConfig, name: str, stage: ModuleType, options: StageO
 def run_pipeline(cfg: PipelineConfig, *, start: str | None = None, only: str | None = None, force: bool = False,
                  tracker: tracking.Tracker = tracking.NULL, stages: dict[str, ModuleType] | None = None) -> int:
     """Run the chosen stages (all; from `start`; or `only` one), then write the run report; returns the
-    first non-zero exit code, else 0. `stages` replaces entry modules (tests)."""
+    first non-zero exit code, else 0. `stages` replaces entry modules (tests).
+
+    Each stage module (jobs/stages.py lists them) says whether its output is up to date (`status`)
+    and runs (`main`); its output is `cfg.output_of(stage)`. Each runs inside a run nested under
+    `tracker` (`run_stage`), which it gets as its `tracker` argument.
+    """
     from jobs import report  # its readers load torch; parsing a command line should not
 
     chosen = [only] if only else list(NAMES[NAMES.index(start):] if start else NAMES)
     rc = 0
     for name in chosen:
+        stop.check(f"before {name}; the same command goes on from there")  # SIGTERM / SIGINT between stages
         stage = (stages or {}).get(name) or entry(name)
         status = stage.status(cfg)
         if status.up_to_date and not force:

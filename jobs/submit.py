@@ -18,8 +18,9 @@ are visible in the job's record on the dashboard, so credentials belong to the c
 
 Without `--follow` it prints the job id and returns at once. With `--follow` it streams the
 job's logs and ends with the job's final status; the exit code is 0 only for SUCCEEDED.
-Exit codes: 0 submitted (or SUCCEEDED), 1 unreachable cluster or a job that did not succeed,
-2 no command or not a valid `sar` command line, 130 stopped following (the job runs on).
+Exit codes: 0 submitted (or SUCCEEDED), 1 a job that did not succeed or a cluster that refused
+it, 2 no command or not a valid `sar` command line, 75 a dashboard that does not answer (try
+again), 130 stopped following (the job runs on). Errors are one line, `sar submit: error: ...`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from jobs.parser import build_parser
+from jobs.parser import EX_TEMPFAIL, build_parser
 from jobs.stages import BY_NAME, NAMES
 
 # What never goes to the cluster: environments, outputs, data, caches and history. Ray reads
@@ -213,7 +214,7 @@ def main(args: argparse.Namespace) -> int:
         command = job_argv(args.argv)
         env = runtime_env(args.working_dir, env_vars(getattr(args, "env", [])))
     except ValueError as err:
-        print(f"sar submit: {err}", file=sys.stderr)
+        print(f"sar submit: error: {err}", file=sys.stderr)
         return 2
 
     local = local_outputs(command, args.working_dir)
@@ -223,11 +224,11 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         client = connect(args.address)
-    except ConnectionError as err:
-        print(f"sar submit: cannot reach the Ray dashboard at {args.address} ({err})", file=sys.stderr)
-        return 1
+    except ConnectionError as err:  # a head that is down or starting: try again later
+        print(f"sar submit: error: cannot reach the Ray dashboard at {args.address} ({err})", file=sys.stderr)
+        return EX_TEMPFAIL
     except PermissionError:
-        print(f"sar submit: the Ray cluster at {args.address} requires a token: set RAY_AUTH_MODE=token "
+        print(f"sar submit: error: the Ray cluster at {args.address} requires a token: set RAY_AUTH_MODE=token "
               "and RAY_AUTH_TOKEN (or ~/.ray/auth_token); see docs/cluster.md", file=sys.stderr)
         return 1
 
@@ -240,7 +241,8 @@ def main(args: argparse.Namespace) -> int:
             metadata={"sar_command": shlex.join(command)},
         )
     except (RuntimeError, ConnectionError) as err:  # upload refused, job server error
-        print(f"sar submit: the cluster at {args.address} refused the job ({_first_line(err)})", file=sys.stderr)
+        print(f"sar submit: error: the cluster at {args.address} refused the job ({_first_line(err)})",
+              file=sys.stderr)
         return 1
     print(job_id, flush=True)
     stop_hint = f"ray job stop --address {args.address} {job_id}"
@@ -259,6 +261,6 @@ def main(args: argparse.Namespace) -> int:
     if status != "SUCCEEDED":
         message = (client.get_job_info(job_id).message or "").strip().splitlines()
         if message:
-            print(f"sar submit: {message[0]}", file=sys.stderr)
+            print(f"sar submit: error: {message[0]}", file=sys.stderr)
         return 1
     return 0

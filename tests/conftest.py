@@ -10,12 +10,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import socket  # noqa: E402
+import signal  # noqa: E402
+import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import pytest
 
 from jobs.config import PipelineConfig, load_config
+from pipelines.core.lease import LEASE_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO, "configs", "demo.yaml")
@@ -173,6 +178,43 @@ def raw_latents(tmp_path_factory, ray_local):
                                     "encode.patch=4", f"encode.output={out}/latents"])
     assert encode.main(cfg) == 0
     return f"{out}/latents"
+
+
+SAR = os.path.join(os.path.dirname(sys.executable), "sar")  # the console script
+
+TINY = {
+    "encode": {"encoder": "raw", "image_size": 16, "patch": 4, "shard_rows": 4, "batch_size": 4,
+               "storage_dtype": "float32"},
+    "model": {"preset": "tiny", "grouping": "next-row"},
+    "pretrain": {"steps": 4, "global_batch": 4, "micro_batch": 4, "checkpoint_every": 2, "log_every": 2,
+                 "num_workers": 0, "precision": "fp32", "optim": {"warmup_steps": 0}},
+    "cluster": {"num_cpus": 2, "object_store_memory": 200_000_000},
+}
+
+
+def tiny_run(tmp_path) -> tuple[str, PipelineConfig]:
+    """(config file, resolved config) of a fresh run on 8 synthetic 16 px images: raw tokens, the tiny
+    model, Ray Train's local mode (what a `sar` process test runs)."""
+    import yaml
+
+    from pipelines.data.synth import make_synthetic_imagenet
+
+    source = tmp_path / "imagenet"
+    make_synthetic_imagenet(str(source), classes=2, per_class=4, size=16, seed=1, val_per_class=0)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "data": {"source": str(source)}, **TINY}))
+    return str(path), load_config(path)
+
+
+def hold_once_leased(proc: subprocess.Popen, folder: str, timeout: float = 180.0) -> None:
+    """Wait until `proc` holds the writer lease of `folder`, then stop it there (SIGSTOP): a process
+    caught at a known point however fast or slow this machine is."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(os.path.join(folder, LEASE_FILE)):
+        assert proc.poll() is None, f"the first launch ended ({proc.returncode}): {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "the first launch never took the writer lease"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGSTOP)
 
 
 def encode_in_process(cfg) -> None:

@@ -88,6 +88,7 @@ def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsy
     err = capsys.readouterr().err.strip()
     assert rc == 2
     assert len(err.splitlines()) == 1, err
+    assert err.startswith("sar config: error: "), err  # the prefix of every failure (README, "Exit status")
     assert repr(field) in err
     if value is not None:
         assert value in err
@@ -178,3 +179,22 @@ def test_sar_console_script_config_show():
     out = subprocess.run([sys.executable, "-m", "jobs.cli", "config", "show", "--set", "encode.encoder=x"],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "encode.encoder" in out.stderr
+
+
+def test_help_says_what_runs_without_a_config_and_names_no_internal_module(capsys):
+    """`sar run --help` is a newcomer's first page: what runs without --config (the reference run's
+    dataset, resolution and model, from the config's own defaults), no library module to look up,
+    and the stop statuses of the exit-status table."""
+    import re
+
+    from jobs.config import DataConfig, EncodeConfig, ModelConfig
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    defaults = (EncodeConfig.model_fields["image_size"].default, DataConfig.model_fields["source"].default,
+                ModelConfig.model_fields["preset"].default, EncodeConfig.model_fields["encoder"].default)
+    assert f"the papers' reference run: ImageNet {defaults[0]} from {defaults[1]}, {defaults[2]} on {defaults[3]} " \
+           "latents" in text, text
+    assert not re.search(r"\b(pipelines|models)[./]\w+|\bjobs/[\w<>]+\.py", text), text
+    assert "130 stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM" in text

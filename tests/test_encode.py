@@ -177,12 +177,12 @@ def test_a_missing_shard_is_repaired_not_trusted(ray_local, tmp_path, caplog):
 
     # The manifest still lists it: not up to date, and the re-run encodes exactly its images again.
     status = encode.status(cfg)
-    assert not status.up_to_date and status.reason == "1 shards missing"
+    assert not status.up_to_date and status.reason == f"1 shards missing or damaged ({gone}: missing)"
     again = run_encode(job(cfg), commit_interval_s=0)
     assert (again.new_sources, again.rows_written, again.total_rows) == (shards[0]["rows"], shards[0]["rows"], 8)
     assert "1 of the 2 shards that" in caplog.text and gone in caplog.text
     rows, manifest = _rows(cfg.latents_dir)
-    assert gone not in {s["file"] for s in manifest["shards"]} and L.MISSING_SHARDS not in manifest
+    assert gone not in {s["file"] for s in manifest["shards"]} and L.BAD_SHARDS not in manifest
     assert all(os.path.exists(os.path.join(cfg.latents_dir, s["file"])) for s in manifest["shards"])
     assert sorted(r["key"] for r in rows) == sorted(L.committed_state(cfg.latents_dir)[1])
     assert len(rows) == 8 and encode.status(cfg).up_to_date

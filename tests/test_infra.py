@@ -198,6 +198,30 @@ def test_clusters_autoscale_a_gpu_group_on_the_images_ray():
             assert g["minReplicas"] == 0 < g["maxReplicas"], f"{name}: {g['groupName']} does not scale from zero"
 
 
+# Stopping ----------------------------------------------------------------------------------
+# SAR-H's 21.1 GB checkpoint at the 0.09 GB/s that benchmarks/stop_grace.py measured (docs/cluster.md,
+# "Stopping"): what a head pod's grace period must at least hold.
+STOP_NEEDS_S = 240
+
+
+def test_ray_heads_give_a_stopping_stage_its_grace_period():
+    """Every head: a grace period that holds a stop, `ray job stop` waiting as long, and the preStop
+    hook that signals the `sar` drivers (the container's PID 1, KubeRay's bash, passes SIGTERM on to
+    no one)."""
+    for name, spec in _ray_cluster_specs():
+        pod = spec["headGroupSpec"]["template"]["spec"]
+        grace = pod["terminationGracePeriodSeconds"]
+        assert grace >= STOP_NEEDS_S, f"{name}: terminationGracePeriodSeconds {grace} < {STOP_NEEDS_S}"
+        head = pod["containers"][0]
+        env = {e["name"]: e.get("value") for e in head.get("env", [])}
+        assert int(env.get("RAY_JOB_STOP_WAIT_TIME_S", 3)) == grace, f"{name}: ray job stop waits otherwise"
+        argv = head["lifecycle"]["preStop"]["exec"]["command"]
+        assert argv[:2] == ["python", "-c"], name
+        script = argv[2]
+        compile(script, f"{name}: preStop", "exec")  # a hook that does not parse would do nothing
+        assert "terminate()" in script and "jobs.cli" in script and '"/sar"' in script, name
+
+
 # Image -------------------------------------------------------------------------------------
 def _project_images() -> list[tuple[str, str]]:
     images = [(name, img) for name, doc in _documents() for img in _walk(doc, "image")]

@@ -64,6 +64,56 @@ def test_commit_then_state_round_trip(tmp_path):
     assert previous == L.read_manifest(str(tmp_path)) and consumed == {"a", "b", "c"} and len(rejected) == 1
 
 
+def _three_shards(tmp_path) -> dict:
+    c = L.Committer(str(tmp_path), HEADER, None, set(), [])
+    for i, keys in enumerate((["a", "b"], ["c", "d"], ["e"])):
+        c.add(_write(tmp_path, keys, run=f"r{i}"))
+    return c.commit()
+
+
+def test_a_cut_or_altered_shard_is_named_and_its_images_counted_as_not_encoded(tmp_path):
+    manifest = _three_shards(tmp_path)
+    cut, altered, whole = (s["file"] for s in manifest["shards"])
+    assert all(s["footer_bytes"] > 8 and len(s["footer_sha256"]) == 64 for s in manifest["shards"])
+    assert L.shard_problems(str(tmp_path), manifest["shards"]) == {}
+    L.check_shards(str(tmp_path), manifest)
+    data = (tmp_path / cut).read_bytes()
+    (tmp_path / cut).write_bytes(data[: len(data) // 2])  # a copy cut short
+    data = bytearray((tmp_path / altered).read_bytes())
+    data[-12] ^= 0xFF  # one byte of the footer's metadata: same size, another file
+    (tmp_path / altered).write_bytes(bytes(data))
+
+    problems = L.shard_problems(str(tmp_path), manifest["shards"])
+    assert problems == {cut: f"{len((tmp_path / cut).read_bytes())} bytes, the manifest records "
+                             f"{manifest['shards'][0]['bytes']} (cut short or replaced)",
+                        altered: "its Parquet footer does not match the manifest's checksum (altered or corrupt)"}
+    with pytest.raises(SarError, match=rf"latents shard {tmp_path / cut}: .* bytes, the manifest records .*"
+                                       r"\(and 1 more of the 3 shards\); run `sar encode`"):
+        L.check_shards(str(tmp_path), manifest)
+    repaired, consumed, _ = L.committed_state(str(tmp_path))
+    assert [s["file"] for s in repaired["shards"]] == [whole] and repaired[L.BAD_SHARDS] == problems
+    assert consumed == {"e"} and repaired["num_rows"] == 1  # a-d are encoded again
+    assert set(L.remove_orphans(str(tmp_path), repaired)) == {cut, altered}  # the next commit drops them
+
+
+def test_a_manifest_without_checksums_gets_the_size_check(tmp_path):
+    """Manifests written before the footer checksum (tests/data/run-c8f7efd's, say) are accepted whole,
+    and a shard cut short is still caught."""
+    manifest = _three_shards(tmp_path)
+    old = {**manifest, "shards": [{k: s[k] for k in ("file", "rows", "bytes")} for s in manifest["shards"]]}
+    (tmp_path / L.MANIFEST).write_text(json.dumps(old))
+    assert L.committed_state(str(tmp_path))[1] == {"a", "b", "c", "d", "e"}
+    L.check_shards(str(tmp_path), old)
+    first = tmp_path / old["shards"][0]["file"]
+    data = bytearray(first.read_bytes())
+    data[-12] ^= 0xFF
+    first.write_bytes(bytes(data))
+    L.check_shards(str(tmp_path), old)  # same size, no checksum: nothing to tell it by
+    first.write_bytes(bytes(data[:-100]))
+    with pytest.raises(SarError, match="the manifest records"):
+        L.check_shards(str(tmp_path), old)
+
+
 def test_interrupted_commit_rebuilds_keys_from_shards(tmp_path):
     c = L.Committer(str(tmp_path), HEADER, None, set(), [])
     c.add(_write(tmp_path, ["a", "b"]))

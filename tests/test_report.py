@@ -172,6 +172,17 @@ def test_final_metrics_are_rows_with_set_sizes_and_the_evaluator_is_in_the_linea
     assert "eeeeeeeeeeee" in lineage and "digits.pt" in lineage and "99.0%" in lineage
 
 
+def test_the_lineage_shows_the_domain_fid_when_no_inception_fid_was_computed(tmp_path):
+    """A domain run (no Inception weights): the metrics card's headline is the domain FID, not "FID —"."""
+    make_run(tmp_path)
+    path = tmp_path / "eval" / "metrics.json"
+    _json(path, {**json.loads(path.read_text()), "fid": None})
+    html = open(write_report(tmp_path)).read()
+    lineage = html[html.index("<h2>Lineage</h2>"):html.index("<h2>Stages</h2>")]
+    assert "<tr><th>domain FID</th><td>12.5</td></tr>" in lineage, lineage
+    assert "<tr><th>FID</th>" not in lineage
+
+
 def test_the_report_follows_each_stage_s_output_setting(tmp_path):
     """A stage whose `output` is set outside run_dir is read from there, not reported as not run."""
     digests = make_run(tmp_path / "run")

@@ -22,6 +22,7 @@ import pytest
 
 from jobs import submit
 from jobs.cli import main
+from jobs.parser import EX_TEMPFAIL
 from tests.conftest import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,15 +118,15 @@ def test_env_goes_into_the_runtime_env(monkeypatch):
 
 def test_empty_command_exits_2(capsys):
     assert main(["submit", "--address", "http://127.0.0.1:9", "--"]) == 2
-    assert "no command to run" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("sar submit: error: no command to run")
 
 
-def test_unreachable_address_exits_1(capsys, monkeypatch):
+def test_unreachable_address_is_try_again_later(capsys, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # must not override --address
     port = free_port()  # bound and released: nothing listens there
-    assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--", "config", "show"]) == 1
+    assert main(["submit", "--address", f"http://127.0.0.1:{port}", "--", "config", "show"]) == EX_TEMPFAIL
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"sar submit: cannot reach the Ray dashboard at http://127.0.0.1:{port}")
+    assert err.startswith(f"sar submit: error: cannot reach the Ray dashboard at http://127.0.0.1:{port}")
     assert len(err.splitlines()) == 1
 
 

@@ -85,3 +85,4 @@ def test_cli(tmp_path, capsys):
     assert [label for _, label in test_split.items] == [0, 0, 1, 1]  # class folders, in the mapping's order
     assert not set(test_split.keys) & set(list_imagenet(str(tmp_path / "d"), "val").keys)
     assert main(["synth-imagenet", str(tmp_path / "e"), "--classes", "0"]) == 2
+    assert capsys.readouterr().err.startswith("sar synth-imagenet: error: ")

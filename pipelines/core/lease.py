@@ -1,13 +1,16 @@
 """Writer leases: one process at a time writes a stage's output folder.
 
 A lease is one small JSON object inside the output folder, `{output}/_writer.lease`
-(LEASE_FILE), that names its owner (host, pid, a random id, since when, the command) and
+(LEASE_FILE), that names its owner (host, pid, a random id, since when, the command, and what
+tells its process apart on its machine: boot and pid namespace, the process's start time) and
 when it was last renewed. Every name the lease uses starts with `_writer.lease` (LEASE_PREFIX):
 stage clean-ups must leave those names alone, and readers never take them for data.
 
     acquire   no lease: create one with an exclusive create (fails if the name exists).
-              A lease not renewed within its ttl: replace it, conditioned on the version
-              that was read (compare-and-swap), so of two takers exactly one wins.
+              A lease not renewed within its ttl, or whose holder ran on this machine and is
+              gone (`holder_gone`: its pid is not running, or runs another process since),
+              is replaced at once, conditioned on the version that was read (compare-and-swap),
+              so of two takers exactly one wins; taking a dead holder's lease is a warning.
               A live lease: poll until `wait_s` runs out, then raise LeaseHeld naming the owner.
     renew     a daemon thread rewrites the lease every ttl/3, conditioned on the version it
               wrote last; when the condition fails and the lease is someone else's, the
@@ -58,6 +61,7 @@ import contextlib
 import dataclasses
 import email.utils
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -70,6 +74,8 @@ import threading
 import time
 import uuid
 from typing import Any, Iterator
+
+import psutil
 
 from pipelines.core import storage
 from pipelines.core.errors import SarError
@@ -102,6 +108,51 @@ class LeaseUnsupported(LeaseError):
 
 def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@functools.cache
+def _machine() -> str | None:
+    """What makes a pid mean one process here: the kernel's boot id and this process's pid namespace
+    (Linux), so that a host name shared by two machines, a rebooted machine or two containers on
+    one host network (one host name, two pid namespaces) never compare equal. None elsewhere: the
+    leases of a machine that cannot say this wait out their ttl."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def _started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, as psutil reads /proc), None if it is gone."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def holder_gone(owner: dict[str, Any]) -> str | None:
+    """Why a lease's holder is certainly dead, or None: it ran on this machine (host name, boot and
+    pid namespace) and its pid is not running, or runs a process that started at another time (the
+    pid was reused), or is a zombie. A holder elsewhere, or one that recorded no start time (an
+    older release), keeps its lease until the ttl."""
+    machine = _machine()
+    if (machine is None or owner.get("host") != socket.gethostname() or owner.get("machine") != machine
+            or owner.get("started") is None or not isinstance(owner.get("pid"), int)):
+        return None
+    pid = owner["pid"]
+    started = _started(pid)
+    if started is None:
+        return f"pid {pid} is not running on this host"
+    if abs(started - float(owner["started"])) > 0.05:  # create_time counts clock ticks (10 ms) since boot
+        return f"pid {pid} is another process now (started {_utc(started)})"
+    try:
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return f"pid {pid} has exited"
+    except psutil.Error:
+        return f"pid {pid} is not running on this host"
+    return None
 
 
 def _command(argv: list[str]) -> str:
@@ -348,7 +399,8 @@ class WriterLease:
         self._store = _store(output_url, storage_options)
         self.url = self._store.url  # the lease object itself
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex,
-                      "since": None, "command": command if command is not None else _command(sys.argv)}
+                      "since": None, "command": command if command is not None else _command(sys.argv),
+                      "machine": _machine(), "started": _started(os.getpid())}
         self._version: str | None = None
         self._renewals = 0
         self._renewed_at = 0.0  # time.monotonic() when the last successful write was sent
@@ -377,6 +429,11 @@ class WriterLease:
                     return self
                 if current.record["owner"].get("id") == self.owner["id"]:  # our retried create landed
                     self._took(current.version, "acquired")
+                    return self
+                gone = holder_gone(current.info.owner)
+                if gone:  # killed (kill -9, OOM) on this machine: no need to wait out its ttl
+                    self._took(self._store.replace(self._record(0), current.version),
+                               f"taken over from {current.info.describe()}: {gone}")
                     return self
                 # Unchanged for longer than its ttl while we watched: expired, whatever the clocks say.
                 age = max(current.info.age_s, time.monotonic() - seen[1])

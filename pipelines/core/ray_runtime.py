@@ -2,6 +2,8 @@
 
 Stages call `init_ray` only once their config and inputs are checked and their output's writer
 lease is held, so a bad input, an up-to-date output or a busy output never waits for Ray.
+`shutdown_ray` stops what `init_ray` started (or leaves the cluster it joined), with the Ray
+workers and actors of this driver.
 """
 
 from __future__ import annotations
@@ -13,13 +15,21 @@ import sys
 import warnings
 from typing import Any, Iterator
 
+from pipelines.core import stop
 from pipelines.core.errors import SarError
 
 log = logging.getLogger(__name__)
+_initialized_here = False  # init_ray called ray.init (not a test session's or a Ray Job's own)
 
 
 class RayStartError(SarError):
     """Ray could not be started or joined; the message says what to do."""
+
+
+class RayUnreachable(RayStartError):
+    """The Ray cluster at cluster.address (or RAY_ADDRESS) did not answer: try again later (exit 75)."""
+
+    transient = True
 
 
 def _first_line(err: BaseException) -> str:
@@ -37,9 +47,11 @@ def init_ray(cluster: Any) -> None:
     """
     import ray
 
+    global _initialized_here
     quiet_data_progress()
     if ray.is_initialized():
         return
+    stop.check("before Ray started; the same command goes on from what is committed")  # Ray's start-up is long
     address = cluster.address or os.environ.get("RAY_ADDRESS")
     runtime_env = cluster.runtime_env or None
     try:
@@ -50,14 +62,35 @@ def init_ray(cluster: Any) -> None:
             ray.init(num_cpus=cluster.num_cpus, object_store_memory=cluster.object_store_memory,
                      runtime_env=runtime_env, include_dashboard=cluster.dashboard)
     except Exception as err:  # noqa: BLE001 - whatever Ray raised, the user gets one line and a remedy
+        stop.reinstall()
         if address:
-            raise RayStartError(f"cannot join the Ray cluster at {address} ({_first_line(err)}); check "
-                                "cluster.address or RAY_ADDRESS, and that the cluster is up") from err
+            # Nothing answered (a head that is down, restarting or not yet up): try again later (75).
+            unreachable = isinstance(err, (ConnectionError, TimeoutError)) or any(
+                w in str(err).lower() for w in ("connect", "timed out", "unavailable", "could not find any running"))
+            raise (RayUnreachable if unreachable else RayStartError)(
+                f"cannot join the Ray cluster at {address} ({_first_line(err)}); check cluster.address or "
+                "RAY_ADDRESS, and that the cluster is up") from err
         # Typically "The current node timed out during startup": the raylet did not register within
         # Ray's fixed 30 s, which happens on an overloaded or memory-starved machine.
         raise RayStartError(f"could not start a local Ray ({_first_line(err)}); try again when the machine is "
                             "less loaded, or start Ray once with `ray start --head` and set cluster.address "
                             "(or RAY_ADDRESS) to it; Ray's logs are in /tmp/ray/session_latest/logs") from err
+    _initialized_here = True
+    # ray.init's core worker replaces the SIGTERM handler with one that dumps a C stack and aborts.
+    stop.reinstall()
+
+
+def shutdown_ray() -> None:
+    """Stop the local Ray that init_ray started, or leave the cluster it joined: the driver's tasks,
+    actors and Train workers end with it. A no-op when init_ray did not start Ray (a test session)."""
+    global _initialized_here
+    if not _initialized_here:
+        return
+    import ray
+
+    _initialized_here = False
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def started_locally() -> bool:

@@ -25,7 +25,7 @@ STAGE_RECORD = "_stage.json"
 # Training fields that may change between launches of one run without changing what is trained.
 RESUMABLE_FIELDS = {"steps", "epochs", "checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
                     "cpus_per_worker", "max_failures", "output", "compile", "allow_config_change",
-                    "eval_every", "eval_per_class"}
+                    "eval_every", "eval_per_class", "checkpoint_on_stop_after_s"}
 
 
 @dataclass(frozen=True)

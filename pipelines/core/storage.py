@@ -39,6 +39,7 @@ retries, through `pyarrow_filesystem`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -199,6 +200,8 @@ def classify(err: BaseException, url: str, storage_options: dict[str, Any] | Non
                                  "and the network")
     if boto is not None:
         return made(StorageError, f"{type(boto).__name__}: {_one_line(str(boto))}")
+    if not isinstance(err, OSError):  # torch re-raises a failed write as a RuntimeError over the OSError
+        err = next((e for e in chain if isinstance(e, OSError)), err)
     if isinstance(err, FileNotFoundError):
         return NotFound(f"not found: {where}", where)
     if isinstance(err, IsADirectoryError):
@@ -208,7 +211,8 @@ def classify(err: BaseException, url: str, storage_options: dict[str, Any] | Non
     if isinstance(err, TimeoutError):  # fsspec's FSTimeoutError, asyncio's
         return made(Unreachable, "the store did not answer in time (after retries)")
     if isinstance(err, OSError):
-        return made(StorageError, _one_line(err.strerror or str(err)) or type(err).__name__)
+        code = f" ({errno.errorcode[err.errno]})" if err.strerror and err.errno in errno.errorcode else ""
+        return made(StorageError, (_one_line(err.strerror or str(err)) or type(err).__name__) + code)
     return None
 
 
@@ -390,6 +394,35 @@ def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str
     return sorted(posixpath.basename(p.rstrip("/")) for p in found)
 
 
+def sizes(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, int]:
+    """{name: bytes} of the files directly under `url`, listed afresh (one listing); {} when it does
+    not exist."""
+    fs, path = filesystem(url, storage_options)
+    with translate_errors(url, storage_options):
+        fs.invalidate_cache(path)  # written by other processes: never a cached listing
+        try:
+            found = fs.ls(path, detail=True)
+        except FileNotFoundError as err:
+            if isinstance(classify(err, url), BucketNotFound):
+                raise
+            return {}
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in found
+            if e.get("type") != "directory"}
+
+
+def read_ranges(urls: list[str], starts: list[int], ends: list[int],
+                storage_options: dict[str, Any] | None = None) -> list[bytes]:
+    """Bytes [start, end) of each of `urls` (one filesystem), fetched concurrently where the store
+    allows it (s3fs sends the ranged GETs at once)."""
+    if not urls:
+        return []
+    fs, _ = filesystem(urls[0], storage_options)
+    paths = [filesystem(u, storage_options)[1] for u in urls]
+    with translate_errors(urls[0], storage_options):
+        out = fs.cat_ranges(paths, starts, ends, on_error="raise")
+    return [bytes(b) for b in out]
+
+
 def read_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
     fs, path = filesystem(url, storage_options)
     with translate_errors(url, storage_options):
@@ -420,11 +453,10 @@ def open_atomic(url: str, mode: str = "wb", storage_options: dict[str, Any] | No
             os.makedirs(folder, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         try:
-            with os.fdopen(fd, mode) as f:
+            with os.fdopen(fd, mode) as f, translate_errors(url):  # a full disk fails inside the block
                 yield f
-                with translate_errors(url):
-                    f.flush()
-                    os.fsync(f.fileno())
+                f.flush()
+                os.fsync(f.fileno())
             with translate_errors(url):
                 os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600; an output has the mode a plain open would give
                 os.replace(tmp, path)
@@ -436,7 +468,7 @@ def open_atomic(url: str, mode: str = "wb", storage_options: dict[str, Any] | No
     # Object store: stage locally, then one upload; the object appears whole or not at all.
     with tempfile.TemporaryDirectory(prefix="sar-upload-") as staging:
         tmp = os.path.join(staging, uuid.uuid4().hex)
-        with open(tmp, mode) as f:
+        with open(tmp, mode) as f, translate_errors(tmp):  # the local disk that stages the upload
             yield f
         with translate_errors(url, storage_options):
             fs.put_file(tmp, path)

@@ -504,7 +504,8 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        status = "FINISHED" if exc_type is None else "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        # KeyboardInterrupt, a stop signal (core.stop.Stopped), SystemExit: not failures of the run.
+        status = "FINISHED" if exc_type is None else "FAILED" if issubclass(exc_type, Exception) else "KILLED"
         self.close(status)
         return False
 

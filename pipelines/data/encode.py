@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.core import storage
+from pipelines.core import stop, storage
 from pipelines.core.errors import SarError
 from pipelines.core.lease import WriterLease
 from pipelines.core.progress import Progress
@@ -255,8 +255,8 @@ class EncodePlan:
 
     @property
     def repair(self) -> bool:
-        """The manifest listed shards that are gone: it must be rewritten even with nothing new."""
-        return bool(self.previous and self.previous.get(L.MISSING_SHARDS))
+        """The manifest listed shards that are gone or damaged: it must be rewritten even with nothing new."""
+        return bool(self.previous and self.previous.get(L.BAD_SHARDS))
 
 
 def plan_encode(job: EncodeJob, force: bool = False, listing: SourceListing | None = None) -> EncodePlan:
@@ -322,13 +322,17 @@ def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = C
     manifest = previous if not plan.repair else None
     if plan.new_items:
         progress = Progress(len(plan.new_items), what="images", desc="encode", interval_s=job.progress_interval_s)
-        for result in build_pipeline(job, plan.new_items, run_id).iter_rows():
+        rows = iter(build_pipeline(job, plan.new_items, run_id).iter_rows())
+        for result in rows:
             committer.add(result)
             progress.set(committer.new_rows + committer.new_rejected)  # one writer result: a shard's images
             shards += bool(result["file"])
+            if stop.requested():  # SIGTERM / SIGINT: commit what arrived, encode the rest next time
+                break
             if time.monotonic() - last_commit >= commit_interval_s:
                 manifest = commit()
                 last_commit = time.monotonic()
+        getattr(rows, "close", lambda: None)()  # Ray Data's executor (a generator) stops here, while Ray is up
         progress.close()
     if committer.pending or manifest is None:
         manifest = commit()
@@ -336,6 +340,10 @@ def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = C
 
     # Save: nothing outside the manifest may remain (a retried writer task leaves its first file).
     L.remove_orphans(out, manifest, so)
+    left = len(plan.new_items) - committer.new_rows - committer.new_rejected
+    if left:  # stopped between two shards (a stop during the last one lets the run finish)
+        stop.check(f"{manifest['num_rows']} rows committed to {storage.redact(out)}, {left} source files left; "
+                   "the same command encodes them")
     new_rejects = committer.rejected[len(rejected):]
     for r in new_rejects[:MAX_REJECTS_LOGGED]:
         log.warning("rejected %s: %s", r["key"], r["reason"])

@@ -28,9 +28,12 @@ their images again, so every image ends up in exactly one committed shard.
 
 One encode run per latents folder at a time, enforced: the run holds the folder's writer
 lease (`_writer.lease*`, pipelines/core/lease.py; never taken for data nor cleaned up here) and
-checks it before every commit. A manifest that lists a shard no longer in the folder (deleted
-or lost by hand) is repaired rather than trusted: the shard leaves the manifest and its images
-count as not consumed, so the next run encodes them again.
+checks it before every commit. The manifest records each shard's size and a checksum of its
+Parquet footer (`parquet_footer`). A manifest that lists a shard no longer in the folder
+(deleted or lost by hand), of another size or with another footer (cut short by a copy, altered)
+is repaired rather than trusted: the shard leaves the manifest and its images count as not
+consumed, so the next run encodes them again. Training refuses such a dataset before Ray starts
+(`check_shards`).
 """
 
 from __future__ import annotations
@@ -71,8 +74,9 @@ SCHEMA_VERSION = 1
 MANIFEST, SOURCES, REJECTED = "_manifest.json", "_sources.json", "_rejected.json"
 SHARD_PREFIX, SHARD_SUFFIX = "part-", ".parquet"
 INLINE_REJECTED_MAX = 1000
-# In a manifest as committed_state returns it (never on disk): the listed shards that are gone.
-MISSING_SHARDS = "missing_shards"
+# In a manifest as committed_state returns it (never on disk): the listed shards that are missing
+# or damaged, {name: what is wrong} (shard_problems).
+BAD_SHARDS = "bad_shards"
 # What must agree between an existing dataset and a run that adds to it.
 # Causes before consequences (patch before grid), so the message names what the user changed.
 HEADER_FIELDS = ("schema_version", "encoder", "weights_sha256", "scale_factor", "image_size", "patch", "channels",
@@ -120,24 +124,37 @@ def write_shard(batch: dict[str, np.ndarray], *, latents_url: str, run_id: str,
                 storage_options: dict | None = None) -> dict[str, np.ndarray]:
     """Write a batch's good rows as one shard; return one row describing it for the commit.
 
-    Out: file ("" when every row was rejected), rows, bytes, keys (JSON list of the keys
-    written), rejected (JSON list of {key, reason}).
+    Out: file ("" when every row was rejected), rows, bytes, footer_bytes and footer_sha256 (the
+    shard's checksum, parquet_footer), keys (JSON list of the keys written), rejected (JSON list
+    of {key, reason}).
     """
     errors = np.asarray(batch[ERROR], dtype=object)
     ok = np.array([not e for e in errors], bool)
     rejected = [{"key": str(k), "reason": str(e)} for k, e in zip(batch[KEY], errors) if e]
     keys = [str(k) for k in np.asarray(batch[KEY], dtype=object)[ok]]
-    name, size = "", 0
+    name, size, footer = "", 0, (0, "")
     if ok.any():
         table = shard_table({c: np.asarray(v)[ok] for c, v in batch.items() if c != ERROR})
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         name = f"{SHARD_PREFIX}{run_id}-{uuid.uuid4().hex[:12]}{SHARD_SUFFIX}"
-        storage.write_bytes(storage.join(latents_url, name), buf.getvalue(), storage_options)
-        size = buf.tell()
+        data = buf.getvalue()
+        storage.write_bytes(storage.join(latents_url, name), data, storage_options)
+        size, footer = len(data), parquet_footer(data)
     return {"file": np.array([name], dtype=object), "rows": np.array([len(keys)], np.int64),
-            "bytes": np.array([size], np.int64), "keys": np.array([json.dumps(keys)], dtype=object),
+            "bytes": np.array([size], np.int64), "footer_bytes": np.array([footer[0]], np.int64),
+            "footer_sha256": np.array([footer[1]], dtype=object), "keys": np.array([json.dumps(keys)], dtype=object),
             "rejected": np.array([json.dumps(rejected)], dtype=object)}
+
+
+def parquet_footer(data: bytes) -> tuple[int, str]:
+    """(length, sha256) of a Parquet file's footer: its FileMetaData, the 4-byte length of that and
+    the magic `PAR1`, which end every Parquet file (the format's file layout). The metadata holds
+    every column chunk's offset and size and the row counts, so a shard cut short, grown or swapped
+    for another changes it; checking it back is one ranged read of a few KB per shard, where a
+    checksum of the whole file would read the dataset (tens of GB for ImageNet) at every launch."""
+    n = int.from_bytes(data[-8:-4], "little") + 8
+    return n, hashlib.sha256(data[-n:]).hexdigest()
 
 
 # Reading ---------------------------------------------------------------------------------
@@ -157,6 +174,41 @@ def read_manifest(latents_url: str, storage_options: dict | None = None) -> dict
 
 def shard_urls(latents_url: str, manifest: dict) -> list[str]:
     return [storage.join(latents_url, s["file"]) for s in manifest["shards"]]
+
+
+def shard_problems(latents_url: str, shards: list[dict], storage_options: dict | None = None) -> dict[str, str]:
+    """{name: what is wrong} for the listed `shards` that are missing, whose size is not the one the
+    manifest records, or whose Parquet footer does not match its checksum (parquet_footer; manifests
+    written before the checksum have none, and get the size check alone). One listing, then one
+    ranged read per shard."""
+    sizes = storage.sizes(latents_url, storage_options)
+    problems, footers = {}, []
+    for shard in shards:
+        name, recorded = shard["file"], shard.get("bytes")
+        if name not in sizes:
+            problems[name] = "missing"
+        elif recorded is not None and sizes[name] != int(recorded):
+            problems[name] = f"{sizes[name]} bytes, the manifest records {int(recorded)} (cut short or replaced)"
+        elif shard.get("footer_sha256") and shard.get("footer_bytes"):
+            footers.append(shard)
+    tails = storage.read_ranges([storage.join(latents_url, s["file"]) for s in footers],
+                                [sizes[s["file"]] - int(s["footer_bytes"]) for s in footers],
+                                [sizes[s["file"]] for s in footers], storage_options)
+    for shard, tail in zip(footers, tails):
+        if hashlib.sha256(tail).hexdigest() != shard["footer_sha256"]:
+            problems[shard["file"]] = "its Parquet footer does not match the manifest's checksum (altered or corrupt)"
+    return problems
+
+
+def check_shards(latents_url: str, manifest: dict, storage_options: dict | None = None) -> None:
+    """Refuse, in one line naming the first bad shard, a dataset whose shards do not match its manifest
+    (shard_problems); `sar encode` encodes their images again. Before anything reads them."""
+    bad = shard_problems(latents_url, manifest["shards"], storage_options)
+    if bad:
+        name, why = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more of the {len(manifest['shards'])} shards)" if len(bad) > 1 else ""
+        raise SarError(f"latents shard {storage.redact(storage.join(latents_url, name))}: {why}{more}; run "
+                       "`sar encode` to encode its images again")
 
 
 def open_latents(latents_url: str, storage_options: dict | None = None):
@@ -311,8 +363,9 @@ def committed_state(latents_url: str, storage_options: dict | None = None) -> tu
     A sidecar whose digest is not the manifest's was written by a commit that never
     finished: the keys are then rebuilt from the committed shards (and rejected files not
     provably recorded are simply tried again). So are they when a shard the manifest lists is
-    missing: the returned manifest leaves it out (its names under MISSING_SHARDS) and its
-    images are not consumed, so they are encoded again; the next commit makes that permanent.
+    missing or damaged (shard_problems: its size or footer checksum): the returned manifest leaves
+    it out (under BAD_SHARDS, with what is wrong) and its images are not consumed, so they are
+    encoded again; the next commit makes that permanent, and removes the damaged file.
     """
     if not storage.exists(storage.join(latents_url, MANIFEST), storage_options):
         return None, set(), []
@@ -321,14 +374,14 @@ def committed_state(latents_url: str, storage_options: dict | None = None) -> tu
     if isinstance(rejected, dict):  # more than INLINE_REJECTED_MAX: in the sidecar
         side = _read_sidecar(latents_url, REJECTED, storage_options)
         rejected = side.get("rejected", []) if side.get("digest") == rejected["digest"] else []
-    present = set(_owned_files(latents_url, storage_options))
-    missing = [s["file"] for s in manifest["shards"] if s["file"] not in present]
-    if missing:
-        log.warning("%d of the %d shards that %s lists are missing (e.g. %s): their images will be encoded again",
-                    len(missing), len(manifest["shards"]), storage.redact(storage.join(latents_url, MANIFEST)),
-                    missing[0])
-        shards = [s for s in manifest["shards"] if s["file"] in present]
-        manifest = {**manifest, "shards": shards, "num_rows": sum(s["rows"] for s in shards), MISSING_SHARDS: missing}
+    bad = shard_problems(latents_url, manifest["shards"], storage_options)
+    missing = list(bad)
+    if bad:
+        log.warning("%d of the %d shards that %s lists are missing or damaged (e.g. %s: %s): their images will be "
+                    "encoded again", len(bad), len(manifest["shards"]),
+                    storage.redact(storage.join(latents_url, MANIFEST)), missing[0], bad[missing[0]])
+        shards = [s for s in manifest["shards"] if s["file"] not in bad]
+        manifest = {**manifest, "shards": shards, "num_rows": sum(s["rows"] for s in shards), BAD_SHARDS: bad}
     side = _read_sidecar(latents_url, SOURCES, storage_options)
     if not missing and side.get("digest") == manifest["sources"]["digest"]:
         consumed = set(side["keys"])
@@ -405,7 +458,10 @@ class Committer:
         keys = json.loads(result["keys"])
         rejected = json.loads(result["rejected"])
         if result["file"]:
-            self.shards.append({"file": str(result["file"]), "rows": int(result["rows"]), "bytes": int(result["bytes"])})
+            shard = {"file": str(result["file"]), "rows": int(result["rows"]), "bytes": int(result["bytes"])}
+            if result.get("footer_sha256"):  # write_shard's checksum (shard_problems checks it)
+                shard.update(footer_bytes=int(result["footer_bytes"]), footer_sha256=str(result["footer_sha256"]))
+            self.shards.append(shard)
         self.consumed.update(keys)
         self.consumed.update(r["key"] for r in rejected)
         self.rejected.extend(rejected)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from models import Guidance
-from pipelines.core import storage
+from pipelines.core import stop, storage
 from pipelines.core.errors import SarError
 from pipelines.core.progress import Progress
 from pipelines.core.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
@@ -373,14 +373,21 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
         )
     run = PoolRun()
     start = time.perf_counter()
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     with Progress(len(missing), what="images", desc="sample", interval_s=progress_interval_s) as progress:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             n = len(batch[INDEX])
             if run.written == 0:
                 run.first_batch_s, run.first_batch = time.perf_counter() - start, n
             run.written += n
             run.seconds = time.perf_counter() - start
             progress.update(n)
+            if stop.requested():  # SIGTERM / SIGINT: every image written so far is whole and kept
+                break
+    getattr(batches, "close", lambda: None)()  # Ray Data's executor (a generator) stops here, while Ray is up
+    if run.written < len(missing):  # stopped between two batches (during the last one, the set is whole)
+        stop.check(f"{plan.size - len(missing) + run.written} of {plan.size} images in {storage.redact(samples_dir)};"
+                   " the same command makes the rest")
     return run
 
 

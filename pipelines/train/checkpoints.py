@@ -62,7 +62,11 @@ def step_dir_name(step: int) -> str:
 def write_local(local_dir: str, state: dict[str, Any], meta: dict[str, Any]) -> str:
     """Write state.pt then meta.json (with the state's digest) into `local_dir`."""
     os.makedirs(local_dir, exist_ok=True)
-    torch.save(state, os.path.join(local_dir, STATE_FILE))
+    path = os.path.join(local_dir, STATE_FILE)
+    # Into a file object: a full disk then fails as OSError ENOSPC naming the file (chained under
+    # torch's RuntimeError), where torch.save(path) says only "unexpected pos 576 vs 534".
+    with storage.translate_errors(path), open(path, "wb") as f:
+        torch.save(state, f)
     meta = {**meta, "files": [STATE_FILE], "digest": storage.sha256_file(os.path.join(local_dir, STATE_FILE))}
     with open(os.path.join(local_dir, META_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True, default=str)

@@ -7,6 +7,7 @@
     build_loop_config   the complete, frozen LoopConfig shipped to every worker (once Ray is up)
     training_dataset    the Ray Dataset the workers read
     run_training        Ray Train's TorchTrainer over worker.train_loop_per_worker; the last metrics row
+    check_stopped       Stopped, naming the checkpoint to resume from, when a stop signal ended the run
     write_record        `_stage.json` of a finished launch
     training_status     whether a stage's output is up to date (for `sar run`)
 
@@ -21,10 +22,11 @@ import json
 import logging
 import math
 import os
+import uuid
 from typing import Any
 
 from models import preset_config
-from pipelines.core import rundir, storage, tracking
+from pipelines.core import rundir, stop, storage, tracking
 from pipelines.core.errors import DatasetMismatch, SarError
 from pipelines.core.lease import LeaseLost, WriterLease
 from pipelines.core.ray_runtime import cluster_gpus
@@ -32,6 +34,7 @@ from pipelines.data.latents import (
     TRAIN_COLUMNS,
     check_compatible,
     check_encode_settings,
+    check_shards,
     data_bytes,
     open_latents,
     read_into_object_store,
@@ -125,12 +128,14 @@ def refine_start(cfg: Any, required: bool = True) -> str | None:
 
 
 def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Refuse latents made with other encode settings or another token space than this run's, and
-    warn (once, here) about a warm-up longer than the run; writes nothing, needs no Ray."""
+    """Refuse latents made with other encode settings or another token space than this run's, or whose
+    shards do not match their manifest, and warn (once, here) about a warm-up longer than the run;
+    writes nothing, needs no Ray."""
     train = resolve_length(getattr(cfg, stage), manifest["num_rows"])
     where = storage.redact(cfg.latents_dir)
     check_encode_settings(manifest, cfg.encode, where, cfg.data.storage_options)
     check_dataset(manifest, model_config, where)
+    check_shards(cfg.latents_dir, manifest, cfg.data.storage_options)  # every shard whole, before Ray reads one
     if train.optim.warmup_steps > train.steps:
         log.warning("%s.optim.warmup_steps %d is more than %s.steps %d: the whole run is warm-up (the learning "
                     "rate reaches %s.optim.lr only at the last step)", stage, train.optim.warmup_steps, stage,
@@ -181,7 +186,7 @@ def build_loop_config(cfg: Any, stage: str, stage_dir: str, model_config: dict[s
         storage_options=cfg.data.storage_options, init=init, hflip=cfg.data.hflip, start_step=start_step,
         failure_drill=failure_drill_from_env(), tracking=tracker.handoff(),
         progress_interval_s=cfg.tracking.progress_interval_s, evaluation=evaluation,
-        lease=lease.token() if lease else None)
+        lease=lease.token() if lease else None, stop_key=f"stop-{uuid.uuid4().hex}")
 
 
 def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | None) -> None:
@@ -278,15 +283,38 @@ def run_training(loop: LoopConfig, dataset, tracker: tracking.Tracker = tracking
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    # fit() in a thread: on the main thread it would replace the stop handlers' SIGINT with Ray
+    # Train's (an abort without a checkpoint); a stop request is forwarded to the Train workers.
+    forward = (lambda signum: stop.forward(loop.stop_key, signum)) if train.num_workers and loop.stop_key else None
+    try:
+        result = stop.run_in_thread(trainer.fit, on_stop=forward)
+    finally:
+        if forward:
+            stop.forget(loop.stop_key)
     reported = dict(result.metrics or {})
     if reported.get(LEASE_LOST):  # the stage also checks its lease after the run
         raise LeaseLost(reported[LEASE_LOST])
+    check_stopped(loop)
     if loop.plot:
         tracker.log_artifact(storage.join(loop.stage_dir, PLOT))
     # Ray Train's result holds the metrics of checkpoint reports only, and this loop persists its
     # own checkpoints: the last row is the one metrics.jsonl got with the final checkpoint.
     return last_row(loop.stage_dir, loop.storage_options)
+
+
+def check_stopped(loop: LoopConfig) -> None:
+    """Raise Stopped when a stop signal ended the run before its last step, naming the checkpoint it
+    resumes from (a run that reached its last step anyway is finished)."""
+    signum = stop.requested()
+    if not signum:
+        return
+    latest = checkpoints.find_latest(loop.stage_dir, loop.storage_options)
+    step = checkpoints.read_meta(latest, loop.storage_options)["step"] if latest else 0
+    if step >= loop.train.steps:
+        return
+    kept = (f"newest checkpoint step {step} of {loop.train.steps} ({storage.redact(latest)}); the same command "
+            "resumes from it" if latest else "no checkpoint yet; the same command starts the run again")
+    raise stop.Stopped(signum, kept)
 
 
 def last_row(stage_dir: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -56,3 +56,4 @@ class LoopConfig:
     plot: bool = True               # draw loss.png when the run ends
     evaluation: Evaluation | None = None  # in-training evaluation, None: none
     lease: LeaseToken | None = None  # the driver's writer-lease token, checked before each write
+    stop_key: str | None = None     # where the driver forwards a stop request (core.stop.forward), read by rank 0

@@ -11,6 +11,8 @@
     save_checkpoint  full (gathered) state to `{stage_dir}/checkpoints/step_N`, then metrics.jsonl
     evaluate_now     the in-training evaluation of the EMA weights (loop.evaluation), to the tracker
     lease_lost       whether this run may still write its folder, the same verdict on every rank
+    lease_was_lost   lease_lost, said to the log and the driver
+    stop_verdict     whether a stop signal (SIGTERM, SIGINT) ends the run after this step, and saves first
     failure_drill    an operator's drill: one worker exits hard once, to watch Ray Train restart it
 
 Checkpoints go through the storage module (checkpoints.py), written by rank 0, in local mode and
@@ -23,6 +25,10 @@ Before each step that writes (a checkpoint, metrics, an evaluation), rank 0 chec
 writer lease and every rank learns the verdict: a lost lease stops every worker at that step
 without writing. The workers return rather than raise, so Ray Train's FailureConfig does not
 restart them into the same loss; the driver raises LeaseLost.
+
+A stop request (pipelines/core/stop.py: SIGTERM or SIGINT to the stage's driver) is read at every
+step boundary: the step under way finishes, a checkpoint is saved when the newest one is older
+than `checkpoint_on_stop_after_s`, and every worker returns; the driver raises Stopped.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from models import SARConfig, SARModel
-from pipelines.core import storage, tracking
+from pipelines.core import stop, storage, tracking
 from pipelines.core.errors import SarError
 from pipelines.core.lease import LeaseLost
 from pipelines.core.progress import Progress
@@ -305,6 +311,18 @@ def lease_lost(loop: LoopConfig, t: Trainer) -> str | None:
     return reason
 
 
+def lease_was_lost(loop: LoopConfig, t: Trainer, st: LoopState) -> bool:
+    """Whether the run may no longer write (lease_lost), said to the log and, as LEASE_LOST, to the
+    driver: the loop then returns without writing."""
+    import ray.train
+
+    lost = lease_lost(loop, t)
+    if lost:
+        log.error("step %d: %s", st.step, lost)
+        ray.train.report({"step": st.step, LEASE_LOST: lost})
+    return bool(lost)
+
+
 def failure_drill(drill: tuple[int, str] | None, step: int, rank: int, world: int,
                   storage_options: dict[str, Any] | None = None) -> None:
     """With SAR_FAIL_AT_STEP=N and SAR_FAIL_MARKER=LOCATION set at launch, the last worker exits hard
@@ -366,43 +384,87 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     window: dict[str, Any] = {}  # metric: (sum, steps) since the last log
     t_window, wait_s, images = time.perf_counter(), 0.0, 0
     batches = step_batches(shard, train, st, rank, loop.accum)
-    while st.step < train.steps:
-        t_data = time.perf_counter()
-        micro = next(batches)
-        wait_s += time.perf_counter() - t_data
-        logs = (st.step + 1) % train.log_every == 0 or st.step + 1 == train.steps
-        images += train_step(t, micro, gen, window, log_metrics=logs) * world
-        st.step += 1
-        st.batch_in_epoch += 1
-        if logs:
-            row = log_row(st, window, time.perf_counter() - t_window, wait_s, images,
-                          t.model.grouping.seq_len, t.sched.get_last_lr()[0])
-            st.history.append(row)
-            if rank == 0:  # one line per row (a terminal's progress line stays below it)
-                progress.write(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
-                progress.set(st.step)
-                tracker.log_metrics(row)
-            ray.train.report(row)
-            window, t_window, wait_s, images = {}, time.perf_counter(), 0.0, 0
-        evaluating = loop.evaluation is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps)
-        saving = st.step % train.checkpoint_every == 0 or st.step == train.steps
-        lost = lease_lost(loop, t) if evaluating or saving else None
-        if lost:
-            log.error("step %d: %s", st.step, lost)
-            ray.train.report({"step": st.step, LEASE_LOST: lost})
-            return st
-        if evaluate is not None and evaluating:
-            evaluate_now(evaluate, t, st, loop, tracker)
-        if saving:
-            save_checkpoint(t, st, loop)
-            tracker.sync(wait=False)  # an object-store run directory: mirror the store with the checkpoint
-        failure_drill(loop.failure_drill, st.step, rank, world, loop.storage_options)
+    poll, control = stop.Poll(loop.stop_key), control_group(t)
+    saved_at, saved_step, stopped = time.monotonic(), st.step, 0
+    try:
+        while st.step < train.steps:
+            # A stop request (SIGTERM, SIGINT): after the step that is done, save when the newest
+            # checkpoint is older than checkpoint_on_stop_after_s, then end as a finished run does.
+            due = st.step > saved_step and time.monotonic() - saved_at >= train.checkpoint_on_stop_after_s
+            stopped, save = stop_verdict(t, poll, due, control)
+            if stopped:
+                if save and lease_was_lost(loop, t, st):
+                    return st
+                if save:
+                    save_checkpoint(t, st, loop)
+                if rank == 0:
+                    kept = (f"checkpoint saved at step {st.step}" if save else
+                            f"newest checkpoint at step {saved_step}" + (
+                                f", {time.monotonic() - saved_at:.0f} s old (under {loop.stage}."
+                                "checkpoint_on_stop_after_s)" if st.step > saved_step else ""))
+                    progress.write(f"{stop.name(stopped)}: stopped after step {st.step}; {kept}")
+                break
+            t_data = time.perf_counter()
+            micro = next(batches)
+            wait_s += time.perf_counter() - t_data
+            logs = (st.step + 1) % train.log_every == 0 or st.step + 1 == train.steps
+            images += train_step(t, micro, gen, window, log_metrics=logs) * world
+            st.step += 1
+            st.batch_in_epoch += 1
+            if logs:
+                row = log_row(st, window, time.perf_counter() - t_window, wait_s, images,
+                              t.model.grouping.seq_len, t.sched.get_last_lr()[0])
+                st.history.append(row)
+                if rank == 0:  # one line per row (a terminal's progress line stays below it)
+                    progress.write(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+                    progress.set(st.step)
+                    tracker.log_metrics(row)
+                ray.train.report(row)
+                window, t_window, wait_s, images = {}, time.perf_counter(), 0.0, 0
+            evaluating = loop.evaluation is not None and (st.step % loop.evaluation.every == 0 or st.step == train.steps)
+            saving = st.step % train.checkpoint_every == 0 or st.step == train.steps
+            if (evaluating or saving) and lease_was_lost(loop, t, st):
+                return st
+            if evaluate is not None and evaluating:
+                evaluate_now(evaluate, t, st, loop, tracker)
+            if saving:
+                save_checkpoint(t, st, loop)
+                saved_at, saved_step = time.monotonic(), st.step
+                tracker.sync(wait=False)  # an object-store run directory: mirror the store with the checkpoint
+            failure_drill(loop.failure_drill, st.step, rank, world, loop.storage_options)
+    finally:
+        # Ray Data's iterator, closed while Ray is up: left to the garbage collector it closes at
+        # exit, after Ray's shutdown, and fails there ("Ray is not initialized") over any real error.
+        batches.close()
     if rank == 0:
         progress.close()
     tracker.close()  # sends what is queued; the run itself stays open for the driver to end
-    if rank == 0 and loop.plot:
+    if rank == 0 and loop.plot and not stopped:
         plot_curves(st.history, storage.join(loop.stage_dir, PLOT), loop.storage_options)
     return st
+
+
+def control_group(t: Trainer):
+    """The process group of the loop's control messages (the stop verdict): the default group on CPU
+    (gloo), a gloo group beside NCCL, so that reading the verdict never waits for the GPU; None alone."""
+    if t.world == 1 or not torch.distributed.is_initialized():
+        return None
+    if torch.distributed.get_backend() == "nccl":
+        return torch.distributed.new_group(backend="gloo")  # every rank calls it, at the same point
+    return torch.distributed.group.WORLD
+
+
+def stop_verdict(t: Trainer, poll: Callable[[], int], save_due: bool, group) -> tuple[int, bool]:
+    """(the signal that stops the run, 0 while none; whether to save first): rank 0's verdict, the same
+    on every rank, so that all stop after the same step and none waits in a collective for one that
+    stopped. Rank 0 polls (pipelines/core/stop.py: this process's handler, or the driver's request
+    forwarded through Ray's GCS, read at most once a second); one small all-reduce per step on `group`."""
+    verdict = [poll(), int(save_due)] if t.rank == 0 else [0, 0]
+    if group is not None:
+        flags = torch.tensor(verdict, dtype=torch.int64)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=group)
+        verdict = flags.tolist()
+    return int(verdict[0]), bool(verdict[0] and verdict[1])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
