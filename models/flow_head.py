@@ -13,7 +13,9 @@ because its derivative (x - D(x; sigma)) / sigma is 0/0 at sigma = 0, but the re
 velocity v(x, t) = E[x_data - e | x_t = x] is finite at t = 1 (there x_t is the data and
 E[e | x_t] = E[e] = 0, so v(x, 1) = x): the second evaluation is well defined (t = 1 is the
 edge of the training times, seldom drawn under logit-normal), and keeping it keeps every step
-second order, 2 x steps evaluations in all.
+second order, 2 x steps evaluations in all. Not so under x-prediction (`head_prediction: x`): there
+v = (x_hat - x_t) / (1 - t) is singular at t = 1 (1 - t is clipped at x_pred_eps), so the last Heun
+step is Euler, which lands on the clean estimate x_hat (2 x steps - 1 evaluations).
 Every evaluation is one head call, whatever the guidance (its branches are batched).
 """
 import math
@@ -231,12 +233,14 @@ class FlowHead(MLPHead):
 
     def nfe(self, steps, solver="euler", mode="ode"):
         """Velocity evaluations (head calls) of one sample(): 1 for one_step, `steps` for Euler,
-        2 x steps for Heun and midpoint."""
+        2 x steps for Heun and midpoint (Heun under x-prediction: 2 x steps - 1, its last step Euler)."""
         if mode == "one_step":
             return 1
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
-        return steps if solver == "euler" else 2 * steps
+        if solver == "euler":
+            return steps
+        return 2 * steps - 1 if self.x_prediction and solver == "heun" else 2 * steps
 
     def sample(self, z, noise, steps, guidance=None, mode="ode", *, solver="euler", temperature=1.0,
                compile_head=False, step_noise=None, token_weights=None):
@@ -260,5 +264,8 @@ class FlowHead(MLPHead):
         ts = self.time_grid(steps, x.device)                            # (steps + 1,)
         step = compiled(FlowHead.ode_step, x.device) if compile_head else FlowHead.ode_step
         for i in range(steps):                                          # t = 0 -> 1
-            x = step(self, x, ts[i], ts[i + 1], cz, guidance.kind, w, solver)
+            # x-prediction: the step that ends at t = 1 is Euler (the module's docstring). A Heun
+            # correction with the clipped 1 - t there leaves a share of the noise in every sample.
+            last = self.x_prediction and i == steps - 1 and solver == "heun"
+            x = step(self, x, ts[i], ts[i + 1], cz, guidance.kind, w, "euler" if last else solver)
         return x.view(B, N, D)

@@ -268,6 +268,30 @@ def test_x_prediction_velocity_and_guidance():
         preset_config("tiny", head_prediction="eps")
 
 
+class ConstantCleanToken(FlowHead):
+    """An x-prediction head whose network says every token is `clean`, whatever x_t and t."""
+
+    clean = torch.tensor([0.5, -1.0, 2.0])
+
+    def forward(self, x, c):
+        return self.clean.expand_as(x)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_x_prediction_sampler_lands_on_the_clean_estimate(solver):
+    """Under x-prediction the step that ends at t = 1 is Euler, so a head sure of x_hat returns x_hat
+    exactly; a Heun correction there (velocity clipped at 1 - t = x_pred_eps) would land half-way back
+    toward the last noisy x_t. Heun then costs 2 x steps - 1 head calls."""
+    head = ConstantCleanToken(preset_config("tiny", token_dim=3, height=1, width=1, grouping="next-token",
+                                            head_prediction="x"))
+    noise = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = head.sample(torch.zeros(4, 2, 64), noise, 13, solver=solver)
+    assert torch.allclose(out, ConstantCleanToken.clean.expand_as(out), atol=1e-5)
+    assert head.nfe(13, solver) == (25 if solver == "heun" else 13)
+    assert FlowHead(preset_config("tiny", token_dim=3, height=1, width=1, grouping="next-token")).nfe(13, "heun") == 26
+
+
 @pytest.mark.parametrize("preset,target", [("sar-b", 141e6), ("sar-l", 714e6), ("sar-h", 1.3e9)])
 def test_preset_parameter_counts(preset, target):
     with torch.device("meta"):
