@@ -17,6 +17,8 @@ Timed per objective:
                             rollout), L_TF + gamma L_CSF
   refine <mode> f=<F>       the same with `refine.rollout_fraction` F < 1 (an approximation: the
                             sample step, pass 2 and L_CSF on the first F of the batch)
+  refine <mode> <groups>    the same with `refine.rollout_groups` (second-to-last: the released
+                            code's one-scale rollout; random-one)
 
 The timed steps are the loop's ordinary steps (`log_metrics` False); a log step adds the
 exposure-gap metric (one head evaluation in deterministic mode, two otherwise).
@@ -53,7 +55,7 @@ from pipelines.train.objectives import PretrainObjective, RefineObjective  # noq
 from pipelines.train.optim import make_ema, make_optimizer, make_scheduler  # noqa: E402
 from pipelines.train.worker import Trainer, train_step  # noqa: E402
 
-MODES = ("deterministic", "stochastic", "cfg")
+MODES = ("deterministic", "stochastic", "cfg", "cfg_ramped")
 
 
 class PassCounter:
@@ -104,9 +106,11 @@ def main() -> None:
     p.add_argument("--grouping", default="next-neighbour")
     p.add_argument("--batch", type=int, default=64 if cuda else 8)
     p.add_argument("--sample-steps", type=int, default=10, help="refine.sample_steps (Euler steps of the sample step)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES[:3]), choices=MODES)
     p.add_argument("--rollout-fraction", type=float, nargs="*", default=[0.5],
                    help="refine.rollout_fraction values below 1 to time as well, for every mode")
+    p.add_argument("--rollout-groups", nargs="*", default=["second-to-last"],
+                   help="refine.rollout_groups values other than all to time as well, for every mode")
     p.add_argument("--iters", type=int, default=5, help="timed steps per objective")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per objective")
     args = p.parse_args()
@@ -130,6 +134,9 @@ def main() -> None:
         for f in args.rollout_fraction:
             objectives[f"refine {mode} f={f:g}"] = RefineObjective(
                 model, refine.model_copy(update={"sample_mode": mode, "rollout_fraction": f}))
+        for groups in args.rollout_groups:
+            objectives[f"refine {mode} {groups}"] = RefineObjective(
+                model, refine.model_copy(update={"sample_mode": mode, "rollout_groups": groups}))
     for objective in objectives.values():
         objective.to(device).train()
         if isinstance(objective, RefineObjective):
@@ -178,14 +185,14 @@ def main() -> None:
                 sample_times[name].append(objective.sample_seconds)
 
     base, base_cpu = min(times["pretrain"]), min(cpu["pretrain"])
-    print(f"\n{'objective':26s}{'min ms':>8s}{'median':>8s}{'mean':>8s}{'ratio':>7s}{'CPU ms':>8s}{'ratio':>7s}"
+    print(f"\n{'objective':36s}{'min ms':>8s}{'median':>8s}{'mean':>8s}{'ratio':>7s}{'CPU ms':>8s}{'ratio':>7s}"
           f"{'backbone fwd':>13s}{'bwd':>4s}{'head evals':>11s}   {'sample step: min ms, head evals, share':s}")
     for name, t in times.items():
         sample = ""
         if sample_times[name]:
             sample = (f"{min(sample_times[name]) * 1e3:8.1f} ms {passes[name]['sample_head']:3d}"
                       f"   {statistics.median([a / b for a, b in zip(sample_times[name], t)]) * 100:4.0f}%")
-        print(f"{name:26s}{min(t) * 1e3:8.1f}{statistics.median(t) * 1e3:8.1f}{statistics.fmean(t) * 1e3:8.1f}"
+        print(f"{name:36s}{min(t) * 1e3:8.1f}{statistics.median(t) * 1e3:8.1f}{statistics.fmean(t) * 1e3:8.1f}"
               f"{min(t) / base:6.2f}x{min(cpu[name]) * 1e3:8.1f}{min(cpu[name]) / base_cpu:6.2f}x"
               f"{passes[name]['forward']:13d}{passes[name]['backward']:4d}{passes[name]['head']:11d}   {sample}")
     for name in objectives:
