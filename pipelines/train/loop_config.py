@@ -54,3 +54,5 @@ class LoopConfig:
     plot: bool = True               # draw loss.png when the run ends
     evaluation: Evaluation | None = None  # in-training evaluation, None: none
     lease: Any = None               # the driver's writer-lease token (core.lease.LeaseToken), checked before each write
+    stream: Any = None              # data.stream.LatentStream when each worker reads its part of the shards
+                                    # itself; None: the Ray Dataset "train" (driver.training_dataset)
