@@ -125,7 +125,7 @@ def autocast(device, enabled):
 def token_forward_ratio(model):
     """Tokens through the backbone of one forward per group over those of the one pass."""
     g = model.grouping
-    starts, stops = g.group_starts[:-1], g.group_starts[1:]
+    stops = g.group_starts[1:]  # the end of each group
     if model.single_stream:                              # cond + G_<=t
         return sum(1 + stop for stop in stops) / (1 + g.seq_len)
     return sum(1 + stop for stop in stops) / (1 + 2 * g.seq_len)  # cond + context G_<t + G_t

@@ -42,8 +42,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from jobs.stages import STAGES  # noqa: E402
+
 BIN = Path(sys.executable).parent
-STAGE_DIRS = {"encode": "latents", "pretrain": "pretrain", "refine": "refine", "sample": "samples", "fid": "eval"}
+STAGE_DIRS = {s.name: s.folder for s in STAGES}  # the default folder of each stage under run_dir
 # The dataset: 4 classes x 64 images of 16 px -> 4x4 tokens of 48 values (patch 4).
 CLASSES, PER_CLASS, SIZE = 4, 64, 16
 REFINE_STEPS, SAMPLES_PER_CLASS = 6, 2

@@ -35,8 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-from pipelines.evaluate import domain, domain_training  # noqa: E402
 from pipelines.data.synth import make_synthetic_imagenet  # noqa: E402
+from pipelines.evaluate import domain, domain_training  # noqa: E402
 
 
 def blurred(images: np.ndarray, radius: float) -> np.ndarray:

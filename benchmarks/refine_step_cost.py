@@ -44,12 +44,12 @@ from collections import Counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-
 from bench_models import add_model_size_args, device_for, model_sizes  # noqa: E402
+
 from jobs.config import load_config  # noqa: E402
 from models import build_model, count_parameters  # noqa: E402
-from pipelines.train.objectives import PretrainObjective, RefineObjective  # noqa: E402
 from pipelines.train.driver import resolve_length  # noqa: E402
+from pipelines.train.objectives import PretrainObjective, RefineObjective  # noqa: E402
 from pipelines.train.optim import make_ema, make_optimizer, make_scheduler  # noqa: E402
 from pipelines.train.worker import Trainer, train_step  # noqa: E402
 

@@ -21,7 +21,6 @@ import time
 
 import torch
 
-from jobs.config import load_config
 from models import Guidance, build_model
 from pipelines.evaluate import sampling
 from pipelines.train import checkpoints
@@ -40,8 +39,24 @@ def tiny_checkpoint(root: str) -> str:
         return checkpoints.publish(tmp, os.path.join(root, "pretrain"), 1, keep=1)
 
 
+def kl16_codec(levels: tuple[int, ...] = (128, 128, 256, 256, 512), grid: int = 16):
+    """A randomly initialised AutoencoderKL of MAR's kl16 shape (5 levels of `levels` channels, 16
+    latent channels, stride 16) as the codec of `grid` x `grid` tokens: the decode's cost is the
+    architecture's, not the weights'. Smaller `levels` make a tiny one for CPU runs."""
+    from diffusers import AutoencoderKL
+
+    from pipelines.data.codecs import KLVAECodec
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * len(levels),
+                        up_block_types=("UpDecoderBlock2D",) * len(levels),
+                        block_out_channels=levels, layers_per_block=2, norm_num_groups=min(32, levels[0]))
+    return KLVAECodec(vae, grid * 2 ** (len(levels) - 1), 1, 0.2325, None)
+
+
 def cpu_benchmark(images: int, batch: int, actors: int, flow_steps: int) -> None:
     from jobs import sample as sample_job
+    from jobs.config import load_config  # here, not at the top: the GPU machine's image has no pydantic
     from pipelines.core.ray_runtime import init_ray
 
     with tempfile.TemporaryDirectory(prefix="sar-bench-") as root:
@@ -77,18 +92,10 @@ def cuda_benchmark(images: int, batch: int, flow_steps: int, guidance: Guidance,
     if not torch.cuda.is_available():
         print("cuda SAR-B benchmark skipped: no CUDA device here (run this script on a GPU machine)")
         return
-    from diffusers import AutoencoderKL
-
-    from pipelines.data.codecs import KLVAECodec
-
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = build_model("sar-b", token_dim=16, height=16, width=16, num_classes=1000).to(device).eval()
-    # MAR's kl16 shape: 5 levels (128, 128, 256, 256, 512), 16 latent channels, stride 16.
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5,
-                        block_out_channels=(128, 128, 256, 256, 512), layers_per_block=2)
-    codec = KLVAECodec(vae, 256, 1, 0.2325, None).to(device).eval()
+    codec = kl16_codec().to(device).eval()
     steps = model.grouping.num_groups
     labels = torch.arange(batch, device=device) % 1000
 

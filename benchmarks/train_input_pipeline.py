@@ -41,8 +41,8 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # workers use this 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-
 from bench_models import PEAK_BF16_FLOPS, train_flops_per_image  # noqa: E402
+
 from jobs.config import load_config  # noqa: E402
 from jobs.stages import StageOptions  # noqa: E402
 from models import count_parameters  # noqa: E402

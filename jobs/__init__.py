@@ -1,10 +1,11 @@
 """Entry points: the `sar` command line, the typed config, and one thin module per stage.
 
-    cli.py      the `sar` command line          config.py   every stage's pydantic config
+    cli.py      the `sar` command line          parser.py   its subcommands, options and help
+    config.py   every stage's pydantic config   stages.py   the table of stages and StageOptions
     encode.py, pretrain.py, refine.py, sample.py, fid.py    the stages: each says what it reads
-                and writes, `status(cfg)` (up to date?), `output(cfg)` and `main(cfg, args)`
-                (and `tracked(cfg)` where its run logs more than its record), and imports no
-                other stage; the work itself is library code in pipelines/
+                and writes, `status(cfg)` (up to date?) and `main(cfg, options, tracker)` (and
+                `tracked(cfg)` where its run logs more than its record), and imports no other
+                stage; its output folder is `cfg.output_of(stage)`; the work itself is library code
     run.py      `sar run`: a plain loop over the stages; the tracked runs of a command and its stages
     demo.py     `sar demo`                      report.py   `sar report`: a run directory's report.html
     submit.py   `sar submit`: any command as a Ray Job on a cluster

@@ -3,6 +3,7 @@
     sar synth-imagenet OUT --classes N --per-class M --size S --seed K [--quirks]
     sar synth-latents OUT --rows N [--shard-rows R] [--classes C] [--seed K] [--dtype D] [--workers W] [--force]
     sar plan          --config FILE [--set ...] [--gpus N ...] [--gpus-per-node G] [--<stage>-rate R]
+    sar mnist         OUT [--size 32] [--split 400,50,50] [--seed 0]
     sar config show   --config FILE [--set key=value ...]
     sar encode        --config FILE [--set ...] [--force]
     sar pretrain | refine | fid  --config FILE [--set ...]
@@ -26,12 +27,13 @@ import sys
 
 from jobs.config import ConfigError, PipelineConfig, dump_yaml, load_config
 from jobs.parser import DEMO_CONFIG, EX_TEMPFAIL, build_parser
-from jobs.run import TRACKED, lineage_tags, open_tracker, run_stage
+from jobs.run import TRACKED, lineage_tags, open_tracker, run_pipeline, run_stage
 from jobs.stages import NAMES, StageOptions, entry
 from pipelines.core import tracking
 from pipelines.core.errors import SarError
 from pipelines.core.lease import LeaseHeld, LeaseLost
 from pipelines.core.storage import StorageError
+
 
 def _synth(args: argparse.Namespace) -> int:
     from pipelines.data.synth import make_synthetic_imagenet
@@ -39,12 +41,13 @@ def _synth(args: argparse.Namespace) -> int:
     try:
         s = make_synthetic_imagenet(
             args.out, classes=args.classes, per_class=args.per_class, size=args.size,
-            seed=args.seed, val_per_class=args.val_per_class, quirks=args.quirks,
+            seed=args.seed, val_per_class=args.val_per_class, quirks=args.quirks, test_per_class=args.test_per_class,
         )
     except ValueError as err:
         print(f"sar synth-imagenet: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {s.train_images} train and {s.val_images} val images of {s.classes} classes to {s.root}"
+    print(f"wrote {s.train_images} train, {s.val_images} val and {s.test_images} test images of {s.classes} classes "
+          f"to {s.root}"
           + (f" ({len(s.quirks)} quirk files)" if s.quirks else ""))
     return 0
 
@@ -66,6 +69,22 @@ def _synth_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mnist(args: argparse.Namespace) -> int:
+    from pipelines.data.mnist import write_mnist
+
+    try:
+        split = tuple(int(n) for n in args.split.split(","))
+        s = write_mnist(args.out, size=args.size, split=split, seed=args.seed)
+    except ValueError:
+        print(f"sar mnist: error: --split {args.split!r}: three whole numbers, e.g. 400,50,50", file=sys.stderr)
+        return 2
+    except SarError as err:
+        print(f"sar mnist: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {', '.join(f'{n} {split}' for split, n in s.counts.items())} images of 10 digits to {s.root}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -80,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return _synth(args)
     if command == "synth-latents":
         return _synth_latents(args)
+    if command == "mnist":
+        return _mnist(args)
     if command == "submit":
         from jobs import submit
 
@@ -129,9 +150,7 @@ def _run_command(cfg: PipelineConfig, args: argparse.Namespace, tracker: trackin
         options = StageOptions(force=getattr(args, "force", False), preview=getattr(args, "preview", False))
         return run_stage(cfg, command, entry(command), options, tracker)
     if command == "run":
-        from jobs import run
-
-        return run.run_pipeline(cfg, start=args.from_stage, only=args.only_stage, force=args.force, tracker=tracker)
+        return run_pipeline(cfg, start=args.from_stage, only=args.only_stage, force=args.force, tracker=tracker)
     if command == "demo":
         from jobs import demo
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from jobs.stages import BY_NAME, NAMES
 from models.choices import GROUPINGS, GUIDANCE_KINDS, SCALE_SCHEDULES, SOLVERS
 from pipelines.core import storage
+from pipelines.core.storage import redact
 
 # Fields that hold a location (local path or URL).
 PATH_FIELDS = ("run_dir", "data.source", "encode.weights", "encode.output", "pretrain.output", "refine.output",
@@ -145,6 +146,9 @@ class OptimConfig(_Section):
     warmup_steps: int = Field(62_500, ge=0)  # MAR: 100 epochs at batch 2048 on 1.28M images
     schedule: Literal["constant", "cosine"] = "constant"  # MAR keeps lr constant after warm-up
     grad_clip: float = Field(3.0, gt=0)  # MAR
+    # none: `lr` as given; linear-256: lr x global_batch / 256, the rule of MAR's and the refinement
+    # code's launchers (a base lr per 256 images; the released SAR code's trainer: 1e-4 at 256).
+    lr_scaling: Literal["none", "linear-256"] = "none"
 
     @field_validator("betas")
     @classmethod
@@ -216,9 +220,13 @@ class PretrainConfig(TrainConfig):
     """Self-token pretraining (jobs/pretrain)."""
 
 
-def _refine_optim() -> OptimConfig:
-    # Refinement paper, Sec. 5: AdamW 0.9/0.95, weight decay 0.05, lr 1e-4, no warm-up.
-    return OptimConfig(lr=1e-4, weight_decay=0.05, warmup_steps=0, schedule="constant")
+class RefineOptimConfig(OptimConfig):
+    """Refinement's AdamW (the refinement paper, Sec. 5: betas 0.9/0.95, weight decay 0.05, lr 1e-4, no
+    warm-up): its own defaults, so overriding one field keeps the others."""
+
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(0, ge=0)
 
 
 class RefineConfig(TrainConfig):
@@ -232,28 +240,54 @@ class RefineConfig(TrainConfig):
     # most 5% of the starting weights (pretrain's 0.9999 over 6,256 steps would keep 53% of them and
     # hide the refinement from evaluation); ~0.9995 on ImageNet.
     ema_decay: float | None = Field(None, ge=0, lt=1)
-    optim: OptimConfig = Field(default_factory=_refine_optim)
+    optim: RefineOptimConfig = Field(default_factory=RefineOptimConfig)
     # L = L_TF + gamma * L_CSF (eq. 11). The authors' released recipe uses 0.01 (on a cross-entropy loss);
-    # benchmarks/quality_sweep.py chose 0.1: gamma 1 hurt domain FID at toy scale, 0.1 and 0.01 helped.
+    # benchmarks/quality.py (the refine table) measures it against a control (docs/benchmarks.md).
     gamma: float = Field(0.1, ge=0)
-    init: str | None = None  # pretrain checkpoint; default: latest under {run_dir}/pretrain
+    # Where refinement starts: a checkpoint's location; a pretraining step (an int: the pretrain
+    # checkpoint of that step); or a fraction of pretraining (a float in (0, 1): the newest pretrain
+    # checkpoint at or before that share of pretrain.steps), so refinement can replace the last epochs
+    # of a pretraining run as the released code does (FlexVAR-d16 resumed at epoch 170 of 180) and a
+    # control can continue the same checkpoint without it. None: the newest pretrain checkpoint.
+    init: str | int | float | None = None
     init_weights: Literal["ema", "raw"] = "ema"
     # The sample step between the passes (refinement paper Table 5: CFG sampling is best, FID 2.89).
     # deterministic: the head's conditional mean (one evaluation from e = 0), the argmax analogue;
     # stochastic: the ODE from fresh noise; cfg: that ODE under classifier-free guidance, whose
     # unconditional backbone pass (no gradient) makes the step cost two extra backbone forwards;
     # x_cfg: head-only guidance (the head at z and at 0), one extra backbone forward.
-    sample_mode: Literal["deterministic", "stochastic", "cfg", "x_cfg"] = "cfg"
+    # cfg_ramped: the released code's sampled target (trainer.py, mode csfl): the ODE under CFG whose
+    # weight grows over the groups, w_g = 1 + cfg_scale / 2 (1 + g / (T - 1)), i.e. (1 + t) c - t u.
+    sample_mode: Literal["deterministic", "stochastic", "cfg", "x_cfg", "cfg_ramped"] = "cfg"
     sample_steps: int = Field(10, ge=1)  # ODE steps of the sample step
-    cfg_scale: float = Field(2.5, ge=1)  # Table 5's CFG scale
+    cfg_scale: float = Field(2.5, ge=1)  # Table 5's CFG scale (cfg_ramped: the released code's sf_cfg_scale, 2.5)
     x_cfg_scale: float = Field(1.25, ge=1)  # self-token paper Table 2: the best x-CFG weight alone
     target: Literal["teacher", "ground_truth"] = "teacher"  # eq. 10 vs Algorithm 1
     group: int | None = None  # CSFL on one group only; None = all groups
+    # Which groups pass 2 rolls out. all: every group's inputs rebuilt from the predictions, CSFL on
+    # groups 2..T (the refinement paper, Algorithm 1); second-to-last: the prediction of the
+    # second-to-last group alone feeds the last one, CSFL on the last group (the released code's one
+    # scale, trainer.py mode csfl); random-one: a group k drawn per step feeds group k + 1.
+    rollout_groups: Literal["all", "second-to-last", "random-one"] = "all"
+    # How CSFL's per-token losses combine: mean over the rolled-out tokens, or sum over the groups of
+    # each group's mean (eq. 10 sums over i = 2..N; gamma then weighs T - 1 terms, not one).
+    loss_reduction: Literal["mean", "sum"] = "mean"
     # Share of each micro-batch (its first ceil(f B) examples) that takes the sample step, pass 2 and
     # CSFL. 1.0 is the papers' algorithm. Below 1 it is an approximation: L_CSF is estimated on fewer
     # examples (the same objective in expectation, more variance) and pass 2 costs f of pass 1: a
     # refine step costs ~2x a pretrain step at 1.0, ~1.5x at 0.5 (docs/benchmarks.md, 16x16 on CPU).
     rollout_fraction: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _init_is_a_place_step_or_fraction(cls, v: str | int | float | None) -> str | int | float | None:
+        if isinstance(v, bool):
+            raise ValueError("a checkpoint location, a pretraining step or a fraction of pretraining")
+        if isinstance(v, int) and v < 1:
+            raise ValueError("a pretraining step is at least 1")
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError("a fraction of pretraining is in (0, 1)")
+        return v
 
 
 class GuidanceConfig(_Section):
@@ -285,6 +319,9 @@ class SampleConfig(_Section):
     temperature: float = Field(1.0, ge=0)
     compile_head: bool = False  # CUDA only: the head's sampling steps under torch.compile with CUDA graphs
     batch_size: int = Field(64, ge=1)
+    # Images per decoder call: the decode runs in chunks, so the decoder's activations (not the
+    # sampling batch) bound its memory; the images do not depend on it.
+    decode_batch: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1)
     gpus_per_actor: float = Field(1.0, ge=0)
     # Custom resources each sampling actor reserves, to keep the pool on the nodes that advertise
@@ -307,8 +344,15 @@ class DomainEvaluatorConfig(_Section):
     image_size: int | None = Field(None, ge=16)  # None: encode.image_size
     epochs: int = Field(20, ge=1)  # 20 reach 100% held-out accuracy on the demo's synthetic set
     batch_size: int = Field(32, ge=1)
-    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per class, never trained on: the reference images
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)  # per class, never trained on: its own accuracy
     hflip: bool = False  # flip augmentation; off: an evaluator blind to flips cannot see a mirrored class
+    # The protocol of docs/benchmarks.md (Quality): samples are scored against the real images of
+    # `reference_split` (chosen settings are tuned against it), and the floor is real images of
+    # `floor_split` against the same reference at the samples' set size (FID's bias depends on the set
+    # sizes, so only equal sizes compare). A split the source lacks falls back to the evaluator's
+    # held-out training images (half of them each when both are missing).
+    reference_split: str = "val"
+    floor_split: str | None = "test"
 
 
 class FidConfig(_Section):
@@ -389,6 +433,17 @@ class PipelineConfig(_Section):
         return v.rstrip("/") or "/"
 
     @model_validator(mode="after")
+    def _real_splits_are_not_trained_on(self) -> "PipelineConfig":
+        d = self.fid.domain
+        if self.data.split in (d.reference_split, d.floor_split):
+            raise ValueError(f"fid.domain: the reference and floor splits must be images the generator does not "
+                             f"train on, not data.split {self.data.split!r}")
+        if d.reference_split == d.floor_split:
+            raise ValueError(f"fid.domain.floor_split: {d.floor_split!r} is the reference split too; the floor "
+                             f"needs other real images")
+        return self
+
+    @model_validator(mode="after")
     def _check_scales(self) -> "PipelineConfig":
         if self.model.grouping == "next-scale" and not self.model.scales:
             raise ValueError("model.scales: next-scale needs a scale schedule, e.g. [1, 2, 4, 8, 16] or 'var-10'")
@@ -444,8 +499,6 @@ class PipelineConfig(_Section):
 
     def field_of(self, url: str) -> str | None:
         """The path field a location comes from: the one whose value is the longest prefix of `url`."""
-        from pipelines.core.storage import redact
-
         url, best = redact(url).rstrip("/"), (0, None)
         for name in PATH_FIELDS:
             value = self._get(name)

@@ -19,13 +19,17 @@ from pipelines.core import storage, tracking
 from pipelines.data.synth import make_synthetic_imagenet
 
 DEMO_CLASSES, DEMO_PER_CLASS, DEMO_SIZE = 10, 32, 48
+# val/ is the reference the samples are scored against, test/ the floor's real images: as many as the
+# demo's samples (sample.per_class), so the two FIDs compare (fid.domain.reference_split, floor_split).
+DEMO_VAL_PER_CLASS = DEMO_TEST_PER_CLASS = 8
 
 
 def main(cfg: PipelineConfig, tracker: tracking.Tracker = tracking.NULL) -> int:
     t0 = time.perf_counter()
     if storage.is_local(cfg.data.source) and not os.path.exists(os.path.join(cfg.data.source, "train")):
         s = make_synthetic_imagenet(cfg.data.source, classes=DEMO_CLASSES, per_class=DEMO_PER_CLASS,
-                                    size=DEMO_SIZE, seed=0, val_per_class=2)
+                                    size=DEMO_SIZE, seed=0, val_per_class=DEMO_VAL_PER_CLASS,
+                                    test_per_class=DEMO_TEST_PER_CLASS)
         print(f"[sar demo] synthesised {s.train_images} images of {s.classes} classes in {s.root}")
     rc = run_pipeline(cfg, tracker=tracker)
     if rc:

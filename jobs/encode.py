@@ -20,12 +20,11 @@ import time
 
 from jobs.config import PipelineConfig
 from jobs.stages import StageOptions
-from pipelines.core import tracking
-from pipelines.core import rundir
-from pipelines.data import latents
-from pipelines.data.encode import EncodeJob, list_new_sources, list_source, plan_encode, run_encode
+from pipelines.core import rundir, tracking
 from pipelines.core.lease import stage_lease
 from pipelines.core.ray_runtime import init_ray
+from pipelines.data import latents
+from pipelines.data.encode import EncodeJob, list_new_sources, list_source, plan_encode, run_encode
 
 STAGE = "encode"
 

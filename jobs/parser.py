@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", type=int, default=10, help="number of classes")
     p.add_argument("--per-class", type=int, default=20, help="training images per class")
     p.add_argument("--val-per-class", type=int, default=2, help="validation images per class")
+    p.add_argument("--test-per-class", type=int, default=0, help="test images per class (test/<wnid>/)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
     p.add_argument("--quirks", action="store_true",
@@ -124,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
                         ("sample", "images")):
         p.add_argument(f"--{stage}-rate", type=float, metavar="R",
                        help=f"{what}/s per GPU for {stage} (default: the measured or projected figure `sar plan` names)")
+
+    p = _command(sub, "mnist", "write MNIST's 5,000 digits as an ImageNet-layout folder (train/val/test)",
+                 _doc("pipelines.data.mnist"))
+    p.formatter_class = type("Formatter", (d, argparse.RawDescriptionHelpFormatter), {})
+    p.add_argument("out", help="output folder (local)")
+    p.add_argument("--size", type=int, default=32, help="image side: the 28 px digits padded with background")
+    p.add_argument("--split", default="400,50,50", help="images per class of train, val and test")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle that cuts each class into the splits")
 
     p = _command(sub, "config", "inspect configuration")
     csub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

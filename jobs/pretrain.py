@@ -20,7 +20,7 @@ from pipelines.core import rundir, storage, tracking
 from pipelines.core.lease import stage_lease
 from pipelines.core.ray_runtime import init_ray
 from pipelines.data import latents
-from pipelines.evaluate.during_training import settings_for
+from pipelines.evaluate.during_training import in_training_evaluation
 from pipelines.train import checkpoints, driver
 
 STAGE = "pretrain"
@@ -45,11 +45,11 @@ def main(cfg: PipelineConfig, options: StageOptions = StageOptions(), tracker: t
     driver.check_inputs(cfg, STAGE, model_config, manifest)
     with stage_lease(cfg.pretrain_dir, cfg.cluster, so) as lease:
         start_step = driver.claim_run_folder(cfg, STAGE, cfg.pretrain_dir, model_config, lease)
-        evaluation = settings_for(cfg, STAGE, manifest)  # trains the domain evaluator here when it is missing
+        evaluation = in_training_evaluation(cfg, STAGE, manifest)  # trains the domain evaluator here when it is missing
 
         # Loop: Ray Train workers (or this process with num_workers 0).
         init_ray(cfg.cluster)
-        loop = driver.loop_config(cfg, STAGE, cfg.pretrain_dir, model_config, manifest, inputs(cfg),
+        loop = driver.build_loop_config(cfg, STAGE, cfg.pretrain_dir, model_config, manifest, inputs(cfg),
                                   start_step=start_step, lease=lease, tracker=tracker, evaluation=evaluation)
         metrics = driver.run_training(loop, driver.training_dataset(loop, cfg.latents_dir, manifest), tracker)
 

@@ -24,11 +24,11 @@ from typing import Any
 from jobs.config import PipelineConfig
 from jobs.stages import StageOptions
 from pipelines.core import rundir, storage, tracking
-from pipelines.evaluate import sampling
-from pipelines.train import checkpoints
 from pipelines.core.errors import SarError
 from pipelines.core.lease import stage_lease
 from pipelines.core.ray_runtime import init_ray
+from pipelines.evaluate import sampling
+from pipelines.train import checkpoints
 
 STAGE = "sample"
 

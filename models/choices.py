@@ -7,3 +7,4 @@ SCALE_SCHEDULES = ("powers-of-two", "var-10")  # named next-scale schedules (gro
 GUIDANCE_KINDS = ("none", "cfg", "z_cfg", "x_cfg", "xz_cfg")  # guidance.py, self-token paper Fig. 12
 SOLVERS = ("euler", "heun", "midpoint")      # the flow head's ODE solvers (flow_head.py)
 HEADS = ("flow", "ddpm")                     # the per-token heads (flow_head.py, ddpm_head.py)
+HEAD_PREDICTIONS = ("v", "x")               # what the flow head outputs: the velocity or the clean token

@@ -164,14 +164,14 @@ class DDPMHead(MLPHead):
         return 1 if mode == "one_step" else len(self.respaced(steps).timesteps)
 
     def sample(self, z, noise, steps, guidance=None, mode="ode", *, solver="euler", temperature=1.0,
-               compile_head=False, step_noise=None):
+               compile_head=False, step_noise=None, token_weights=None):
         """Tokens (B, N, D) from conditions z as FlowHead.sample, by `steps` ancestral steps from
         noise (B, N, D); `step_noise()` draws each step's fresh noise (B, N, D) (default randn)."""
         if solver != "euler":
             raise ValueError(f"the DDPM head samples ancestrally (MAR); solver {solver!r} is for the flow head")
         guidance = guidance or Guidance()
         B, N, D = noise.shape
-        cz, w = self.guidance_inputs(z, guidance)
+        cz, w = self.guidance_inputs(z, guidance, token_weights)
         x = noise.reshape(B * N, D).float()
         if mode == "one_step":
             out = self.evaluate(x, self.schedule.on(x.device)[TIME, -1], cz, guidance.kind, w)

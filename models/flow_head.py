@@ -21,8 +21,8 @@ import math
 import torch
 import torch.nn as nn
 
-from .guidance import Guidance
 from .choices import SOLVERS
+from .guidance import Guidance
 
 _COMPILED = {}
 
@@ -138,15 +138,18 @@ class MLPHead(nn.Module):
         return z, x
 
     # ---- guidance -----------------------------------------------------------------------
-    def guidance_inputs(self, z, guidance):
+    def guidance_inputs(self, z, guidance, token_weights=None):
         """The embedded conditions (N or 2N, width) of z (B, N, W), or (2B, N, W) [cond; uncond]
-        when the guidance needs the unconditional backbone, and the head-level weight w."""
+        when the guidance needs the unconditional backbone, and the head-level weight w: the
+        guidance's, or `token_weights` (B, N), one per token (a weight that varies over the groups)."""
         if guidance.kind in ("z_cfg", "xz_cfg"):                        # guide in feature space
             z_c, z_u = z.chunk(2)
             z = z_u + guidance.w_z * (z_c - z_u)
         z = z.reshape(-1, z.shape[-1])                                  # (B N, W); cfg: (2 B N, W)
         if guidance.kind in ("x_cfg", "xz_cfg"):                        # the head at z and at 0
             z = torch.cat([z, torch.zeros_like(z)])
+        if token_weights is not None:
+            return self.cond_embed(z), token_weights.reshape(-1, 1).float()  # (B N, 1)
         w = guidance.cfg if guidance.kind == "cfg" else guidance.w_x
         return self.cond_embed(z), torch.tensor(w, device=z.device)     # once, not per step
 
@@ -170,12 +173,27 @@ class FlowHead(MLPHead):
     def __init__(self, config):
         super().__init__(config, config.token_dim)
         self.train_time = config.train_time
+        self.train_time_loc, self.train_time_scale = config.train_time_loc, config.train_time_scale
         self.time_schedule, self.time_shift = config.time_schedule, config.time_shift
+        self.x_prediction, self.x_pred_eps = config.head_prediction == "x", config.x_pred_eps
+
+    def velocity(self, out, x_t, t):
+        """The velocity from the network's output at x_t (N, D), times t (N,) or 0-d: the output
+        itself, or under x-prediction (x_hat - x_t) / (1 - t), 1 - t clipped at x_pred_eps."""
+        if not self.x_prediction:
+            return out
+        one_minus_t = (1 - t).clamp_min(self.x_pred_eps)
+        return (out - x_t.float()) / (one_minus_t[:, None] if one_minus_t.dim() else one_minus_t)
+
+    def evaluate(self, x, t, cz, kind, w):
+        """The guided velocity at x (N, D), time t (0-d). Guidance mixes the outputs linearly, so under
+        x-prediction guiding x_hat then converting equals converting each branch then guiding."""
+        return self.velocity(super().evaluate(x, t, cz, kind, w), x, t)
 
     # ---- training -----------------------------------------------------------------------
     def _train_times(self, n, device):
         if self.train_time == "logit_normal":                           # SD3's logit-normal, m=0 s=1
-            return torch.sigmoid(torch.randn(n, device=device))
+            return torch.sigmoid(self.train_time_loc + self.train_time_scale * torch.randn(n, device=device))
         return torch.rand(n, device=device)
 
     def loss(self, z, target):
@@ -185,8 +203,8 @@ class FlowHead(MLPHead):
         t = self._train_times(x.shape[0], x.device)                     # (m B L,)
         e = torch.randn_like(x)
         x_t = t[:, None] * x + (1 - t[:, None]) * e
-        v = self(x_t, self.condition(t, z))                             # (m B L, D)
-        loss = (v.float() - (x - e)).pow(2).mean(-1)                    # (m B L,)
+        v = self.velocity(self(x_t, self.condition(t, z)).float(), x_t, t)  # (m B L, D)
+        loss = (v - (x - e)).pow(2).mean(-1)                            # (m B L,)
         return loss.view(self.batch_mul, B, L).mean(0)                  # (B, L)
 
     # ---- sampling -----------------------------------------------------------------------
@@ -221,16 +239,17 @@ class FlowHead(MLPHead):
         return steps if solver == "euler" else 2 * steps
 
     def sample(self, z, noise, steps, guidance=None, mode="ode", *, solver="euler", temperature=1.0,
-               compile_head=False, step_noise=None):
+               compile_head=False, step_noise=None, token_weights=None):
         """Tokens (B, N, D) from conditions z (B, N, W), or (2B, N, W) [cond; uncond] when the
         guidance needs the unconditional backbone, integrating from temperature x noise (B, N, D).
 
         `mode` 'one_step' is the clean estimate e + v(e, 0), one evaluation; `compile_head`
-        runs each step compiled on CUDA; `step_noise` is for ancestral heads (the ODE takes none).
+        runs each step compiled on CUDA; `step_noise` is for ancestral heads (the ODE takes none);
+        `token_weights` (B, N) replace the guidance's weight token by token.
         """
         guidance = guidance or Guidance()
         B, N, D = noise.shape
-        cz, w = self.guidance_inputs(z, guidance)
+        cz, w = self.guidance_inputs(z, guidance, token_weights)
         x = temperature * noise.reshape(B * N, D).float()
         if mode == "one_step":
             t0 = torch.zeros((), device=x.device)

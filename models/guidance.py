@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from .choices import GUIDANCE_KINDS
 
 
-
 @dataclass(frozen=True)
 class Guidance:
     """Which guidance and its weights; `ramp` grows them linearly over the AR steps (MAR's linear cfg)."""

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from .choices import HEAD_PREDICTIONS, HEADS
 from .ddpm_head import DDPMHead
 from .flow_head import FlowHead
 from .grouping import INJECTIONS, make_grouping, resolve_scales
 from .guidance import Guidance
 
-HEAD_CLASSES = {"flow": FlowHead, "ddpm": DDPMHead}  # the classes of models.choices.HEADS
+HEAD_CLASSES = {"flow": FlowHead, "ddpm": DDPMHead}  # the class of each of models.choices.HEADS
+assert set(HEAD_CLASSES) == set(HEADS)
 
 COND, CONTEXT, GENERATION = 0, 1, 2  # stream ids: the class token, context_stream, generation_stream
 
@@ -47,6 +49,14 @@ class SARConfig:
     time_schedule: str = "uniform"  # sampler grid: 'uniform' | 'shifted' (SD3 time shift toward noise)
     time_shift: float = 3.0      # shift s for 'shifted': sigma' = s*sigma / (1 + (s-1)*sigma), SD3 eq. 23
     train_time: str = "uniform"  # training t: 'uniform' | 'logit_normal' (SD3's logit-normal, m=0 s=1)
+    train_time_loc: float = 0.0  # logit_normal's m and s (JiT: -0.8, 0.8, toward the noise)
+    train_time_scale: float = 1.0
+    # What the flow head's network outputs: 'v' the velocity x - e (DESIGN 3), or 'x' the clean token,
+    # turned into v = (x_hat - x_t) / (1 - t) for the same loss and sampler (JiT, Li & He 2025: a
+    # network narrow against its token's dimension cannot carry the noise through; predicting x it
+    # need not). 1 - t is clipped at x_pred_eps.
+    head_prediction: str = "v"
+    x_pred_eps: float = 0.05
     attention: str = "auto"      # 'auto' (= sdpa: at 513 tokens masked SDPA trained SAR-B at 449 img/s on an
                                  # H100, FlexAttention 350 eager / 445 compiled) | 'flex' | 'sdpa'; flex on CPU
                                  # compiles and is inference-only (torch 2.13 has no CPU flex backward)
@@ -57,8 +67,10 @@ class SARConfig:
 
     def __post_init__(self):
         self.scales = resolve_scales(self.scales, self.height)
-        if self.head not in HEAD_CLASSES:
-            raise ValueError(f"unknown head {self.head!r}; choose from {tuple(HEAD_CLASSES)}")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose from {HEADS}")
+        if self.head_prediction not in HEAD_PREDICTIONS:
+            raise ValueError(f"unknown head_prediction {self.head_prediction!r}; choose from {HEAD_PREDICTIONS}")
         if self.injection not in INJECTIONS:
             raise ValueError(f"unknown injection {self.injection!r}; choose from {INJECTIONS}")
 

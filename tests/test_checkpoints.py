@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from pipelines.train import checkpoints as C
 from pipelines.core.errors import SarError
+from pipelines.train import checkpoints as C
 
 
 def _save(stage_dir: str, step: int) -> str:
@@ -51,3 +51,29 @@ def test_readers_pass_over_a_checkpoint_whose_files_are_unreadable(tmp_path, cap
         assert C.find_latest(stage) == first
     assert "meta.json is not a checkpoint's (unreadable)" in caplog.text
     assert os.path.isdir(second)  # a reader never moves anything
+
+
+def test_refinement_starts_at_a_named_step_or_fraction_of_pretraining(tmp_path):
+    """refine.init: the pretrain checkpoint of a step, the newest at or before a fraction of pretrain.steps,
+    or (unset) the newest; a step that was not kept is an error naming the steps that were."""
+    from jobs.config import load_config
+    from pipelines.core import storage
+    from pipelines.data.latents import MANIFEST, SCHEMA_VERSION
+    from pipelines.train.driver import refine_start
+
+    run = tmp_path / "run"
+    for step in (50, 90, 100):
+        _save(str(run / "pretrain"), step)
+    storage.write_json(str(run / "latents" / MANIFEST), {"schema_version": SCHEMA_VERSION, "num_rows": 640})
+
+    def start(init):
+        cfg = load_config(None, [f"run_dir={run}", "pretrain.steps=100", *([f"refine.init={init}"] if init else [])])
+        return refine_start(cfg)
+
+    assert start(None).endswith("step_00000100") and start("90").endswith("step_00000090")
+    assert start("0.9").endswith("step_00000090") and start("0.95").endswith("step_00000090")
+    assert start("0.6").endswith("step_00000050")
+    with pytest.raises(SarError, match=r"refine.init 70: no pretrain checkpoint at step 70 .* holds steps \[50, 90, 100\]"):
+        start("70")
+    with pytest.raises(SarError, match=r"no pretrain checkpoint at or before step 40 \(0.4 of 100\)"):
+        start("0.4")

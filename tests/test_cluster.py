@@ -32,6 +32,7 @@ def history(stage_dir: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(storage.join(stage_dir, "metrics.jsonl")).splitlines()]
 
 
+@pytest.mark.ray
 @pytest.mark.slow
 def test_a_run_on_two_nodes_survives_losing_one(s3_bucket, tmp_path, monkeypatch):
     # This process asks the loopback cluster's state API; the nodes run without token auth.

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from jobs.config import config_from_dict
+from jobs.stages import STAGES
 from pipelines.core import rundir
 from pipelines.evaluate import sampling
 from pipelines.report import collect
@@ -62,9 +63,7 @@ def test_an_old_run_folder_resumes_under_its_own_config(tmp_path):
 
 def test_the_report_reads_an_old_run_folder(tmp_path):
     run = old_run(tmp_path)
-    outputs = {"encode": str(run / "latents"), "pretrain": str(run / "pretrain"), "refine": str(run / "refine"),
-               "sample": str(run / "samples"), "fid": str(run / "eval")}
-    stages = collect.collect(outputs)
+    stages = collect.collect({s.name: str(run / s.folder) for s in STAGES})
     assert stages["pretrain"].checkpoint["step"] == 2 and len(stages["pretrain"].rows) == 2
     assert stages["encode"].manifest["encoder"] == "raw"
     assert all(not s.problems for s in stages.values())

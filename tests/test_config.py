@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from jobs.cli import main
-from jobs.config import ConfigError, PipelineConfig, config_from_dict, dump_yaml, load_config
+from jobs.config import ConfigError, config_from_dict, dump_yaml, load_config
 from tests.conftest import DEMO_CONFIG, REPO
 
 
@@ -76,6 +76,11 @@ def test_overrides_apply_after_file_and_parse_types():
         ("encode.read_parallelism=0", "encode.read_parallelism", "0"),
         ("cluster.lease_ttl_s=0", "cluster.lease_ttl_s", "0"),
         ("cluster.lease_wait_s=-5", "cluster.lease_wait_s", "-5"),
+        ("refine.rollout_groups=first", "refine.rollout_groups", '"first"'),
+        ("refine.loss_reduction=max", "refine.loss_reduction", '"max"'),
+        ("refine.optim.lr_scaling=sqrt", "refine.optim.lr_scaling", '"sqrt"'),
+        ("refine.sample_mode=topk", "refine.sample_mode", '"topk"'),
+        ("refine.init=1.5", "refine.init", "1.5"),
     ],
 )
 def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsys):
@@ -86,6 +91,20 @@ def test_bad_config_exits_2_naming_field_and_value(override, field, value, capsy
     assert repr(field) in err
     if value is not None:
         assert value in err
+
+
+def test_overriding_one_refine_optimizer_field_keeps_refinement_s_other_defaults():
+    refine = load_config(None, ["refine.optim.grad_clip=2"]).refine.optim
+    assert (refine.lr, refine.weight_decay, refine.warmup_steps, refine.grad_clip) == (1e-4, 0.05, 0, 2.0)
+    assert load_config(None, ["pretrain.optim.grad_clip=2"]).pretrain.optim.lr == 8e-4
+
+
+def test_the_real_reference_and_floor_are_splits_nothing_trains_on():
+    with pytest.raises(ConfigError, match="not data.split 'train'"):
+        load_config(DEMO_CONFIG, ["fid.domain.reference_split=train"])
+    with pytest.raises(ConfigError, match="floor_split: 'val' is the reference split too"):
+        load_config(DEMO_CONFIG, ["fid.domain.floor_split=val"])
+    assert load_config(DEMO_CONFIG, ["fid.domain.floor_split=null"]).fid.domain.floor_split is None
 
 
 def test_next_scale_needs_a_schedule():

@@ -14,11 +14,11 @@ import torch
 
 from jobs.config import load_config
 from jobs.encode import job
-from pipelines.data import latents as L
 from pipelines.core import storage
+from pipelines.core.errors import SarError
+from pipelines.data import latents as L
 from pipelines.data.codecs import patchify, unpatchify
 from pipelines.data.encode import run_encode
-from pipelines.core.errors import SarError
 from pipelines.data.preprocess import decode_image, hflip, to_model_input
 from pipelines.data.synth import UNREADABLE_QUIRKS, make_synthetic_imagenet
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import make_grouping
+from pipelines.core.errors import DatasetMismatch, SarError
 from pipelines.data.codecs import codec_from_manifest, make_codec, patchify, unpatchify
 from pipelines.data.encode import EncodeLatents
-from pipelines.core.errors import DatasetMismatch, SarError
 from pipelines.data.latents import ERROR, KEY, LABEL, LOGVAR, MEAN, MEAN_FLIP, PYRAMID, TOKENS, column_values
 from pipelines.data.preprocess import PIXELS, hflip, to_model_input
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines.evaluate import domain as ev
-from pipelines.evaluate import domain_training
 from pipelines.core import storage
 from pipelines.core.errors import SarError
 from pipelines.data.imagenet import list_imagenet
 from pipelines.data.synth import make_synthetic_imagenet
+from pipelines.evaluate import domain as ev
+from pipelines.evaluate import domain_training
 from tests.conftest import upload_tree
 
 CLASSES, PER_CLASS, SIZE, HOLDOUT = 4, 20, 32, 0.3

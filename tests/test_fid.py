@@ -7,6 +7,7 @@ here extracts features of at most 24 images.
 from __future__ import annotations
 
 import os
+import re
 import urllib.error
 from unittest import mock
 
@@ -18,8 +19,8 @@ from PIL import Image
 from jobs import fid as fid_job
 from jobs.config import load_config
 from pipelines.core import storage
-from pipelines.evaluate import fidelity, sampling
 from pipelines.core.errors import SarError
+from pipelines.evaluate import fidelity, sampling
 from tests.conftest import random_inception_weights
 
 N_CLASSES, PER_CLASS = 4, 2  # 8 samples: PRC's k=3 needs more than 3 on each side
@@ -222,18 +223,22 @@ def _sample_set_of(folder: str, images: np.ndarray, per_class: int) -> None:
         "guidance": {"kind": "none"}, "flow_steps": 1, "checkpoint_digest": "real", "image_size": 32})
 
 
-def test_sar_fid_with_the_domain_evaluator_scores_real_images_above_noise(tmp_path, synth_root, capsys):
+def test_sar_fid_with_the_domain_evaluator_scores_real_images_above_noise(tmp_path, capsys):
     """Offline scoring: the evaluator is trained on the dataset once, then real training images
-    score a lower domain FID and a higher class accuracy than noise."""
+    score a lower domain FID and a higher class accuracy than noise, each against the val images,
+    beside the floor: test images against the same val images, as many as the samples."""
+    from pipelines.data.synth import make_synthetic_imagenet
     from pipelines.evaluate import domain
 
-    overrides = [f"run_dir={tmp_path / 'run'}", f"data.source={synth_root}", "encode.image_size=32",
+    source = str(tmp_path / "imagenet")
+    make_synthetic_imagenet(source, classes=4, per_class=8, size=32, seed=0, val_per_class=4, test_per_class=4)
+    overrides = [f"run_dir={tmp_path / 'run'}", f"data.source={source}", "encode.image_size=32",
                  "fid.evaluator=domain", "fid.domain.epochs=6", "fid.batch_size=16", "fid.grid_classes=2",
                  "fid.grid_per_class=2"]
     per_class = 4
-    listing = sorted(os.listdir(os.path.join(synth_root, "train")))
-    real = np.stack([np.asarray(Image.open(os.path.join(synth_root, "train", wnid, f)).convert("RGB"))
-                     for wnid in listing for f in sorted(os.listdir(os.path.join(synth_root, "train", wnid)))[:per_class]])
+    listing = sorted(os.listdir(os.path.join(source, "train")))
+    real = np.stack([np.asarray(Image.open(os.path.join(source, "train", wnid, f)).convert("RGB"))
+                     for wnid in listing for f in sorted(os.listdir(os.path.join(source, "train", wnid)))[:per_class]])
     scores = {}
     for name, images in [("real", real), ("noise", domain.noise_images(len(real), 32).images)]:
         cfg = load_config(None, [*overrides, f"sample.output={tmp_path / name}", f"fid.output={tmp_path / name}-eval"])
@@ -243,8 +248,31 @@ def test_sar_fid_with_the_domain_evaluator_scores_real_images_above_noise(tmp_pa
     assert os.path.exists(tmp_path / "run" / "evaluator.pt")  # trained once, then reused
     real_m, noise_m = scores["real"]["domain"], scores["noise"]["domain"]
     assert real_m["fid"] < noise_m["fid"] / 5 and real_m["accuracy"] > noise_m["accuracy"] + 0.4
-    assert real_m["real_heldout"]["fid"] is not None and scores["real"]["fid"] is None  # no Inception offline
+    assert scores["real"]["fid"] is None  # no Inception offline
+    # The floor: 16 test images against the same 16 val images the 16 samples were scored against.
+    floor = real_m["floor"]
+    assert real_m["reference"] == {"images": "val/", "count": 16} and floor["images"] == "test/"
+    assert (real_m["num_samples"], real_m["num_reference"]) == (floor["num_samples"], floor["num_reference"]) == (16, 16)
+    assert floor["fid"] is not None and floor == noise_m["floor"]  # the same real sets whatever is scored
     assert scores["real"]["evaluator"] == "domain" and list(scores["real"]["skipped"]) == [
         "Inception FID, IS, precision and recall"]
     out = capsys.readouterr().out
-    assert "domain FID" in out and "class accuracy" in out and "not computed: fid.evaluator is 'domain'" in out
+    assert re.search(r"domain FID [\d.]+ \(16 samples vs 16 val/ images; real floor [\d.]+, 16 test/ vs the same 16\)",
+                     out), out
+    assert "class accuracy" in out and "not computed: fid.evaluator is 'domain'" in out
+
+
+def test_the_floor_says_when_there_are_fewer_real_images_than_samples(tmp_path, synth_root):
+    """Without val/ or test/ images enough for the samples the floor is smaller, and says it does not compare."""
+    from pipelines.evaluate import domain
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.source={synth_root}", "encode.image_size=32",
+                             "fid.evaluator=domain", "fid.domain.epochs=1", "fid.batch_size=16", "fid.prc=false"])
+    images = domain.noise_images(12, 32)
+    from pipelines.evaluate import scoring
+
+    scores = scoring.domain_metrics(cfg, images, np.array([0, 1, 2, 3] * 3))
+    assert scores["reference"]["images"] == "val/" and scores["num_reference"] == 4  # synth_root: 1 val image a class
+    floor = scores["floor"]
+    assert floor["images"] == "the evaluator's held-out training images" and floor["num_samples"] < 12
+    assert f"only {floor['num_samples']} real images for 12 samples" in floor["note"]

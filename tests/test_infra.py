@@ -24,9 +24,9 @@ import jsonschema
 import pytest
 import yaml
 
+from jobs.config import ConfigError, load_config
 from jobs.parser import build_parser
 from jobs.stages import NAMES as STAGES
-from jobs.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.data import latents as L
 from pipelines.core.errors import DatasetMismatch, SarError
+from pipelines.data import latents as L
 from pipelines.data.latents import ERROR, KEY, LABEL
 
 HEADER = {"schema_version": L.SCHEMA_VERSION, "encoder": "raw", "weights_sha256": None, "scale_factor": 1.0,

@@ -35,6 +35,18 @@ def sources(folder: str) -> list[pathlib.Path]:
     return sorted((REPO / folder).rglob("*.py"))
 
 
+def test_every_library_module_lives_in_a_layer():
+    assert sorted(p.name for p in (REPO / "pipelines").glob("*.py")) == ["__init__.py"]
+    assert sorted(p.name for p in (REPO / "pipelines").iterdir() if (p / "__init__.py").exists()) == sorted(LAYERS)
+
+
+def test_the_report_reads_the_stages_of_the_stage_table():
+    from jobs.stages import NAMES
+    from pipelines.report.collect import STAGE_NAMES
+
+    assert STAGE_NAMES == NAMES
+
+
 def test_models_import_neither_pipelines_nor_jobs():
     bad = [(p.name, m) for p in sources("models") for m in imports(p) if m.split(".")[0] in ("pipelines", "jobs")]
     assert bad == []
@@ -68,3 +80,12 @@ def test_jobs_has_no_import_circle():
         return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph.get(start, ()))
 
     assert [m for m in graph if reaches(m, m, {m})] == []
+
+
+def test_an_unmarked_test_that_starts_a_process_fails_naming_the_marker():
+    """The fast tier's guard (tests/conftest.py): this test is not marked `ray`, so it may start no interpreter."""
+    import subprocess
+    import sys
+
+    with pytest.raises(RuntimeError, match="starts a process .*: mark it @pytest.mark.ray"):
+        subprocess.run([sys.executable, "-c", "pass"])

@@ -2,8 +2,19 @@
 import pytest
 import torch
 
-from models import (GROUPINGS, GUIDANCE_KINDS, PRESETS, SOLVERS, FlowHead, Guidance, SARConfig, build_model,
-                    count_parameters, make_grouping, preset_config)
+from models import (
+    GROUPINGS,
+    GUIDANCE_KINDS,
+    PRESETS,
+    SOLVERS,
+    FlowHead,
+    Guidance,
+    SARConfig,
+    build_model,
+    count_parameters,
+    make_grouping,
+    preset_config,
+)
 from models.ddpm_head import DIFFUSION_STEPS, NoiseSchedule
 from models.sar import gaussian_noise
 
@@ -196,11 +207,11 @@ def test_training_step_dropout_checkpointing_bf16():
 GRID_MODES = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]])
 
 
-def train_on_mixture(head):
+def train_on_mixture(head, **overrides):
     """A head alone (z fixed at 0) trained 300 steps on a 4-mode 2-D mixture (std 0.1), in eval()."""
     torch.manual_seed(0)
     model = build_model("tiny", token_dim=2, height=1, width=1, grouping="next-token", num_classes=1,
-                        head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0, head=head)
+                        head_width=96, head_depth=2, head_batch_mul=1, z_dropout=0.0, head=head, **overrides)
     opt = torch.optim.Adam(model.head.parameters(), lr=3e-3)
     z = torch.zeros(256, 1, model.config.hidden_size)
     for _ in range(300):
@@ -228,6 +239,30 @@ def test_flow_head_learns_gaussian_mixture():
         noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
         samples = model.head.sample(torch.zeros(1000, 1, 64), noise, 20)[:, 0]
     assert_covers_modes(samples, 0.35)
+
+
+def test_flow_head_x_prediction_learns_gaussian_mixture():
+    """head_prediction='x': the network outputs the clean token, the loss and the sampler see the
+    velocity (x_hat - x_t) / (1 - t); it fits the mixture as v-prediction does."""
+    model = train_on_mixture("flow", head_prediction="x", train_time="logit_normal")
+    with torch.no_grad():
+        noise = torch.randn(1000, 1, 2, generator=torch.Generator().manual_seed(0))
+        samples = model.head.sample(torch.zeros(1000, 1, 64), noise, 10, solver="heun")[:, 0]
+    assert_covers_modes(samples, 0.35)
+
+
+def test_x_prediction_velocity_and_guidance():
+    """The velocity is (out - x_t) / max(1 - t, eps); guiding x_hat equals guiding the velocities."""
+    head = FlowHead(preset_config("tiny", token_dim=3, height=1, width=1, grouping="next-token", head_prediction="x"))
+    out, x_t = torch.randn(5, 3), torch.randn(5, 3)
+    t = torch.tensor([0.0, 0.5, 0.9, 0.96, 1.0])
+    expected = (out - x_t) / torch.tensor([1.0, 0.5, 0.1, 0.05, 0.05])[:, None]
+    assert torch.allclose(head.velocity(out, x_t, t), expected, atol=1e-5)
+    a, b, w, t0 = torch.randn(5, 3), torch.randn(5, 3), 1.7, torch.tensor(0.3)
+    assert torch.allclose(head.velocity(head.guide(a, b, w), x_t, t0),
+                          head.guide(head.velocity(a, x_t, t0), head.velocity(b, x_t, t0), w), atol=1e-5)
+    with pytest.raises(ValueError, match="head_prediction"):
+        preset_config("tiny", head_prediction="eps")
 
 
 @pytest.mark.parametrize("preset,target", [("sar-b", 141e6), ("sar-l", 714e6), ("sar-h", 1.3e9)])

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipelines.core import tracking
-from pipelines.train import checkpoints
 from jobs.config import load_config
+from pipelines.core import tracking
 from pipelines.core.errors import DatasetMismatch
+from pipelines.train import checkpoints
 from tests.conftest import DEMO_CONFIG
 
 TRAIN = ["pretrain.global_batch=8", "pretrain.micro_batch=8", "pretrain.log_every=5",
@@ -280,8 +280,8 @@ def test_latents_made_with_other_encode_settings_are_refused(tmp_path, synth_roo
     patch-4 latents under `encode.patch: 8` would train and say patch 8. Nothing here needs Ray."""
     import logging
 
-    from pipelines.train import driver
     from pipelines.data.latents import read_manifest
+    from pipelines.train import driver
     from tests.conftest import encode_in_process
 
     base = [f"run_dir={tmp_path}", f"data.source={synth_root}", "encode.image_size=16", "encode.patch=4"]

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from pipelines.train import checkpoints
 from jobs.config import load_config
 from pipelines.core.errors import SarError
+from pipelines.train import checkpoints
 from tests.conftest import DEMO_CONFIG
 
 TRAIN = ["global_batch=8", "micro_batch=8", "log_every=2", "ema_decay=0.9"]

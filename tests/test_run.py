@@ -11,11 +11,10 @@ from jobs import cli
 from jobs.config import load_config
 from jobs.run import run_pipeline
 from pipelines.core import tracking
-from pipelines.data import latents
 from pipelines.core.rundir import StageStatus
+from pipelines.data import latents
 from pipelines.data.synth import make_synthetic_imagenet
-from tests.conftest import DEMO_CONFIG
-from tests.conftest import random_inception_weights
+from tests.conftest import DEMO_CONFIG, random_inception_weights
 
 TINY = ["encode.image_size=16", "encode.patch=4", "encode.shard_rows=64", "fid.evaluator=inception",
         "pretrain.steps=4", "pretrain.checkpoint_every=4", "pretrain.global_batch=4", "pretrain.micro_batch=4",

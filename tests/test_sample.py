@@ -1,4 +1,5 @@
-"""sar sample: per-index seeds, shard- and resume-invariant images, the Ray Data actor pool."""
+"""sar sample: per-index seeds, shard- and resume-invariant images, the chunked decode, the Ray Data
+actor pool."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import io
 import os
 import re
 import tempfile
-from jobs.stages import StageOptions
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.train import checkpoints
 from jobs import sample as sample_job
 from jobs.config import load_config
+from jobs.stages import StageOptions
 from models import Guidance, build_model
 from pipelines.core import storage
-from pipelines.evaluate import sampling
 from pipelines.core.errors import SarError
+from pipelines.evaluate import sampling
+from pipelines.train import checkpoints
 
 CLASSES, PER_CLASS = 4, 3  # N = 12
 RAW_SPACE = {"encoder": "raw", "weights": None, "weights_sha256": None, "scale_factor": None, "image_size": 32,
@@ -93,6 +94,44 @@ def test_an_image_depends_only_on_its_index(cfg):
     for i in range(6):
         assert np.array_equal(parts[i], whole[i]), f"index {i} changed with its batch"
     assert not np.array_equal(whole[0], whole[1])  # different seeds, different images
+
+
+def _recording_decoder(codec, sizes: list[int]):
+    """`codec` whose decode records how many images each call got."""
+    decode = codec.decode
+
+    def recorded(tokens):
+        sizes.append(tokens.shape[0])
+        return decode(tokens)
+
+    codec.decode = recorded
+    return codec
+
+
+def test_chunked_decode_gives_the_images_of_one_decode(tmp_path):
+    from benchmarks.sample_throughput import kl16_codec
+
+    torch.manual_seed(0)
+    sizes: list[int] = []
+    codec = _recording_decoder(kl16_codec((8, 16), grid=4).eval(), sizes)  # a tiny kl16-shaped KL-VAE
+    grid = 3 * torch.randn(7, 4, 4, 16)
+    whole = sampling.decode_images(codec, grid)
+    chunked = sampling.decode_images(codec, grid, decode_batch=3)
+    assert sizes == [7, 3, 3, 1]  # one call, then the chunks: the decoder never sees more than 3
+    assert whole.shape == (7, 8, 8, 3) and whole.dtype == np.uint8
+    assert np.array_equal(chunked, whole)  # the same images, in the same order
+    assert len({image.tobytes() for image in whole}) == 7
+
+    # Through the sampling path: SampleSettings.decode_batch (from the config) reaches the decoder.
+    settings = sampling.SampleSettings.from_config(_cfg(tmp_path, "sample.decode_batch=2").sample)
+    assert settings.decode_batch == 2
+    model = build_model("tiny", token_dim=16, height=4, width=4, num_classes=CLASSES).eval()
+    rows = sampling.SamplePlan(CLASSES, PER_CLASS, seed=0).rows(range(5))
+    sizes.clear()
+    images = settings.render(model, codec, rows, torch.device("cpu"))
+    assert sizes == [2, 2, 1]  # the batch of 5 (sample.batch_size) decoded 2 at a time
+    one_call = dataclasses.replace(settings, decode_batch=64).render(model, codec, rows, torch.device("cpu"))
+    assert np.array_equal(images, one_call)
 
 
 def test_stage_call_writes_a_two_row_batch(cfg, tmp_path):

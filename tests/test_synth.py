@@ -7,6 +7,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.cli import main
+from pipelines.data.imagenet import list_imagenet
 from pipelines.data.synth import QUIRK_KINDS, make_synthetic_imagenet, wnid
 
 
@@ -76,8 +77,11 @@ def test_quirks(tmp_path):
 
 def test_cli(tmp_path, capsys):
     rc = main(["synth-imagenet", str(tmp_path / "d"), "--classes", "2", "--per-class", "3", "--size", "16",
-               "--seed", "3", "--quirks"])
+               "--seed", "3", "--quirks", "--test-per-class", "2"])
     assert rc == 0
-    assert "wrote 13 train and 4 val images of 2 classes" in capsys.readouterr().out  # 6 + 7 quirks
+    assert "wrote 13 train, 4 val and 4 test images of 2 classes" in capsys.readouterr().out  # 6 + 7 quirks
     assert len(os.listdir(tmp_path / "d" / "train")) == 2
+    test_split = list_imagenet(str(tmp_path / "d"), "test")
+    assert [label for _, label in test_split.items] == [0, 0, 1, 1]  # class folders, in the mapping's order
+    assert not set(test_split.keys) & set(list_imagenet(str(tmp_path / "d"), "val").keys)
     assert main(["synth-imagenet", str(tmp_path / "e"), "--classes", "0"]) == 2

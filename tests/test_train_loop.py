@@ -8,9 +8,9 @@ import torch
 from jobs.config import load_config
 from models import build_model
 from pipelines.core.errors import SarError
+from pipelines.core.rundir import bind_run_dir, config_fingerprint
 from pipelines.data.latents import tokens_from_batch
 from pipelines.train.objectives import PretrainObjective, RefineObjective, group_buckets
-from pipelines.core.rundir import bind_run_dir, config_fingerprint
 from pipelines.train.optim import make_ema, make_optimizer, make_scheduler
 from tests.conftest import DEMO_CONFIG
 
@@ -106,6 +106,20 @@ def test_run_dir_refuses_another_config(tmp_path):
     bind("pretrain.optim.lr=0.5", "pretrain.allow_config_change=true")
 
 
+def test_a_setting_added_by_a_later_release_counts_as_its_default(tmp_path):
+    """A binding written before a setting existed lacks it: its default is what that run did."""
+    from pipelines.core.rundir import first_difference
+
+    cfg, default = load_config(DEMO_CONFIG), load_config(None)
+    ours, defaults = (config_fingerprint(c.public_dict(), "refine") for c in (cfg, default))
+    old = copy.deepcopy(ours)
+    del old["refine"]["rollout_groups"]
+    assert first_difference(old, ours, defaults=defaults) is None
+    changed = config_fingerprint(load_config(DEMO_CONFIG, ["refine.rollout_groups=random-one"]).public_dict(), "refine")
+    assert first_difference(old, changed, defaults=defaults) == \
+        'refine.rollout_groups: run has "all", config has "random-one"'
+
+
 # Refinement ------------------------------------------------------------------------------------
 def refine_step(head="flow", **settings):
     """One refine step of a tiny model: (objective, whether each backbone forward carried a gradient, loss, batch)."""
@@ -119,10 +133,15 @@ def refine_step(head="flow", **settings):
     return obj, calls, loss, (x, y)
 
 
-@pytest.mark.parametrize("mode, forwards", [("deterministic", 2), ("stochastic", 2), ("x_cfg", 2), ("cfg", 3)])
-def test_refine_step_is_one_extra_backbone_pass(mode, forwards):
+ROLLOUTS = ["all", "second-to-last", "random-one"]
+
+
+@pytest.mark.parametrize("rollout", ROLLOUTS)
+@pytest.mark.parametrize("mode, forwards", [("deterministic", 2), ("stochastic", 2), ("x_cfg", 2), ("cfg", 3),
+                                            ("cfg_ramped", 3)])
+def test_refine_step_is_one_extra_backbone_pass(mode, forwards, rollout):
     """Pass 1 and pass 2, plus the unconditional pass of real CFG in the sample step (no gradient)."""
-    _, calls, _, _ = refine_step(sample_mode=mode)
+    _, calls, _, _ = refine_step(sample_mode=mode, rollout_groups=rollout)
     assert len(calls) == forwards and sum(calls) == 2  # exactly two passes carry a gradient
 
 
@@ -144,9 +163,10 @@ def test_cfg_sample_step_guides_with_the_unconditional_pass():
     assert not torch.allclose(rollout(sample_mode="x_cfg", x_cfg_scale=2.0), plain, atol=1e-3)
 
 
-def test_refine_loss_is_tf_plus_gamma_csf_and_teacher_targets_have_no_grad():
+@pytest.mark.parametrize("rollout", ROLLOUTS)
+def test_refine_loss_is_tf_plus_gamma_csf_and_teacher_targets_have_no_grad(rollout):
     model = tiny()
-    obj = RefineObjective(model, refine_cfg(gamma=0.37, sample_mode="deterministic")).eval()
+    obj = RefineObjective(model, refine_cfg(gamma=0.37, sample_mode="deterministic", rollout_groups=rollout)).eval()
     x, y = batch()
     targets = []
     orig = model.head.loss
@@ -157,7 +177,7 @@ def test_refine_loss_is_tf_plus_gamma_csf_and_teacher_targets_have_no_grad():
 
     model.head.loss = spy
     torch.manual_seed(1)
-    loss, _, m = obj(x, y)
+    loss, _, m = obj(x, y, torch.Generator().manual_seed(0))
     assert loss.item() == pytest.approx(m["loss_tf"].item() + 0.37 * m["loss_csf"].item(), rel=1e-6)
     # CSFL's target is the detached teacher prediction, not the ground truth.
     assert not targets[1].requires_grad and targets[1].grad_fn is None
@@ -190,10 +210,12 @@ def test_refine_runs_for_shift_aligned_groupings(grouping):
     assert torch.isfinite(loss) and m["loss_csf"] > 0
 
 
-def test_gamma_zero_gives_the_pretraining_update():
+@pytest.mark.parametrize("rollout", ROLLOUTS)
+def test_gamma_zero_gives_the_pretraining_update(rollout):
     x, y = batch()
     updated = []
-    for make in (lambda m: PretrainObjective(m), lambda m: RefineObjective(m, refine_cfg(gamma=0.0))):
+    for make in (lambda m: PretrainObjective(m),
+                 lambda m: RefineObjective(m, refine_cfg(gamma=0.0, rollout_groups=rollout))):
         model = tiny()
         obj = make(model).train()
         cfg = load_config(None, ["pretrain.optim.warmup_steps=0"]).pretrain
@@ -213,6 +235,107 @@ def test_csf_on_one_group_only():
     assert obj.csf_mask.sum() == (model.grouping.group_index == 3).sum()
     with pytest.raises(SarError, match="refine.group"):
         RefineObjective(model, refine_cfg(group=99))
+    with pytest.raises(SarError, match="goes with rollout_groups all"):
+        RefineObjective(model, refine_cfg(group=3, rollout_groups="random-one"))
+
+
+def csf_of_one_step(obj, x, y, seed=0):
+    """(loss_csf, the per-token CSF losses (n, L) of the step) of one refine step."""
+    head, seen = obj.model.head, []
+    orig = head.loss
+    head.loss = lambda z, target: seen.append(orig(z, target)) or seen[-1]
+    _, _, m = obj(x, y, torch.Generator().manual_seed(seed))
+    head.loss = orig
+    return m["loss_csf"], seen[1].detach()
+
+
+@pytest.mark.parametrize("rollout, group", [("second-to-last", "last"), ("random-one", "drawn")])
+def test_one_group_rollout_feeds_its_predictions_to_the_next_group_alone(rollout, group):
+    """The student's group k + 1 sees group k only through the teacher's predictions and the groups
+    before k as they are; CSFL is group k + 1's loss alone. k is the second-to-last group, or drawn
+    per step from the step's generator (the same draw for the same seed)."""
+    model = tiny().eval()
+    obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", rollout_groups=rollout)).eval()
+    g, T = model.grouping, model.grouping.num_groups
+    k = obj.rollout_group(torch.Generator().manual_seed(0))
+    assert k == obj.rollout_group(torch.Generator().manual_seed(0)) and 0 <= k <= T - 2
+    if group == "last":
+        assert k == T - 2
+    else:
+        assert len({obj.rollout_group(torch.Generator().manual_seed(s)) for s in range(40)}) > 3
+    fixed = torch.randn(4, 16, 6)
+    obj.rollout_tokens = lambda x, y, z, gen: fixed  # the predictions, held fixed
+    outputs = []
+    model.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach().clone()))
+    x, y = batch(seed=1)
+    changed_k, changed_before = x.clone(), x.clone()
+    changed_k[:, g.group_index == k] += 1.0
+    changed_before[:, g.group_index < k] += 1.0
+    nxt = g.group_index == k + 1
+    for variant in (x, changed_k, changed_before):
+        torch.manual_seed(0)
+        obj(variant, y, torch.Generator().manual_seed(0))
+    student = outputs[1::2]  # each step: pass 1, pass 2
+    assert torch.equal(student[0][:, nxt], student[1][:, nxt])  # group k's ground truth is not read
+    if k > 0:
+        assert not torch.allclose(student[0][:, nxt], student[2][:, nxt])  # the groups before k are
+    loss_csf, per_token = csf_of_one_step(obj, x, y)
+    assert loss_csf.item() == pytest.approx(per_token[:, nxt].mean().item(), rel=1e-6)
+
+
+def test_csf_sums_the_groups_means_or_averages_the_tokens():
+    """loss_reduction sum is eq. 10's sum over groups 2..T of each group's mean; mean averages the tokens."""
+    x, y = batch()
+    for reduction in ("mean", "sum"):
+        model = tiny().eval()
+        obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", loss_reduction=reduction)).eval()
+        torch.manual_seed(0)
+        loss_csf, per_token = csf_of_one_step(obj, x, y)
+        gi = model.grouping.group_index
+        expected = (per_token[:, gi >= 1].mean() if reduction == "mean"
+                    else sum(per_token[:, gi == t].mean() for t in range(1, model.grouping.num_groups)))
+        assert loss_csf.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert model.grouping.num_groups > 2  # so the two reductions differ
+
+
+def test_ramped_cfg_weights_grow_over_the_groups_as_the_released_code():
+    """w_g = 1 + s / 2 (1 + g / (T - 1)): (1 + t) c - t u with t from s/2 at the first group to s at the last."""
+    model = tiny()
+    obj = RefineObjective(model, refine_cfg(sample_mode="cfg_ramped", cfg_scale=2.5))
+    w = obj.sample_weights(2)
+    gi, T = model.grouping.group_index, model.grouping.num_groups
+    assert w.shape == (2, 16) and torch.allclose(w[0], 1 + 1.25 * (1 + gi.float() / (T - 1)))
+    assert w[0, gi == 0].unique().item() == pytest.approx(2.25) and w[0, gi == T - 1].unique().item() == pytest.approx(3.5)
+    with torch.no_grad():  # a head with an output, so guidance moves it
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y = batch()
+    with torch.no_grad():
+        z = model(x, y)
+        ramped = obj.rollout_tokens(x, y, z, torch.Generator().manual_seed(3))
+        flat = RefineObjective(model, refine_cfg(sample_mode="cfg", cfg_scale=2.25)).rollout_tokens(
+            x, y, z, torch.Generator().manual_seed(3))
+    first = gi == 0
+    torch.testing.assert_close(ramped[:, first], flat[:, first], atol=1e-5, rtol=0)  # same weight on group 1
+    assert not torch.allclose(ramped[:, ~first], flat[:, ~first], atol=1e-3)
+
+
+def test_linear_lr_scaling_and_an_ema_of_decay_zero():
+    """lr_scaling linear-256 multiplies the base lr by global_batch / 256; ema_decay 0 keeps no average."""
+    from pipelines.train.optim import learning_rate
+
+    cfg = load_config(None, ["refine.optim.lr_scaling=linear-256", "refine.global_batch=2048"]).refine
+    assert learning_rate(cfg) == pytest.approx(8e-4)  # the released code: 1e-4 at 256 is 8e-4 at 2048
+    assert make_optimizer(tiny(), cfg).param_groups[0]["lr"] == pytest.approx(8e-4)
+    assert learning_rate(load_config(None).refine) == pytest.approx(1e-4)
+    model = tiny()
+    ema = make_ema(model, 0.0)
+    ema.update_parameters(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(ema.module.parameters(), model.parameters()))
 
 
 def test_in_training_evaluations_reach_the_stage_run(tmp_path):

@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from jobs.cli import main
-from jobs.parser import EX_TEMPFAIL
 from jobs.config import load_config
+from jobs.parser import EX_TEMPFAIL
+from pipelines.core.lease import LEASE_FILE, LeaseLost, WriterLease
 from pipelines.data import latents
+from pipelines.data.synth import make_synthetic_imagenet
 from pipelines.train import checkpoints, driver
 from pipelines.train.loop_config import METRICS
-from pipelines.core.lease import LEASE_FILE, LeaseLost, WriterLease
-from pipelines.data.synth import make_synthetic_imagenet
 from tests.conftest import REPO, encode_in_process, free_port
 
 TINY = {
@@ -112,7 +112,7 @@ def test_training_that_lost_its_lease_stops_without_writing(ray_local, tiny):
     model_config = driver.build_model_config(cfg.model, manifest)
     lease = WriterLease(cfg.pretrain_dir, ttl_s=60).acquire()
     start = driver.claim_run_folder(cfg, "pretrain", cfg.pretrain_dir, model_config, lease)
-    loop = driver.loop_config(cfg, "pretrain", cfg.pretrain_dir, model_config, manifest, {}, start_step=start,
+    loop = driver.build_loop_config(cfg, "pretrain", cfg.pretrain_dir, model_config, manifest, {}, start_step=start,
                               lease=lease)
     lease.release()  # as if it had expired...
     with WriterLease(cfg.pretrain_dir, ttl_s=60, command="sar pretrain (the other one)"):  # ...and been taken

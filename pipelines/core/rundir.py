@@ -58,11 +58,17 @@ def config_fingerprint(config: dict[str, Any], stage: str) -> dict[str, Any]:
             "encode": {k: config["encode"][k] for k in ("encoder", "image_size", "patch")}, stage: section}
 
 
-def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The first dotted key where two JSON trees differ, described, or None."""
+def first_difference(a: Any, b: Any, prefix: str = "", defaults: Any = None) -> str | None:
+    """The first dotted key where two JSON trees differ, described, or None.
+
+    A key `a` lacks (a binding written by a release that had no such setting) is taken at its value in
+    `defaults`, when given: what that release did without it.
+    """
     if isinstance(a, dict) and isinstance(b, dict):
+        d_tree = defaults if isinstance(defaults, dict) else {}
         for k in sorted(set(a) | set(b)):
-            d = first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+            mine = a[k] if k in a else d_tree.get(k)
+            d = first_difference(mine, b.get(k), f"{prefix}{k}.", d_tree.get(k))
             if d:
                 return d
         return None
@@ -75,11 +81,12 @@ def bound_fingerprint(stage_dir: str, storage_options: dict[str, Any] | None = N
 
 
 def bind_run_dir(stage_dir: str, fingerprint: dict[str, Any], stage: str, allow_change: bool,
-                 storage_options: dict[str, Any] | None = None) -> None:
-    """Record the run's config on first start; refuse a different one unless allowed."""
+                 storage_options: dict[str, Any] | None = None, defaults: dict[str, Any] | None = None) -> None:
+    """Record the run's config on first start; refuse a different one unless allowed. `defaults` is the
+    fingerprint of the default config: a setting added since the folder was bound counts as its default."""
     theirs = bound_fingerprint(stage_dir, storage_options)
     if theirs is not None:
-        diff = first_difference(theirs, fingerprint)
+        diff = first_difference(theirs, fingerprint, defaults=defaults)
         if not diff:
             return
         if not allow_change:

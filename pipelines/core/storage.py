@@ -141,11 +141,13 @@ def classify(err: BaseException, url: str, storage_options: dict[str, Any] | Non
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
-            ConnectionError as BotoConnectionError,
             CredentialRetrievalError,
             NoCredentialsError,
             PartialCredentialsError,
             ReadTimeoutError,
+        )
+        from botocore.exceptions import (
+            ConnectionError as BotoConnectionError,
         )
     else:
         BotoCoreError = ClientError = BotoConnectionError = CredentialRetrievalError = type("_Absent", (Exception,), {})

@@ -8,4 +8,5 @@
     encode.py       the encode stage's Ray Data pipeline and its driver
     synth.py        a procedural ImageNet-layout dataset (the demo's)
     synth_latents.py  a synthetic latents dataset at ImageNet's KL-16 shape, without images (data path at size)
+    mnist.py        MNIST's 5,000 packaged digits as an ImageNet-layout folder with train / val / test
 """

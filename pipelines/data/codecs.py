@@ -17,7 +17,7 @@ z' = mean + exp(logvar / 2) * eps lives directly in token space (MAR: sample, th
 Tokens are patchified as MAR does: each token holds its (channel, dy, dx) values.
 
 Weights are read from a local or object-store path (storage.local_copy), never a hub;
-LDM-format checkpoints are converted by pipelines/ldm_vae.py.
+LDM-format checkpoints are converted by pipelines/data/ldm_vae.py.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ One stage per concern:
 
 `plan_encode` reads the folder's committed state and lists what is new, without Ray;
 `run_encode` encodes only source files not yet consumed; a killed run resumes from its last
-commit (pipelines/latents.py describes the shards, the manifest and the commit protocol). Both
-run under the folder's writer lease (pipelines/lease.py), checked before every commit.
+commit (pipelines/data/latents.py describes the shards, the manifest and the commit protocol). Both
+run under the folder's writer lease (pipelines/core/lease.py), checked before every commit.
 """
 
 from __future__ import annotations
@@ -27,17 +27,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.data import latents as L
 from pipelines.core import storage
-from pipelines.data.codecs import make_codec
 from pipelines.core.errors import SarError
-from pipelines.data.imagenet import SourceListing, list_imagenet
 from pipelines.core.lease import WriterLease
-from pipelines.data.latents import (ERROR, KEY, LABEL, LOGVAR, LOGVAR_FLIP, MEAN, MEAN_FLIP, PYRAMID, TOKENS,
-                               storage_array)
-from pipelines.data.preprocess import PIXELS, hflip, read_and_decode, to_model_input
 from pipelines.core.progress import Progress
 from pipelines.core.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
+from pipelines.data import latents as L
+from pipelines.data.codecs import make_codec
+from pipelines.data.imagenet import SourceListing, list_imagenet
+from pipelines.data.latents import (
+    ERROR,
+    KEY,
+    LABEL,
+    LOGVAR,
+    LOGVAR_FLIP,
+    MEAN,
+    MEAN_FLIP,
+    PYRAMID,
+    TOKENS,
+    storage_array,
+)
+from pipelines.data.preprocess import PIXELS, hflip, read_and_decode, to_model_input
 
 log = logging.getLogger("sar.encode")
 
@@ -151,7 +161,7 @@ class EncodeJob:
     scales: list[int] | None
     out: str               # the latents folder
     run_config: dict[str, Any]  # the resolved public config, saved in the manifest
-    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/progress.py)
+    progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/core/progress.py)
 
     @property
     def storage_options(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ shards the manifest does not list; the next run deletes them before it starts an
 their images again, so every image ends up in exactly one committed shard.
 
 One encode run per latents folder at a time, enforced: the run holds the folder's writer
-lease (`_writer.lease*`, pipelines/lease.py; never taken for data nor cleaned up here) and
+lease (`_writer.lease*`, pipelines/core/lease.py; never taken for data nor cleaned up here) and
 checks it before every commit. A manifest that lists a shard no longer in the folder (deleted
 or lost by hand) is repaired rather than trusted: the shard leaves the manifest and its images
 count as not consumed, so the next run encodes them again.
@@ -49,9 +49,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from models import resolve_scales
 from pipelines.core import storage
 from pipelines.core.errors import DatasetMismatch, SarError
 from pipelines.core.lease import LEASE_PREFIX
+from pipelines.core.rundir import digest_of
+from pipelines.data.codecs import DEFAULT_PATCH, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +197,6 @@ VOLATILE_MANIFEST_FIELDS = {"created", "updated", "config", "elapsed_s", "summar
 def manifest_digest(manifest: dict) -> str:
     """The digest of a dataset (what training stages record as `inputs.latents`): its manifest
     without timestamps and config."""
-    from pipelines.core.rundir import digest_of
-
     return digest_of({k: v for k, v in manifest.items() if k not in VOLATILE_MANIFEST_FIELDS})
 
 
@@ -259,8 +260,6 @@ def check_compatible(manifest: dict, *, token_dim: int, grid: tuple[int, int], g
                      scales: list[int] | str | None) -> None:
     """Raise DatasetMismatch naming the first field where the dataset and the model differ; a
     scale schedule name is resolved for the grid first (the manifest holds the sides)."""
-    from models import resolve_scales
-
     scales = resolve_scales(scales, grid[0])
     wanted = {"token_dim": token_dim, "grid": list(grid), "grouping": grouping,
               "scales": list(scales) if scales else None}
@@ -279,8 +278,6 @@ def check_encode_settings(manifest: dict, encode: Any, where: str, storage_optio
     Raises DatasetMismatch naming the field and both values. The weights are compared by
     location, then (only when the locations differ) by content.
     """
-    from pipelines.data.codecs import DEFAULT_PATCH, weights_sha256
-
     wanted = {"encoder": encode.encoder, "image_size": encode.image_size,
               "patch": encode.patch or DEFAULT_PATCH.get(encode.encoder)}
     if encode.scale_factor is not None:

@@ -162,6 +162,7 @@ class SynthSummary:
     train_images: int
     val_images: int
     quirks: dict[str, str]
+    test_images: int = 0
 
 
 def make_synthetic_imagenet(
@@ -172,12 +173,17 @@ def make_synthetic_imagenet(
     seed: int = 0,
     val_per_class: int = 2,
     quirks: bool = False,
+    test_per_class: int = 0,
 ) -> SynthSummary:
-    """Write the dataset under the local folder `out` (created if missing) and return counts."""
-    if classes < 1 or per_class < 1 or size < 8 or val_per_class < 0:
+    """Write the dataset under the local folder `out` (created if missing) and return counts.
+
+    `val_per_class` images of each class go to a flat val/ with LOC_val_solution.csv (as ImageNet
+    ships it), `test_per_class` to test/<wnid>/ folders; both are draws nothing trains on."""
+    if classes < 1 or per_class < 1 or size < 8 or val_per_class < 0 or test_per_class < 0:
         raise ValueError(
-            f"need classes >= 1, per_class >= 1, size >= 8, val_per_class >= 0; "
-            f"got classes={classes}, per_class={per_class}, size={size}, val_per_class={val_per_class}"
+            f"need classes >= 1, per_class >= 1, size >= 8, val_per_class >= 0, test_per_class >= 0; "
+            f"got classes={classes}, per_class={per_class}, size={size}, val_per_class={val_per_class}, "
+            f"test_per_class={test_per_class}"
         )
     os.makedirs(os.path.join(out, "train"), exist_ok=True)
     os.makedirs(os.path.join(out, "val"), exist_ok=True)
@@ -200,6 +206,13 @@ def make_synthetic_imagenet(
             _write(os.path.join(out, "val", f"{image_id}.JPEG"), _jpeg(img))
             solution.append(f"{image_id},{wnid(label)} 0 0 {size - 1} {size - 1}")
 
+    for label in range(classes):
+        if test_per_class:
+            folder = os.path.join(out, "test", wnid(label))
+            os.makedirs(folder, exist_ok=True)
+        for n in range(test_per_class):
+            _write(os.path.join(folder, f"{wnid(label)}_test_{n}.JPEG"), _jpeg(render(label, 2_000_000 + n, size, seed)))
+
     quirk_files: dict[str, str] = {}
     if quirks:
         for i, kind in enumerate(QUIRK_KINDS):
@@ -211,4 +224,5 @@ def make_synthetic_imagenet(
 
     _write(os.path.join(out, "LOC_val_solution.csv"), ("\n".join(solution) + "\n").encode())
     _write(os.path.join(out, "LOC_synset_mapping.txt"), ("\n".join(names) + "\n").encode())
-    return SynthSummary(out, classes, classes * per_class + len(quirk_files), val_index, quirk_files)
+    return SynthSummary(out, classes, classes * per_class + len(quirk_files), val_index, quirk_files,
+                        classes * test_per_class)

@@ -23,17 +23,23 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+from torch_fidelity.utils import create_feature_extractor
 
 from models.domain_classifier import DomainClassifier, to_input
 from pipelines.core import storage
 from pipelines.core.errors import SarError
+from pipelines.data.imagenet import list_imagenet
 from pipelines.data.preprocess import ERROR, KEY, LABEL, PIXELS, read_and_decode
 from pipelines.evaluate import fidelity
 
@@ -184,6 +190,71 @@ def reference_images(evaluator_path: str, source: str,
     return LabelledImages(images, labels, keys)
 
 
+def split_images(source: str, split: str, wnids: Sequence[str], image_size: int,
+                 storage_options: dict[str, Any] | None = None) -> LabelledImages | None:
+    """The real images of `split` of an ImageNet-layout `source`, labelled in the evaluator's class
+    order (`wnids`) and ADM-cropped to its size; None when the source has no `split`/ folder."""
+    if not storage.exists(storage.join(source, split), storage_options):
+        return None
+    listing = list_imagenet(source, split, storage_options=storage_options)
+    index = {w: i for i, w in enumerate(wnids)}
+    unknown = sorted({listing.wnids[label] for _, label in listing.items} - index.keys())
+    if unknown:
+        raise SarError(f"{storage.redact(source)}/{split}: classes the domain evaluator does not know "
+                       f"({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''})")
+    keys = [k for k, _ in listing.items]
+    labels = [index[listing.wnids[label]] for _, label in listing.items]
+    images, labels, keys, rejected = decode_keys(source, keys, labels, image_size, storage_options)
+    if rejected:
+        key, reason = next(iter(rejected.items()))
+        raise SarError(f"{storage.redact(source)}/{split}: {len(rejected)} images cannot be read (first: {key}: {reason})")
+    return LabelledImages(images, labels, keys)
+
+
+@dataclass(frozen=True)
+class RealSets:
+    """The real images a sample set is scored against (`reference`) and compared with (`floor`: real
+    images against the same reference), and where each came from."""
+
+    reference: LabelledImages
+    reference_from: str
+    floor: LabelledImages | None = None
+    floor_from: str | None = None
+
+
+def real_sets(evaluator_path: str, source: str, reference_split: str, floor_split: str | None,
+              need_floor: bool = True, storage_options: dict[str, Any] | None = None) -> RealSets:
+    """The reference and floor images of the protocol: the source's `reference_split` and `floor_split`,
+    each falling back to the evaluator's held-out training images when the source lacks the split
+    (half B and half A of them when it lacks both)."""
+    meta = read_metadata(evaluator_path, storage_options)
+    size, wnids = meta["image_size"], meta["wnids"]
+    reference = split_images(source, reference_split, wnids, size, storage_options)
+    floor = split_images(source, floor_split, wnids, size, storage_options) if need_floor and floor_split else None
+    held = "the evaluator's held-out training images"
+    if reference is not None and (floor is not None or not need_floor):
+        return RealSets(reference, f"{reference_split}/", floor, f"{floor_split}/" if floor is not None else None)
+    heldout = reference_images(evaluator_path, source, storage_options)
+    if reference is None and need_floor and floor is None:
+        half_a, half_b = heldout.halves()
+        return RealSets(half_b, f"{held}, half B", half_a, f"{held}, half A")
+    if reference is None:
+        return RealSets(heldout, held, floor, f"{floor_split}/" if floor is not None else None)
+    return RealSets(reference, f"{reference_split}/", heldout, held)
+
+
+def balanced_subset(images: LabelledImages, n: int) -> LabelledImages:
+    """The first `n` images taken one class at a time in turn (each class's images in their order):
+    as even over the classes as their sizes allow, and the same subset every time."""
+    by_class = [list(np.flatnonzero(images.labels == label)) for label in np.unique(images.labels)]
+    picked: list[int] = []
+    while len(picked) < min(n, len(images)):
+        for idx in by_class:
+            if idx and len(picked) < n:
+                picked.append(int(idx.pop(0)))
+    return images.subset(sorted(picked))
+
+
 def check_classes(meta: dict[str, Any], classes: Sequence[str] | None, where: str) -> None:
     """Refuse an evaluator whose classes (wnids in label order) are not the dataset's: accuracy would be meaningless."""
     if classes is not None and list(meta["wnids"]) != list(classes):
@@ -249,8 +320,6 @@ register()
 # Metrics ---------------------------------------------------------------------------------------
 def create_extractor(evaluator_path: str, cuda: bool, storage_options: dict[str, Any] | None = None):
     """torch-fidelity's `create_feature_extractor` for NAME, both feature layers."""
-    from torch_fidelity.utils import create_feature_extractor
-
     return create_feature_extractor(NAME, [PENULTIMATE, LOGITS], cuda=cuda,
                                     feature_extractor_weights_path=evaluator_path, storage_options=storage_options,
                                     verbose=False)
@@ -279,9 +348,9 @@ class DomainScorer:
             return None
         labels = np.asarray(labels)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-            raise SarError(f"evaluate_samples labels: expected ({n},) integers, got {labels.shape} {labels.dtype}")
+            raise SarError(f"domain scoring: the samples' labels: expected ({n},) integers, got {labels.shape} {labels.dtype}")
         if n and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise SarError(f"evaluate_samples labels: values must be in [0, {self.num_classes}) (the evaluator's "
+            raise SarError(f"domain scoring: the samples' labels: values must be in [0, {self.num_classes}) (the evaluator's "
                            f"classes), got [{labels.min()}, {labels.max()}]")
         return labels
 
@@ -295,13 +364,9 @@ class DomainScorer:
         logits), num_samples, num_reference, and the evaluator's path, sha256 and held-out
         accuracy; what cannot be computed is None, with the reason in `skipped`.
         """
-        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-        from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-        from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
-
         n, m, ex = len(samples), self.num_reference, self.extractor
         if n == 0:
-            raise SarError("evaluate_samples: no samples to score")
+            raise SarError("domain scoring: no samples to score")
         labels = self._check_labels(labels, n)
         feats = fidelity.extract_features(samples, ex, self.batch_size, self.cuda)
         f1, f2 = feats[PENULTIMATE], self.reference

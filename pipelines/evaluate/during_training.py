@@ -21,11 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipelines.core import storage
 from pipelines.core.errors import SarError
+from pipelines.data.codecs import codec_from_manifest
+from pipelines.evaluate import fidelity
+from pipelines.evaluate.sampling import LABEL, SamplePlan, SampleSettings, grid_png
+from pipelines.train import checkpoints
 
 log = logging.getLogger("sar.eval")
 
@@ -44,7 +47,8 @@ class EvalSettings:
     evaluator: str                 # "domain" | "inception"
     token_space: dict[str, Any]    # the dataset's: how tokens decode to images
     evaluator_path: str | None = None   # domain: the evaluator file
-    source: str | None = None           # domain: the dataset root its held-out images are read from
+    source: str | None = None           # domain: the dataset root the reference images are read from
+    reference_split: str = "val"        # domain: fid.domain.reference_split (its held-out images if missing)
     reference: str | None = None        # inception: fid.reference
     inception_weights: str | None = None
 
@@ -54,7 +58,7 @@ class EvalSettings:
         return TrainingEvaluator(self, stage_dir, device, storage_options)
 
 
-def settings_for(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings | None:
+def in_training_evaluation(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings | None:
     """The in-training evaluation of a training stage, or None when `{stage}.eval_every` is unset.
 
     `cfg` is the resolved jobs.config.PipelineConfig. The domain evaluator is trained here, in the
@@ -67,8 +71,6 @@ def settings_for(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings
         raise SarError(f"{stage}.eval_every: in-training evaluation samples on rank 0 alone, which sharded "
                        f"(FSDP) weights do not allow; unset it or use {stage}.strategy=ddp")
     from pipelines.evaluate import domain, domain_training
-    from pipelines.train import checkpoints
-    from pipelines.evaluate.sampling import SampleSettings
 
     f, s = cfg.fid, cfg.sample
     extra: dict[str, Any] = {}
@@ -78,7 +80,8 @@ def settings_for(cfg: Any, stage: str, manifest: dict[str, Any]) -> EvalSettings
                                           classes=cfg.data.classes, per_class=cfg.data.per_class,
                                           settings=f.domain, storage_options=so)
         domain.check_classes(meta, manifest.get("classes"), storage.redact(cfg.evaluator_path))
-        extra = {"evaluator_path": cfg.evaluator_path, "source": cfg.data.source}
+        extra = {"evaluator_path": cfg.evaluator_path, "source": cfg.data.source,
+                 "reference_split": f.domain.reference_split}
     else:
         if not (f.inception_weights and f.reference):
             raise SarError(f"{stage}.eval_every with fid.evaluator=inception needs fid.inception_weights and "
@@ -95,9 +98,6 @@ class TrainingEvaluator:
 
     def __init__(self, settings: EvalSettings, stage_dir: str, device: torch.device,
                  storage_options: dict[str, Any] | None = None):
-        from pipelines.data.codecs import codec_from_manifest
-        from pipelines.evaluate.sampling import SamplePlan
-
         self.settings, self.stage_dir, self.device, self.so = settings, stage_dir, device, storage_options
         self.codec = codec_from_manifest(settings.token_space, storage_options).to(device).eval()
         self.rows = SamplePlan(settings.num_classes, settings.per_class, settings.seed).rows(
@@ -108,14 +108,13 @@ class TrainingEvaluator:
         from pipelines.evaluate import domain
 
         s = self.settings
-        reference = domain.reference_images(s.evaluator_path, s.source, self.so)
-        scorer = domain.DomainScorer(s.evaluator_path, reference, batch_size=s.sample.batch_size,
-                                        cuda=self.device.type == "cuda", storage_options=self.so)
+        real = domain.real_sets(s.evaluator_path, s.source, s.reference_split, None, need_floor=False,
+                                storage_options=self.so)
+        scorer = domain.DomainScorer(s.evaluator_path, real.reference, batch_size=s.sample.batch_size,
+                                     cuda=self.device.type == "cuda", storage_options=self.so)
         return lambda images, labels: scorer.score(images, labels, kid=False)
 
     def _inception_scorer(self):
-        from pipelines.evaluate import fidelity
-
         s, cuda = self.settings, self.device.type == "cuda"
         extractor = fidelity.load_inception(s.inception_weights, cuda, self.so)
         reference = fidelity.load_reference(
@@ -134,7 +133,6 @@ class TrainingEvaluator:
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         """Sample the set with `model` (the EMA weights), score it, write its grid; returns the row."""
         from pipelines.evaluate.domain import LabelledImages
-        from pipelines.evaluate.sampling import LABEL, grid_png
 
         s, t0, was_training = self.settings, time.perf_counter(), model.training
         model.eval()

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from pipelines.core import storage
 from pipelines.core.errors import SarError
+from pipelines.core.rundir import StageStatus
 from pipelines.data.preprocess import center_crop_arr, to_rgb
 
 log = logging.getLogger(__name__)
@@ -346,8 +347,6 @@ def write_metrics(eval_dir: str, metrics: dict[str, Any], storage_options: dict[
 def metrics_status(eval_dir: str, samples_dir: str, evaluator: str, storage_options: dict[str, Any] | None = None):
     """Up to date when metrics.json scored the sample set now in `samples_dir` with `evaluator`
     (a rundir.StageStatus)."""
-    from pipelines.core.rundir import StageStatus
-
     metrics_url = storage.join(eval_dir, METRICS_FILE)
     samples_url = storage.join(samples_dir, "_manifest.json")
     if not storage.exists(metrics_url, storage_options) or not storage.exists(samples_url, storage_options):

@@ -29,9 +29,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models import Guidance
 from pipelines.core import storage
 from pipelines.core.errors import SarError
 from pipelines.core.progress import Progress
+from pipelines.core.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
+from pipelines.core.rundir import StageStatus
+from pipelines.data.codecs import codec_from_manifest
+from pipelines.train.checkpoints import load_model, meta_token_space
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +123,28 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
+def decode_images(codec, grid: torch.Tensor, decode_batch: int | None = None) -> np.ndarray:
+    """Images (B, H, W, 3) uint8 of token grids (B, h, w, D), `decode_batch` at a time (all at once
+    when None). The decoder's activations at full resolution dwarf the generator's KV cache (a kl16
+    decode of 512 images at once ran out of an 80 GB GPU's memory, docs/benchmarks.md), so decoding
+    in chunks lets the sampling batch grow past what the decoder could take in one call."""
+    step = decode_batch or max(grid.shape[0], 1)
+    return np.concatenate([to_uint8(codec.decode(grid[i:i + step])) for i in range(0, grid.shape[0], step)])
+
+
+@torch.no_grad()
 def render(model, codec, labels, seeds, guidance, flow_steps: int, device: torch.device,
-           sampler: dict[str, Any] | None = None) -> np.ndarray:
+           sampler: dict[str, Any] | None = None, decode_batch: int | None = None) -> np.ndarray:
     """Images (B, H, W, 3) uint8 for class labels and per-sample seeds; `sampler` holds the head's
-    sampling options (SampleSettings.sampler: solver, temperature, compile_head)."""
+    sampling options (SampleSettings.sampler: solver, temperature, compile_head); the tokens are
+    decoded `decode_batch` images at a time (`decode_images`)."""
     labels = torch.as_tensor(np.array(labels), dtype=torch.long, device=device)
     seeds = [int(s) for s in seeds]
     with autocast(device):
         tokens = model.generate(labels, seeds=seeds, guidance=guidance, flow_steps=flow_steps,
                                 **(sampler or {}))                                              # (B, L, D)
     grid = model.grouping.to_grid(tokens.float())                                               # (B, h, w, D)
-    return to_uint8(codec.decode(grid))                                                         # (B, H, W, 3)
+    return decode_images(codec, grid, decode_batch)                                             # (B, H, W, 3)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -168,6 +184,7 @@ class SampleSettings:
     image_format: str = "png"       # "png" | "npz"
     shard_size: int = 1000          # images per npz shard
     batch_size: int = 64            # images per generate call
+    decode_batch: int = 64          # images per decoder call (decode_images): bounds the decoder's memory
     solver: str = "euler"           # the flow head's ODE solver: "euler" | "heun" | "midpoint"
     temperature: float = 1.0        # noise scale of the head's sampler
     compile_head: bool = False      # the head's steps compiled (CUDA graphs) on CUDA
@@ -182,33 +199,21 @@ class SampleSettings:
         """The settings of the config's sample section (jobs.config.SampleConfig)."""
         return cls(guidance=sample.guidance.model_dump(), flow_steps=sample.flow_steps, weights=sample.weights,
                    image_format=sample.format, shard_size=sample.npz_shard, batch_size=sample.batch_size,
-                   solver=sample.solver, temperature=sample.temperature, compile_head=sample.compile_head)
+                   decode_batch=sample.decode_batch, solver=sample.solver, temperature=sample.temperature,
+                   compile_head=sample.compile_head)
 
     def render(self, model, codec, rows: dict[str, np.ndarray], device: torch.device) -> np.ndarray:
         """The images (N, H, W, 3) uint8 of plan rows (labels and seeds), in batches of batch_size."""
-        from models import Guidance
-
         guidance, b = Guidance(**self.guidance), self.batch_size
         return np.concatenate([render(model, codec, rows[LABEL][i:i + b], rows[SEED][i:i + b], guidance,
-                                      self.flow_steps, device, self.sampler)
+                                      self.flow_steps, device, self.sampler, self.decode_batch)
                                for i in range(0, len(rows[LABEL]), b)])
-
-
-def token_space(meta: dict[str, Any]) -> dict[str, Any]:
-    """The dataset manifest (token space) a checkpoint was trained on."""
-    space = meta.get("latents") or meta.get("token_space")
-    if not space:
-        raise SarError("checkpoint meta.json has no 'latents' token space: cannot decode its samples")
-    return space
 
 
 def load_generator(checkpoint: str, weights: str, storage_options: dict[str, Any] | None, device: torch.device):
     """(model, codec, meta) of a checkpoint, on `device`."""
-    from pipelines.train.checkpoints import load_model
-    from pipelines.data.codecs import codec_from_manifest
-
     model, meta = load_model(checkpoint, weights=weights, storage_options=storage_options)
-    codec = codec_from_manifest(token_space(meta), storage_options=storage_options)
+    codec = codec_from_manifest(meta_token_space(meta), storage_options=storage_options)
     return model.to(device).eval(), codec.to(device).eval(), meta
 
 
@@ -305,8 +310,6 @@ def check_spec(samples_dir: str, spec: dict[str, Any], storage_options: dict[str
 
 def set_status(samples_dir: str, spec: dict[str, Any], storage_options: dict[str, Any] | None = None):
     """Whether the set in `samples_dir` is complete and made with `spec` (a rundir.StageStatus)."""
-    from pipelines.core.rundir import StageStatus
-
     url = storage.join(samples_dir, SPEC_FILE)
     if not storage.exists(url, storage_options):
         return StageStatus(False, "no samples")
@@ -348,8 +351,6 @@ def run_pool(checkpoint: str, plan: SamplePlan, settings: SampleSettings, sample
     reserving `resources_per_actor` (custom resources) besides its GPU share; a progress line
     (pipelines/core/progress.py) every `progress_interval_s` in a log."""
     import ray
-
-    from pipelines.core.ray_runtime import actor_pool_args, cluster_gpus, pool_args_accepted
 
     if settings.image_format == "npz":
         shards = sorted({i // settings.shard_size for i in missing})
@@ -399,7 +400,7 @@ def finish_set(samples_dir: str, plan: SamplePlan, settings: SampleSettings, spe
     storage.write_json(storage.join(samples_dir, INDEX_FILE),
                        index_rows(plan, settings.image_format, settings.shard_size), storage_options)
     manifest = {**spec, "index": INDEX_FILE, "num_classes_trained": meta.get("num_classes"),
-                "image_size": token_space(meta).get("image_size"), "config": run_config}
+                "image_size": meta_token_space(meta).get("image_size"), "config": run_config}
     check()
     storage.write_json(storage.join(samples_dir, MANIFEST_FILE), manifest, storage_options)
     return manifest

@@ -10,6 +10,7 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipelines.core import storage
 from pipelines.core.errors import SarError
@@ -17,40 +18,41 @@ from pipelines.data import latents
 from pipelines.evaluate import domain, domain_training, fidelity, sampling
 
 
-def domain_scorer(cfg: Any) -> tuple[domain.DomainScorer, Any]:
-    """(scorer against the evaluator's held-out real images, those images); trains the evaluator if missing."""
-    import torch
-
+def domain_scorer(cfg: Any, need_floor: bool = True) -> tuple[domain.DomainScorer, domain.RealSets]:
+    """(scorer against the protocol's reference images, the real sets); trains the evaluator if missing."""
     so, d = cfg.data.storage_options, cfg.fid.domain
     meta = domain_training.ensure_evaluator(cfg.evaluator_path, cfg.data.source, split=cfg.data.split,
-                                      image_size=d.image_size or cfg.encode.image_size, classes=cfg.data.classes,
-                                      per_class=cfg.data.per_class, settings=d, storage_options=so)
+                                            image_size=d.image_size or cfg.encode.image_size, classes=cfg.data.classes,
+                                            per_class=cfg.data.per_class, settings=d, storage_options=so)
     if storage.exists(storage.join(cfg.latents_dir, latents.MANIFEST), so):
         domain.check_classes(meta, latents.read_manifest(cfg.latents_dir, so).get("classes"),
-                                storage.redact(cfg.evaluator_path))
-    reference = domain.reference_images(cfg.evaluator_path, cfg.data.source, so)
-    scorer = domain.DomainScorer(cfg.evaluator_path, reference, batch_size=cfg.fid.batch_size,
-                                    cuda=torch.cuda.is_available(), storage_options=so)
-    return scorer, reference
+                             storage.redact(cfg.evaluator_path))
+    real = domain.real_sets(cfg.evaluator_path, cfg.data.source, d.reference_split, d.floor_split, need_floor, so)
+    scorer = domain.DomainScorer(cfg.evaluator_path, real.reference, batch_size=cfg.fid.batch_size,
+                                 cuda=torch.cuda.is_available(), storage_options=so)
+    return scorer, real
+
+
+FLOOR_KEYS = ("fid", "precision", "recall", "accuracy", "num_samples", "num_reference")
 
 
 def domain_metrics(cfg: Any, dataset, labels: np.ndarray) -> dict[str, Any]:
-    """The domain evaluator's scores of the samples, and of real held-out images for scale."""
-    scorer, reference = domain_scorer(cfg)
+    """The domain evaluator's scores of the samples against the reference images, and the floor: real
+    images against the same reference, as many as the samples (docs/benchmarks.md, Quality)."""
+    scorer, real = domain_scorer(cfg)
     scores = scorer.score(dataset, labels, prc=cfg.fid.prc)
-    # Real images against real images: one half of the held-out set scored against the other.
-    half_a, half_b = reference.halves()
-    real = domain.DomainScorer(cfg.evaluator_path, half_b, batch_size=cfg.fid.batch_size, cuda=scorer.cuda,
-                                  storage_options=cfg.data.storage_options).score(half_a, half_a.labels, kid=False)
-    scores["real_heldout"] = {k: real[k] for k in ("fid", "precision", "recall", "accuracy", "num_samples",
-                                                   "num_reference")}
+    scores["reference"] = {"images": real.reference_from, "count": len(real.reference)}
+    matched = domain.balanced_subset(real.floor, len(dataset))
+    floor = scorer.score(matched, matched.labels, kid=False, prc=cfg.fid.prc)
+    scores["floor"] = {**{k: floor[k] for k in FLOOR_KEYS}, "images": real.floor_from}
+    if len(matched) < len(dataset):
+        scores["floor"]["note"] = (f"only {len(matched)} real images for {len(dataset)} samples: FIDs of sets of "
+                                   f"other sizes do not compare; sample fewer or give more {real.floor_from}")
     return scores
 
 
 def inception_metrics(cfg: Any, dataset, manifest: dict[str, Any]) -> dict[str, Any]:
     """torch-fidelity's Inception metrics of the samples (FID and precision/recall need fid.reference)."""
-    import torch
-
     so, f, cuda = cfg.data.storage_options, cfg.fid, torch.cuda.is_available()
     try:
         extractor = fidelity.load_inception(f.inception_weights, cuda, so)
@@ -90,12 +92,16 @@ def summary(metrics: dict[str, Any]) -> str:
         parts.append(f"precision {metrics['precision']:.3f} recall {metrics['recall']:.3f}")
     d = metrics.get("domain")
     if d:
-        real = d["real_heldout"]
+        floor = d["floor"]
 
         def shown(value):
             return "n/a" if value is None else f"{value:.3f}"
-        parts.append(f"domain FID {shown(d['fid'])} (real held-out images: {shown(real['fid'])}), "
-                     f"class accuracy {shown(d['accuracy'])} (real: {shown(real['accuracy'])})")
+        parts.append(f"domain FID {shown(d['fid'])} ({d['num_samples']} samples vs {d['num_reference']} "
+                     f"{d['reference']['images']} images; real floor {shown(floor['fid'])}, {floor['num_samples']} "
+                     f"{floor['images']} vs the same {floor['num_reference']}), "
+                     f"precision {shown(d['precision'])} recall {shown(d['recall'])} "
+                     f"(floor {shown(floor['precision'])} {shown(floor['recall'])}), "
+                     f"class accuracy {shown(d['accuracy'])} (floor: {shown(floor['accuracy'])})")
         skipped = {**metrics["skipped"], **{f"domain {k}": v for k, v in d["skipped"].items()}}
         metrics = {**metrics, "skipped": skipped}
     skipped = "; ".join(f"{what} not computed: {why}" for what, why in metrics["skipped"].items())

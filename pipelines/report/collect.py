@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pipelines.core import rundir, storage, tracking
+from pipelines.data import latents
+from pipelines.evaluate import fidelity, sampling
 from pipelines.train import checkpoints
 from pipelines.train.loop_config import EVALS, METRICS
 
-STAGE_FILE = rundir.STAGE_RECORD
-STAGE_NAMES = ("encode", "pretrain", "refine", "sample", "fid")  # the roles the report has a place for
+STAGE_NAMES = ("encode", "pretrain", "refine", "sample", "fid")  # the places the report has (jobs/stages.py's names)
 TRAINING = ("pretrain", "refine")
 
 
@@ -41,7 +42,7 @@ def iso_utc(t: float) -> str:
 
 
 @dataclass
-class Stage:
+class StageFiles:
     """What the report knows of one stage; None where the stage left nothing."""
 
     name: str
@@ -65,10 +66,10 @@ class _Reader:
         self.so = storage_options
 
     @staticmethod
-    def url(stage: Stage, *parts: str) -> str:
+    def url(stage: StageFiles, *parts: str) -> str:
         return storage.join(stage.url, *parts)
 
-    def json(self, stage: Stage, *parts: str) -> dict[str, Any] | None:
+    def json(self, stage: StageFiles, *parts: str) -> dict[str, Any] | None:
         url = self.url(stage, *parts)
         try:
             value = storage.read_json(url, self.so)
@@ -82,7 +83,7 @@ class _Reader:
             return None
         return value
 
-    def jsonl(self, stage: Stage, *parts: str) -> list[dict[str, Any]]:
+    def jsonl(self, stage: StageFiles, *parts: str) -> list[dict[str, Any]]:
         url = self.url(stage, *parts)
         try:
             text = storage.read_text(url, self.so)
@@ -106,7 +107,7 @@ class _Reader:
             rows.append(row)
         return rows
 
-    def binary(self, stage: Stage, *parts: str, required: bool = True) -> bytes | None:
+    def binary(self, stage: StageFiles, *parts: str, required: bool = True) -> bytes | None:
         """A file's bytes; a missing one is a problem only when something names it (`required`)."""
         try:
             return storage.read_bytes(self.url(stage, *parts), self.so)
@@ -117,7 +118,7 @@ class _Reader:
             stage.problems.append(str(err))
         return None
 
-    def mtime(self, stage: Stage, *parts: str) -> str | None:
+    def mtime(self, stage: StageFiles, *parts: str) -> str | None:
         """The modification time of a file as ISO UTC, when the filesystem tells it."""
         try:
             fs, path = storage.filesystem(self.url(stage, *parts), self.so)
@@ -129,7 +130,7 @@ class _Reader:
             return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         return iso_utc(float(t)) if isinstance(t, (int, float)) else None
 
-    def newest_checkpoint(self, stage: Stage) -> dict[str, Any] | None:
+    def newest_checkpoint(self, stage: StageFiles) -> dict[str, Any] | None:
         """meta.json of the newest committed checkpoint, found as a training stage finds it."""
         try:
             latest = checkpoints.find_latest(stage.url, self.so)
@@ -144,16 +145,18 @@ class _Reader:
                 "_time": self.mtime(stage, checkpoints.CHECKPOINTS, name, checkpoints.META_FILE)}
 
 
-def collect(outputs: Mapping[str, str], storage_options: dict[str, Any] | None = None) -> dict[str, Stage]:
+def collect(outputs: Mapping[str, str], storage_options: dict[str, Any] | None = None) -> dict[str, StageFiles]:
     """Every stage's files, read once; `outputs` maps each stage name (STAGE_NAMES) to its folder."""
     r = _Reader(storage_options)
-    stages = {name: Stage(name, str(outputs[name]).rstrip("/")) for name in STAGE_NAMES}
+    if set(outputs) != set(STAGE_NAMES):
+        raise ValueError(f"the report reads the stages {STAGE_NAMES}, got folders for {tuple(outputs)}")
+    stages = {name: StageFiles(name, str(outputs[name]).rstrip("/")) for name in STAGE_NAMES}
     for s in stages.values():
-        s.record = r.json(s, STAGE_FILE)
+        s.record = r.json(s, rundir.STAGE_RECORD)
     enc = stages["encode"]
-    enc.manifest = r.json(enc, "_manifest.json")
+    enc.manifest = r.json(enc, latents.MANIFEST)
     if enc.manifest is not None:
-        enc.manifest["_time"] = r.mtime(enc, "_manifest.json")
+        enc.manifest["_time"] = r.mtime(enc, latents.MANIFEST)
     for name in TRAINING:
         s = stages[name]
         s.checkpoint = r.newest_checkpoint(s)
@@ -163,14 +166,14 @@ def collect(outputs: Mapping[str, str], storage_options: dict[str, Any] | None =
             grid = row.get("grid")
             row["_grid"] = r.binary(s, *grid.split("/")) if isinstance(grid, str) and grid else None
     smp = stages["sample"]
-    smp.manifest = r.json(smp, "_manifest.json")
+    smp.manifest = r.json(smp, sampling.MANIFEST_FILE)
     if smp.manifest is not None:
-        smp.manifest["_time"] = r.mtime(smp, "_manifest.json")
+        smp.manifest["_time"] = r.mtime(smp, sampling.MANIFEST_FILE)
     ev = stages["fid"]
-    ev.manifest = r.json(ev, "metrics.json")
+    ev.manifest = r.json(ev, fidelity.METRICS_FILE)
     if ev.manifest is not None:
-        ev.manifest["_time"] = r.mtime(ev, "metrics.json")
-        ev.manifest["_grid"] = r.binary(ev, "grid.png", required=False)
+        ev.manifest["_time"] = r.mtime(ev, fidelity.METRICS_FILE)
+        ev.manifest["_grid"] = r.binary(ev, fidelity.GRID_FILE, required=False)
     return stages
 
 

@@ -21,8 +21,10 @@ import math
 from typing import Any, Mapping
 
 from pipelines.core import storage
+from pipelines.core.rundir import STAGE_RECORD
 from pipelines.data import latents
-from pipelines.report.collect import STAGE_FILE, STAGE_NAMES, TRAINING, Stage, collect, tracking_line
+from pipelines.evaluate.fidelity import GRID_FILE
+from pipelines.report.collect import STAGE_NAMES, TRAINING, StageFiles, collect, tracking_line
 from pipelines.train.plan import Plan
 
 REPORT_FILE = "report.html"
@@ -134,7 +136,7 @@ def _plot_lines(rows: list[dict[str, Any]], keys: list[str], title: str, ylabel:
     return _figure(draw)
 
 
-def figures(stages: dict[str, Stage]) -> list[tuple[str, str]]:
+def figures(stages: dict[str, StageFiles]) -> list[tuple[str, str]]:
     """(caption, data URI) of every figure the run's metrics allow."""
     out = []
     for name in TRAINING:
@@ -195,7 +197,7 @@ def figures(stages: dict[str, Stage]) -> list[tuple[str, str]]:
     return out
 
 
-def pretrain_end(pre: Stage) -> int:
+def pretrain_end(pre: StageFiles) -> int:
     """The step pretrain stopped at: its newest checkpoint, else its last metrics row."""
     step = (pre.checkpoint or {}).get("step")
     if isinstance(step, int):
@@ -229,7 +231,7 @@ def _missing_card(title: str, why: str = "not run yet") -> str:
     return f'<div class="card empty"><h3>{esc(title)}</h3><p class="missing">{esc(why)}</p></div>'
 
 
-def lineage(stages: dict[str, Stage]) -> str:
+def lineage(stages: dict[str, StageFiles]) -> str:
     enc, pre, ref, smp, ev = (stages[k] for k in STAGE_NAMES)
     cards = []
     data_digest = latents.manifest_digest({k: v for k, v in enc.manifest.items() if not k.startswith("_")}) \
@@ -296,7 +298,7 @@ def _digest_list(named: Any) -> str:
     return "<br>".join(f"{esc(k)} <code>{esc(short(v))}</code>" for k, v in named.items())
 
 
-def stage_table(stages: dict[str, Stage]) -> str:
+def stage_table(stages: dict[str, StageFiles]) -> str:
     head = ("<tr><th>stage</th><th>started</th><th>finished</th><th>wall</th><th>images</th><th>images/s</th>"
             "<th>inputs</th><th>outputs</th></tr>")
     rows = []
@@ -310,17 +312,17 @@ def stage_table(stages: dict[str, Stage]) -> str:
         elif s.rows:  # a training stage without its record: what the metrics rows show
             _, rates = _series(s.rows, "images_per_s")
             rate = sorted(rates)[len(rates) // 2] if rates else None
-            rows.append(f"<tr><td>{esc(s.name)}</td><td colspan=3 class=muted>no {STAGE_FILE}; from metrics.jsonl: "
+            rows.append(f"<tr><td>{esc(s.name)}</td><td colspan=3 class=muted>no {STAGE_RECORD}; from metrics.jsonl: "
                         f"{len(s.rows)} rows to step {num(s.rows[-1]['step'])}</td><td>—</td>"
                         f"<td>{num(rate, 3)} <span class=muted>(median)</span></td><td>—</td><td>—</td></tr>")
         elif s.ran:
-            rows.append(f"<tr><td>{esc(s.name)}</td><td colspan=7 class=muted>ran; no {STAGE_FILE}</td></tr>")
+            rows.append(f"<tr><td>{esc(s.name)}</td><td colspan=7 class=muted>ran; no {STAGE_RECORD}</td></tr>")
         else:
             rows.append(f"<tr><td>{esc(s.name)}</td><td colspan=7 class=missing>not run yet</td></tr>")
     return f'<table class="grid">{head}{"".join(rows)}</table>'
 
 
-def evals_section(stages: dict[str, Stage]) -> str:
+def evals_section(stages: dict[str, StageFiles]) -> str:
     parts = []
     for name in TRAINING:
         evals = stages[name].evals
@@ -419,7 +421,7 @@ def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return f'<table class="grid metrics"><tr>{th}</tr>{body}</table>'
 
 
-def final_section(stages: dict[str, Stage]) -> str:
+def final_section(stages: dict[str, StageFiles]) -> str:
     m = stages["fid"].manifest
     if not m:
         return NOT_RUN
@@ -437,16 +439,19 @@ def final_section(stages: dict[str, Stage]) -> str:
         left += ('<h3>domain evaluator</h3>' + _table(("", "samples", "real floor", "sets"), domain_rows(dom))
                  + '<p class="muted">FIDs compare only between sets of the same sizes: the floor scores real '
                  "images against the same reference.</p>")
+        notes = [n for n in ((dom.get("floor") or {}).get("note"), (dom.get("kid") or {}).get("note")
+                             if isinstance(dom.get("kid"), dict) else None) if n]
+        left += "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     skipped = {**(m.get("skipped") if isinstance(m.get("skipped"), dict) else {}),
                **{f"domain {k}": v for k, v in ((dom or {}).get("skipped") or {}).items()}}
     if skipped:
         items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in skipped.items())
         left += f'<h3>not computed</h3><ul class="skipped">{items}</ul>'
-    grid = m.get("_grid")
+    grid, grid_name = m.get("_grid"), storage.redact(storage.join(stages["fid"].url, GRID_FILE))
     uri = image_uri(grid, GRID_MAX_PX) if grid else None
     if grid and uri is None:
-        stages["fid"].problems.append("eval/grid.png: not an image")
-    right = (f'<figure class="final-grid">{_img(uri, "final sample grid")}<figcaption>eval/grid.png: '
+        stages["fid"].problems.append(f"{grid_name}: not an image")
+    right = (f'<figure class="final-grid">{_img(uri, "final sample grid")}<figcaption>{esc(grid_name)}: '
              f'{num(m.get("num_samples"))} samples of the checkpoint {esc(short(m.get("checkpoint_digest")))}'
              f'</figcaption></figure>' if uri else "")
     return f'<div class="final"><div>{left}</div>{right}</div>'
@@ -517,7 +522,8 @@ def plan_section(plan: Plan) -> str:
             "ones are arithmetic on them.</p>")
 
 
-def render(run_dir: str, stages: dict[str, Stage], tracking_line: str | None = None, plan: Plan | None = None) -> str:
+def render(run_dir: str, stages: dict[str, StageFiles], tracking_line: str | None = None,
+           plan: Plan | None = None) -> str:
     """The report page; with `plan`, a section of the run's plan."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     name = storage.redact(run_dir).rstrip("/").rsplit("/", 1)[-1] or run_dir

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from models import SARConfig, SARModel
 from pipelines.core import storage
 from pipelines.core.errors import SarError
 
@@ -44,6 +45,14 @@ TOKEN_SPACE_FIELDS = ("encoder", "weights", "weights_sha256", "scale_factor", "i
 def token_space(manifest: dict[str, Any]) -> dict[str, Any]:
     """The token-space fields of a latents manifest."""
     return {k: manifest[k] for k in TOKEN_SPACE_FIELDS if k in manifest}
+
+
+def meta_token_space(meta: dict[str, Any]) -> dict[str, Any]:
+    """The token space a checkpoint was trained on, from its meta.json (how its samples decode)."""
+    space = meta.get("latents") or meta.get("token_space")
+    if not space:
+        raise SarError("checkpoint meta.json has no 'latents' token space: cannot decode its samples")
+    return space
 
 
 def step_dir_name(step: int) -> str:
@@ -202,8 +211,6 @@ def load_state(ckpt_url: str, storage_options: dict[str, Any] | None = None) -> 
 
 def model_from_meta(meta: dict[str, Any]):
     """An un-trained SARModel with the architecture recorded in `meta`."""
-    from models import SARConfig, SARModel
-
     try:
         return SARModel(SARConfig.from_dict(meta["model_config"]))
     except ValueError as err:

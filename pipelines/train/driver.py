@@ -4,13 +4,13 @@
     check_inputs        refuse latents or a model that do not fit the run (before anything is written)
     claim_run_folder    the stage folder under its writer lease: corrupt checkpoints set aside, the
                         architecture checked against its checkpoints, the folder bound to the config
-    loop_config         the complete, frozen LoopConfig shipped to every worker (once Ray is up)
+    build_loop_config   the complete, frozen LoopConfig shipped to every worker (once Ray is up)
     training_dataset    the Ray Dataset the workers read
     run_training        Ray Train's TorchTrainer over worker.train_loop_per_worker; the last metrics row
     write_record        `_stage.json` of a finished launch
     training_status     whether a stage's output is up to date (for `sar run`)
 
-Nothing here needs Ray before `loop_config`, so a wrong dataset or a changed config is refused
+Nothing here needs Ray before `build_loop_config`, so a wrong dataset or a changed config is refused
 before any worker starts. `cfg` arguments are the resolved pipeline config (jobs/config.py's
 PipelineConfig), read as plain attributes; nothing here imports `jobs`.
 """
@@ -23,14 +23,23 @@ import math
 import os
 from typing import Any, Callable
 
+from models import preset_config
 from pipelines.core import rundir, storage, tracking
 from pipelines.core.errors import DatasetMismatch, SarError
 from pipelines.core.lease import LeaseLost, WriterLease
-from pipelines.data.latents import (TRAIN_COLUMNS, check_compatible, check_encode_settings, data_bytes,
-                                    read_into_object_store, read_manifest)
+from pipelines.core.ray_runtime import cluster_gpus
+from pipelines.data.latents import (
+    TRAIN_COLUMNS,
+    check_compatible,
+    check_encode_settings,
+    data_bytes,
+    read_into_object_store,
+    read_manifest,
+)
 from pipelines.data.stream import LatentStream
 from pipelines.train import checkpoints
 from pipelines.train.loop_config import LEASE_LOST, METRICS, PLOT, Evaluation, LoopConfig
+from pipelines.train.worker import train_loop_per_worker
 
 log = logging.getLogger("sar.train")
 
@@ -39,8 +48,6 @@ log = logging.getLogger("sar.train")
 def build_model_config(model: Any, manifest: dict[str, Any]) -> dict[str, Any]:
     """The SARConfig fields of a run: the config's model section (preset, grouping, scales,
     overrides) on the dataset's token space."""
-    from models import preset_config
-
     grid = manifest["grid"]
     fields = dict(token_dim=manifest["token_dim"], height=grid[0], width=grid[1],
                   num_classes=manifest.get("num_classes", 1000), grouping=model.grouping, scales=model.scales)
@@ -85,6 +92,38 @@ def resolve_length(train: Any, num_rows: int) -> Any:
     return train.model_copy(update={"steps": steps, "ema_decay": decay})
 
 
+def refine_start(cfg: Any, required: bool = True) -> str | None:
+    """The checkpoint refinement starts from (refine.init): a location as given, the pretrain checkpoint
+    of a step, the newest one at or before a fraction of pretrain.steps, or (unset) the newest one.
+
+    None when there is none yet and not `required`; else a SarError naming the steps there are.
+    """
+    init, so = cfg.refine.init, cfg.data.storage_options
+    if isinstance(init, str):
+        return init
+    if init is None:
+        latest = checkpoints.find_latest(cfg.pretrain_dir, so)
+        if latest is None and required:
+            raise SarError(f"no pretrain checkpoint under {storage.redact(cfg.pretrain_dir)}; run `sar pretrain` "
+                           f"first or set refine.init")
+        return latest
+    steps = checkpoints.list_steps(cfg.pretrain_dir, so)
+    if isinstance(init, float):
+        total = resolve_length(cfg.pretrain, read_manifest(cfg.latents_dir, so)["num_rows"]).steps
+        wanted = math.floor(init * total)
+        found = [s for s in steps if s <= wanted][-1:]
+        what = f"at or before step {wanted} ({init:g} of {total})"
+    else:
+        found, what = [s for s in steps if s == init], f"at step {init}"
+    if not found:
+        if not required:
+            return None
+        raise SarError(f"refine.init {init!r}: no pretrain checkpoint {what} under {storage.redact(cfg.pretrain_dir)} "
+                       f"(it holds steps {steps or 'none'}); pretrain.checkpoint_every and keep_checkpoints decide "
+                       f"which are kept")
+    return storage.join(cfg.pretrain_dir, checkpoints.CHECKPOINTS, checkpoints.step_dir_name(found[0]))
+
+
 def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: dict[str, Any]) -> None:
     """Refuse latents made with other encode settings or another token space than this run's, and
     warn (once, here) about a warm-up longer than the run; writes nothing, needs no Ray."""
@@ -96,6 +135,13 @@ def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: d
         log.warning("%s.optim.warmup_steps %d is more than %s.steps %d: the whole run is warm-up (the learning "
                     "rate reaches %s.optim.lr only at the last step)", stage, train.optim.warmup_steps, stage,
                     train.steps, stage)
+
+
+def fingerprints(cfg: Any, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what this config binds a stage folder to, the same of the default config): a setting a folder's
+    binding lacks was added by a later release and counts as its default (rundir.first_difference)."""
+    return (rundir.config_fingerprint(cfg.public_dict(), stage),
+            rundir.config_fingerprint(type(cfg)().public_dict(), stage))
 
 
 def claim_run_folder(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any],
@@ -113,21 +159,19 @@ def claim_run_folder(cfg: Any, stage: str, stage_dir: str, model_config: dict[st
     if lease is not None:
         checkpoints.set_aside_corrupt(stage_dir, so)
     check_resumable(stage_dir, model_config, so)
-    rundir.bind_run_dir(stage_dir, rundir.config_fingerprint(cfg.public_dict(), stage), stage,
-                        train.allow_config_change, so)
+    fingerprint, defaults = fingerprints(cfg, stage)
+    rundir.bind_run_dir(stage_dir, fingerprint, stage, train.allow_config_change, so, defaults=defaults)
     latest = checkpoints.find_latest(stage_dir, so)
     return checkpoints.read_meta(latest, so)["step"] if latest else 0
 
 
-def loop_config(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
-                inputs: dict[str, Any], *, start_step: int, init: tuple[str, str] | None = None,
-                lease: WriterLease | None = None, tracker: tracking.Tracker = tracking.NULL,
-                evaluation: Evaluation | None = None) -> LoopConfig:
+def build_loop_config(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
+                      inputs: dict[str, Any], *, start_step: int, init: tuple[str, str] | None = None,
+                      lease: WriterLease | None = None, tracker: tracking.Tracker = tracking.NULL,
+                      evaluation: Evaluation | None = None) -> LoopConfig:
     """The LoopConfig of this launch, complete: called once Ray is up (GPUs are counted in the cluster
     when `{stage}.use_gpu` is unset). `tracker` is the stage's run, which rank 0 logs into;
     `evaluation` the in-training evaluation (pipelines/evaluate/during_training.py), or None."""
-    from pipelines.core.ray_runtime import cluster_gpus
-
     train = resolve_length(getattr(cfg, stage), manifest["num_rows"])
     token_space = checkpoints.token_space(manifest)
     stream = latent_stream(cfg, stage, manifest, token_space) if reads_stream(cfg.data.reader, manifest) else None
@@ -157,7 +201,7 @@ def training_status(cfg: Any, stage: str, stage_dir: str, inputs: dict[str, Any]
     if inputs.get("latents") is None:
         return rundir.StageStatus(False, "no latents yet")
     steps = resolve_length(getattr(cfg, stage), read_manifest(cfg.latents_dir, storage_options)["num_rows"]).steps
-    fingerprint = rundir.config_fingerprint(cfg.public_dict(), stage)
+    fingerprint, defaults = fingerprints(cfg, stage)
     latest = checkpoints.find_latest(stage_dir, storage_options)
     if latest is None:
         return rundir.StageStatus(False, "no checkpoint")
@@ -165,7 +209,7 @@ def training_status(cfg: Any, stage: str, stage_dir: str, inputs: dict[str, Any]
     if meta.get("inputs") != inputs:
         return rundir.StageStatus(False, "made from other inputs (its inputs changed)", stale=True)
     bound = rundir.bound_fingerprint(stage_dir, storage_options)
-    if bound is not None and bound != fingerprint:
+    if bound is not None and rundir.first_difference(bound, fingerprint, defaults=defaults):
         return rundir.StageStatus(False, "made from other inputs (its config changed)", stale=True)
     if meta["step"] < steps:
         return rundir.StageStatus(False, f"at step {meta['step']} of {steps}")
@@ -239,8 +283,6 @@ def run_training(loop: LoopConfig, dataset, tracker: tracking.Tracker = tracking
     """
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from pipelines.train.worker import train_loop_per_worker
 
     loop_per_worker = loop_per_worker or train_loop_per_worker
 

@@ -13,6 +13,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from pipelines.core.lease import LeaseToken
+from pipelines.data.stream import LatentStream
+
 METRICS = "metrics.jsonl"   # one row per log step, rewritten with every checkpoint
 EVALS = "evals.jsonl"       # one row per in-training evaluation, rewritten at every evaluation
 PLOT = "loss.png"           # the training curves, drawn when the run ends
@@ -53,6 +56,6 @@ class LoopConfig:
     progress_interval_s: float = 30.0  # between progress lines in a log (pipelines/core/progress.py)
     plot: bool = True               # draw loss.png when the run ends
     evaluation: Evaluation | None = None  # in-training evaluation, None: none
-    lease: Any = None               # the driver's writer-lease token (core.lease.LeaseToken), checked before each write
-    stream: Any = None              # data.stream.LatentStream when each worker reads its part of the shards
-                                    # itself; None: the Ray Dataset "train" (driver.training_dataset)
+    lease: LeaseToken | None = None  # the driver's writer-lease token, checked before each write
+    stream: LatentStream | None = None  # each worker's own read of the shards (large latents); None: the Ray
+                                        # Dataset "train" the driver read (driver.training_dataset)

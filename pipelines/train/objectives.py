@@ -1,7 +1,7 @@
 """The training objectives: teacher forcing (pretrain) and self-autoregressive refinement (refine).
 
 An objective wraps the SARModel; `forward(x, labels, generator, log_metrics)` returns (loss,
-per-token loss (B, L), metrics) so the shared training loop (pipelines/train/training.py) can run
+per-token loss (B, L), metrics) so the shared training loop (pipelines/train/worker.py) can run
 either. `log_metrics` is False on the steps whose metrics the loop does not log: the metrics that
 cost compute of their own (refine's exposure gap) are left out there.
 
@@ -13,6 +13,9 @@ with gradient (three forwards with the `cfg` sample step, whose unconditional pa
   predictions) give z^S; CSFL (eq. 10) trains the head at z^S toward the detached x^T (or the
   ground truth, Algorithm 1), over groups 2..T or one chosen group;
   L = L_TF + gamma * L_CSF (eq. 11).
+`refine.rollout_groups` picks the rolled-out groups: all of them (the paper), or one group k whose
+predictions feed group k + 1 while every other group keeps the ground truth (the released code's
+one scale: k the second-to-last, or k drawn per step), CSFL then on group k + 1 alone.
 `refine.rollout_fraction` < 1 (an approximation, off by default) takes the sample step, pass 2 and
 CSFL on the first share of each micro-batch only.
 """
@@ -60,7 +63,8 @@ class RefineObjective(Objective):
     """L = L_TF + gamma * L_CSF with one stagger-scale rollout per step.
 
     `settings` is the refine section of the config (jobs.config.RefineConfig): gamma,
-    sample_mode, sample_steps, cfg_scale, target, group, rollout_fraction.
+    sample_mode, sample_steps, cfg_scale, target, group, rollout_groups, loss_reduction,
+    rollout_fraction.
     """
 
     def __init__(self, model, settings: Any):
@@ -71,9 +75,32 @@ class RefineObjective(Objective):
         if settings.group is not None:
             if not 0 <= settings.group < g.num_groups:
                 raise SarError(f"refine.group: {settings.group} is not a group of {g.num_groups}")
+            if getattr(settings, "rollout_groups", "all") != "all":
+                raise SarError(f"refine.group: CSFL on a chosen group goes with rollout_groups all, not "
+                               f"{settings.rollout_groups!r} (which picks its own group)")
             csf = g.group_index == settings.group
+        if getattr(settings, "rollout_groups", "all") != "all" and g.num_groups < 2:
+            raise SarError(f"refine.rollout_groups {settings.rollout_groups!r}: a grouping of one group has no "
+                           f"next group to feed")
         self.register_buffer("csf_mask", csf, persistent=False)
+        self.register_buffer("group_index", g.group_index.clone(), persistent=False)
         self.buckets = group_buckets(g.group_index, g.num_groups)
+
+    def rollout_group(self, generator: torch.Generator | None) -> int | None:
+        """The group k whose predictions pass 2 feeds to group k + 1, or None when every group is rolled out."""
+        mode, last = getattr(self.settings, "rollout_groups", "all"), self.model.grouping.num_groups - 1
+        if mode == "all":
+            return None
+        if mode == "second-to-last":
+            return last - 1
+        return int(torch.randint(0, last, (1,), generator=generator))  # random-one: k in 0..T-2
+
+    def sample_weights(self, n: int) -> torch.Tensor:
+        """cfg_ramped's guidance weight of every token (n, L): w_g = 1 + cfg_scale / 2 (1 + g / (T - 1))
+        over the groups g = 0..T-1 (the released code's (1 + t) c - t u with t = s / 2 (1 + ratio))."""
+        T = self.model.grouping.num_groups
+        ratio = self.group_index.float() / max(T - 1, 1)                       # (L,)
+        return (1 + self.settings.cfg_scale * 0.5 * (1 + ratio)).expand(n, -1)  # (n, L)
 
     @torch.no_grad()
     def rollout_tokens(self, x: torch.Tensor, labels: torch.Tensor, z_teacher: torch.Tensor,
@@ -89,15 +116,17 @@ class RefineObjective(Objective):
         shape = (*z_teacher.shape[:2], self.model.config.token_dim)
         if s.sample_mode == "deterministic":
             return head.sample(z_teacher, torch.zeros(shape, device=z_teacher.device), 1, mode="one_step")
-        z, guidance = z_teacher, Guidance()
-        if s.sample_mode == "cfg":
+        z, guidance, weights = z_teacher, Guidance(), None
+        if s.sample_mode in ("cfg", "cfg_ramped"):
             null = torch.ones_like(labels, dtype=torch.bool)
             z = torch.cat([z_teacher, self.model(x, labels, drop_labels=null)])  # [cond; uncond]
             guidance = Guidance("cfg", cfg=s.cfg_scale)
+            if s.sample_mode == "cfg_ramped":
+                weights = self.sample_weights(x.shape[0])
         elif s.sample_mode == "x_cfg":
             guidance = Guidance("x_cfg", w_x=s.x_cfg_scale)
         noise = gaussian_noise(shape, generator, z_teacher.device)
-        return head.sample(z, noise, s.sample_steps, guidance,
+        return head.sample(z, noise, s.sample_steps, guidance, token_weights=weights,
                            step_noise=lambda: gaussian_noise(shape, generator, z_teacher.device))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
@@ -110,18 +139,30 @@ class RefineObjective(Objective):
         # The rollout takes the first n examples: all of them unless rollout_fraction < 1.
         n = math.ceil(self.settings.rollout_fraction * x.shape[0])
         x_r, labels_r, drop_r, z_t = x[:n], labels[:n], drop[:n], z_teacher[:n].detach()
-        # The sample step, then pass 2 on streams rebuilt from the predictions alone.
+        # The sample step, then pass 2 on streams rebuilt from the predictions alone (all groups), or
+        # from the ground truth with group k's predictions in place (one group feeding the next).
         x_teacher = self.rollout_tokens(x_r, labels_r, z_t, generator)  # (n, L, D), no grad
-        z_student = self.model(x_teacher, labels_r, drop_labels=drop_r)  # (n, L, W)
+        k = self.rollout_group(generator)
+        mask = self.csf_mask if k is None else self.group_index == k + 1  # (L,) where CSFL is taken
+        x_in = x_teacher if k is None else torch.where((self.group_index == k)[None, :, None], x_teacher, x_r)
+        z_student = self.model(x_in, labels_r, drop_labels=drop_r)  # (n, L, W)
         target = x_teacher if self.settings.target == "teacher" else x_r
         csf = head.loss(z_student, target)  # (n, L)
         loss_tf = tf.mean()
-        loss_csf = csf[:, self.csf_mask.to(csf.device)].mean()
+        loss_csf = self.reduce_csf(csf, mask)
         loss = loss_tf + self.settings.gamma * loss_csf
         metrics = {"loss_tf": loss_tf.detach(), "loss_csf": loss_csf.detach()}
         if log_metrics:
             metrics.update(self.exposure_gap(z_student.detach(), z_t, x_teacher))
         return loss, tf, metrics
+
+    def reduce_csf(self, csf: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """L_CSF from the per-token losses (n, L) on the positions of `mask` (L,): their mean, or (eq. 10)
+        the sum over the groups of each group's mean."""
+        if getattr(self.settings, "loss_reduction", "mean") == "mean":
+            return csf[:, mask].mean()
+        groups = torch.unique(self.group_index[mask])
+        return sum(csf[:, self.group_index == g].mean() for g in groups)
 
     @torch.no_grad()
     def exposure_gap(self, z_student: torch.Tensor, z_teacher: torch.Tensor,

@@ -9,8 +9,15 @@ import torch
 import torch.nn as nn
 
 
+def learning_rate(train: Any) -> float:
+    """The peak learning rate of a run: optim.lr, times global_batch / 256 under lr_scaling linear-256."""
+    scale = train.global_batch / 256 if getattr(train.optim, "lr_scaling", "none") == "linear-256" else 1.0
+    return train.optim.lr * scale
+
+
 def make_optimizer(model: nn.Module, train: Any) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and embeddings (1-D or named embeddings), as MAR."""
+    """AdamW at `learning_rate(train)`; no weight decay on biases, norms and embeddings (1-D or named
+    embeddings), as MAR."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -18,7 +25,7 @@ def make_optimizer(model: nn.Module, train: Any) -> torch.optim.Optimizer:
         (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": train.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.optim.lr, betas=tuple(train.optim.betas))
+    return torch.optim.AdamW(groups, lr=learning_rate(train), betas=tuple(train.optim.betas))
 
 
 def make_scheduler(opt: torch.optim.Optimizer, train: Any) -> torch.optim.lr_scheduler.LRScheduler:

@@ -22,9 +22,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from models import SARConfig, SARModel, count_parameters, preset_config, train_flops_per_image
 from pipelines.core import storage
 from pipelines.data import stream
-from pipelines.data.latents import LABEL, TENSOR_COLUMNS, TRAIN_COLUMNS
+from pipelines.data.codecs import DEFAULT_PATCH, Codec
+from pipelines.data.encode import EncodeJob, dataset_header
+from pipelines.data.imagenet import SourceListing
+from pipelines.data.latents import LABEL, MANIFEST, TENSOR_COLUMNS, TRAIN_COLUMNS, read_manifest
+from pipelines.train.driver import DRIVER_READ_MAX, build_model_config, resolve_length
 
 IMAGENET_IMAGES = {"train": 1_281_167, "val": 50_000}  # ImageNet-1k (ILSVRC 2012)
 NUM_CLASSES = 1000
@@ -225,11 +232,6 @@ def dataset_rows(cfg: Any, manifest: dict | None) -> Figure:
 def projected_header(cfg: Any) -> dict:
     """What encode's manifest would say of this config's token space, from the encoder's reference space
     (SPACES): the columns, grid and dtype, without weights."""
-    import torch
-
-    from pipelines.data.codecs import DEFAULT_PATCH, Codec
-    from pipelines.data.encode import EncodeJob, dataset_header
-    from pipelines.data.imagenet import SourceListing
 
     enc = cfg.encode
     stride, channels = SPACES[enc.encoder]
@@ -253,9 +255,6 @@ def row_bytes(header: dict, columns) -> int:
 
 def meta_model(model_config: dict):
     """The SAR model of `model_config` on the meta device: shapes without memory."""
-    import torch
-
-    from models import SARConfig, SARModel
 
     with torch.device("meta"):
         return SARModel(SARConfig.from_dict(model_config))
@@ -263,7 +262,6 @@ def meta_model(model_config: dict):
 
 def measured_flops() -> float:
     """Training FLOPs an image of the model whose rate was measured (SAR-B on KL-16 tokens)."""
-    from models import preset_config, train_flops_per_image
 
     return train_flops_per_image(meta_model(preset_config("sar-b", **MEASURED_SPACE).to_dict()))
 
@@ -323,8 +321,6 @@ def make_plan(cfg: Any, manifest: dict | None, *, gpus: list[int] | None = None,
               rates: dict[str, float | None] | None = None, title: str | None = None) -> Plan:
     """The plan of `cfg` (jobs/config.py's PipelineConfig, read as attributes) on its dataset (`manifest`,
     None before encoding); `rates` overrides the per-GPU rates by stage name."""
-    from models import count_parameters, train_flops_per_image
-    from pipelines.train.driver import DRIVER_READ_MAX, build_model_config, resolve_length
 
     rates = rates or {}
     rows = dataset_rows(cfg, manifest)
@@ -383,8 +379,6 @@ def make_plan(cfg: Any, manifest: dict | None, *, gpus: list[int] | None = None,
 def plan_of(cfg: Any, **options: Any) -> Plan:
     """The plan of `cfg` on its latents when they exist (their manifest), else on the config's stated size;
     `options` as make_plan's."""
-    from pipelines.data import latents
-
     so = cfg.data.storage_options
-    exists = storage.exists(storage.join(cfg.latents_dir, latents.MANIFEST), so)
-    return make_plan(cfg, latents.read_manifest(cfg.latents_dir, so) if exists else None, **options)
+    exists = storage.exists(storage.join(cfg.latents_dir, MANIFEST), so)
+    return make_plan(cfg, read_manifest(cfg.latents_dir, so) if exists else None, **options)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
+from models import SARConfig, SARModel
 from pipelines.core import storage, tracking
 from pipelines.core.errors import SarError
 from pipelines.core.lease import LeaseLost
@@ -94,8 +95,7 @@ def full_state(t: Trainer) -> tuple[dict, dict, dict]:
     """Unsharded model, EMA and optimizer state (a collective under FSDP: every rank calls it)."""
     if not t.fsdp:
         return t.model.state_dict(), t.ema.module.state_dict(), t.opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(t.model, options=full), get_model_state_dict(t.ema.module, options=full),
@@ -143,8 +143,6 @@ def restore(loop: LoopConfig, model: nn.Module, ema: Any, rank: int = 0) -> tupl
 
 def prepare(loop: LoopConfig, device: torch.device, rank: int = 0, world: int = 1) -> tuple[Trainer, LoopState]:
     """Model, EMA, restored state, sharding or DDP, optimizer and schedule, on `device`."""
-    from models import SARConfig, SARModel
-
     train = loop.train
     objective = make_objective(loop.stage, SARModel(SARConfig.from_dict(loop.model_config)), train)
     model = objective.model
