@@ -55,7 +55,7 @@ class DataConfig(_Section):
     # the object store, else stream.
     reader: Literal["auto", "memory", "stream"] = "auto"
     # stream: rows shuffled together in a worker's buffer; its memory is about 3 x this x a row's bytes
-    # plus decode buffers (KL-16 latents, 32 KB a row: ~580 MiB measured at 4096, ~360 MiB at 1024,
+    # plus decode buffers (KL-16 latents, 32 KB a row: ~600 MiB measured at 4096, ~360 MiB at 1024,
     # whatever the dataset's size). Shards are shuffled as well, every epoch.
     shuffle_buffer_rows: int = Field(4096, ge=1)
     # Images in the source, for `sar plan` before the latents exist; None: ImageNet-1k's split

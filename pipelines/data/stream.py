@@ -35,7 +35,8 @@ Memory of one worker, whatever the dataset's size: the window being consumed, th
 projected columns (KL-16 at 4,096 rows: 3 x 128 MiB), plus one row group's fetched bytes and
 Arrow's decode buffers; the plan of an epoch is one integer per shard. Measured
 (benchmarks/latents_reader.py, docs/benchmarks.md): a reading process's peak RSS grows by about
-580 MiB at the default 4,096 rows and 360 MiB at 1,024, the same over 4,096 or 50,000 rows.
+560 to 620 MiB at the default 4,096 rows and 360 MiB at 1,024, the same over 4,096 or
+200,000 rows.
 """
 
 from __future__ import annotations

@@ -64,12 +64,12 @@ REFINE_STEP_COST = {"deterministic": 2.12, "stochastic": 2.07, "cfg": 2.45, "x_c
 # `uv run python benchmarks/latents_reader.py --only flops`); a row is an image and its flip.
 KL16_ENCODE_FLOPS = 136.4e9
 # The training reader (pipelines/data/stream.py), KL-16 rows as torch tensors, rows per CPU-second of
-# the reading processes, two workers reading one epoch at once (docs/benchmarks.md, "Training reader":
-# `nice -n 15 uv run python -u benchmarks/latents_reader.py --root DIR --rows 50000 --knob-rows 8192
-# --s3-rows 4096 --ray-rows 8192` on the shared 2-core machine; moto's server's own CPU not counted).
-READER_ROWS_PER_CORE_S = {"local disk": 4893.0, "S3 (moto)": 1827.0}
+# the reading processes, two workers reading one epoch at once on the shared 2-core machine
+# (docs/benchmarks.md, "Training reader": benchmarks/latents_reader.py; local disk: 200,000 rows,
+# `--rows 200000 --only local`; S3: moto's server on loopback, 4,096 rows, its own CPU not counted).
+READER_ROWS_PER_CORE_S = {"local disk": 5685.0, "S3 (moto)": 1827.0}
 # Parquet bytes of a `sar synth-latents` row (bfloat16, shards of 1,024) over its uncompressed bytes, all
-# columns: 1.35 GB for 50,000 rows of 41.0 KB (the same benchmark's set).
+# columns: 5.39 GB for 200,000 rows of 41.0 KB (the same benchmark's set).
 SYNTH_STORED_SHARE = 0.66
 
 
