@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from models import GROUPINGS, Guidance, build_model, count_parameters
+from models import GROUPINGS, Guidance, build_model, count_parameters, train_flops_per_image
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, no sparsity
 # Token-forward ratios quoted for a 16x16 grid (next-scale 1,2,4,8,16), without the cond token.
@@ -237,16 +237,6 @@ def head_share(model, fn, device):
         return spent[0] / (time.perf_counter() - start)
     finally:
         del model.head.sample
-
-
-def train_flops_per_image(model):
-    """Matmul FLOPs of one training step per image: 6 N tokens for the linears, plus attention
-    scores and values (12 S^2 W per layer, dense) and the head at head_batch_mul t per token."""
-    c, g = model.config, model.grouping
-    S = 1 + g.seq_len * (1 if model.single_stream else 2)
-    backbone = count_parameters(model.backbone)
-    head = count_parameters(model.head)
-    return 6 * backbone * S + 12 * c.depth * S * S * c.hidden_size + 6 * head * g.seq_len * c.head_batch_mul
 
 
 def bench_cuda(args, device):

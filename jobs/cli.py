@@ -1,6 +1,8 @@
 """`sar`: the one command line of the pipeline.
 
     sar synth-imagenet OUT --classes N --per-class M --size S --seed K [--quirks]
+    sar synth-latents OUT --rows N [--shard-rows R] [--classes C] [--seed K] [--dtype D] [--workers W] [--force]
+    sar plan          --config FILE [--set ...] [--gpus N ...] [--gpus-per-node G] [--<stage>-rate R]
     sar mnist         OUT [--size 32] [--split 400,50,50] [--seed 0]
     sar config show   --config FILE [--set key=value ...]
     sar encode        --config FILE [--set ...] [--force]
@@ -55,6 +57,23 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth_latents(args: argparse.Namespace) -> int:
+    from pipelines.data.synth_latents import make_synthetic_latents
+
+    try:
+        summary = make_synthetic_latents(args.out, args.rows, shard_rows=args.shard_rows, classes=args.classes,
+                                         seed=args.seed, dtype=args.dtype, force=args.force, workers=args.workers)
+    except ValueError as err:
+        print(f"sar synth-latents: error: {err}", file=sys.stderr)
+        return 2
+    except (SarError, StorageError) as err:
+        code = EX_TEMPFAIL if getattr(err, "transient", False) else 1
+        print(f"sar synth-latents: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return code
+    print(summary.line())
+    return 0
+
+
 def _mnist(args: argparse.Namespace) -> int:
     from pipelines.data.mnist import write_mnist
 
@@ -84,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command
     if command == "synth-imagenet":
         return _synth(args)
+    if command == "synth-latents":
+        return _synth_latents(args)
     if command == "mnist":
         return _mnist(args)
     if command == "submit":
@@ -175,6 +196,10 @@ def _run_command(cfg: PipelineConfig, args: argparse.Namespace, tracker: trackin
         from jobs import report
 
         return report.main(cfg, tracker)
+    if command == "plan":
+        from jobs import plan
+
+        return plan.main(cfg, args)
     raise AssertionError(f"no handler for the command {command!r}")
 
 

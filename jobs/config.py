@@ -48,6 +48,19 @@ class DataConfig(_Section):
     # Train on each image or its horizontal flip, chosen per example (DiT / MAR on ImageNet).
     # Off for data a mirror changes (digits, text, asymmetric classes).
     hflip: bool = True
+    # How training reads the latents (pipelines/train/driver.py: training_dataset). memory: the stage's
+    # process reads them once into Ray's object store (small datasets); stream: each Train worker reads
+    # its own part of every epoch from the shards (pipelines/data/stream.py: every row once per epoch,
+    # a killed run resumes at its row); auto: memory up to 256 MiB of shards that fit in a quarter of
+    # the object store, else stream.
+    reader: Literal["auto", "memory", "stream"] = "auto"
+    # stream: rows shuffled together in a worker's buffer; its memory is about 3 x this x a row's bytes
+    # plus decode buffers (KL-16 latents, 32 KB a row: ~600 MiB measured at 4096, ~360 MiB at 1024,
+    # whatever the dataset's size). Shards are shuffled as well, every epoch.
+    shuffle_buffer_rows: int = Field(4096, ge=1)
+    # Images in the source, for `sar plan` before the latents exist; None: ImageNet-1k's split
+    # (1,281,167 train, 50,000 val), or classes x per_class when both are set.
+    num_images: int | None = Field(None, ge=1)
     # fsspec options for `source` and every output (endpoint, key, profile, anon). Values
     # are never logged or written into outputs; prefer the standard AWS environment.
     storage_options: dict[str, Any] = Field(default_factory=dict)

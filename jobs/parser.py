@@ -117,6 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quirks", action="store_true",
                    help="add CMYK, grayscale, PNG-as-JPEG, RGBA, palette, truncated and empty files")
 
+    p = _command(sub, "synth-latents", "write a synthetic latents dataset at ImageNet's KL-16 shape, without images",
+                 _doc("pipelines.data.synth_latents"))
+    p.formatter_class = type("Formatter", (d, argparse.RawDescriptionHelpFormatter), {})
+    p.add_argument("out", help="the latents folder to write (local or s3://...)")
+    p.add_argument("--rows", type=int, required=True, help="rows (images) to write")
+    p.add_argument("--shard-rows", type=int, default=1024, help="rows per shard (encode.shard_rows)")
+    p.add_argument("--classes", type=int, default=1000, help="number of classes")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same rows)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="storage dtype (encode.storage_dtype)")
+    p.add_argument("--workers", type=int, default=1, help="processes making shards (up to one a core)")
+    p.add_argument("--force", action="store_true", help="replace a dataset already in OUT")
+
+    p = _command(sub, "plan", "what a run will read, write and take, printed before anything runs",
+                 _doc("jobs.plan"))
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, metavar="N", action="append",
+                   help="GPUs to project the stages' wall time on (repeatable; default: pretrain.num_workers)")
+    p.add_argument("--gpus-per-node", type=int, default=8, metavar="N", help="GPUs per node (the read rate per node)")
+    for stage, what in (("encode", "rows (image + flip)"), ("pretrain", "images"), ("refine", "images"),
+                        ("sample", "images")):
+        p.add_argument(f"--{stage}-rate", type=float, metavar="R",
+                       help=f"{what}/s per GPU for {stage} (default: the measured or projected figure `sar plan` names)")
+
     p = _command(sub, "mnist", "write MNIST's 5,000 digits as an ImageNet-layout folder (train/val/test)",
                  _doc("pipelines.data.mnist"))
     p.formatter_class = type("Formatter", (d, argparse.RawDescriptionHelpFormatter), {})

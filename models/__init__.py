@@ -18,7 +18,8 @@ _EXPORTS = {
     "DDPMHead": "ddpm_head", "FlowHead": "flow_head", "Grouping": "grouping", "make_grouping": "grouping",
     "resolve_scales": "grouping", "Guidance": "guidance", "Backbone": "sar", "KVCache": "sar", "SARConfig": "sar",
     "SARModel": "sar", "PRESETS": "sar", "build_model": "sar", "count_parameters": "sar",
-    "group_causal_mask": "sar", "preset_config": "sar", "DomainClassifier": "domain_classifier",
+    "train_flops_per_image": "sar", "group_causal_mask": "sar", "preset_config": "sar",
+    "DomainClassifier": "domain_classifier",
     "GROUPINGS": "choices", "GUIDANCE_KINDS": "choices", "HEADS": "choices", "INJECTIONS": "choices",
     "SCALE_SCHEDULES": "choices", "SOLVERS": "choices",
 }

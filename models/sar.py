@@ -506,6 +506,16 @@ def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def train_flops_per_image(model):
+    """Matmul FLOPs of one training step per image: 6 N tokens for the linears, plus attention
+    scores and values (12 S^2 W per layer, dense) and the head at head_batch_mul t per token."""
+    c, g = model.config, model.grouping
+    S = 1 + g.seq_len * (1 if model.single_stream else 2)
+    backbone = count_parameters(model.backbone)
+    head = count_parameters(model.head)
+    return 6 * backbone * S + 12 * c.depth * S * S * c.hidden_size + 6 * head * g.seq_len * c.head_batch_mul
+
+
 #################################################################################
 #                                  SAR presets                                  #
 #################################################################################

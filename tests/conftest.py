@@ -172,7 +172,8 @@ def raw_latents(tmp_path_factory, ray_local):
     from pipelines.data.synth import make_synthetic_imagenet
 
     source = str(tmp_path_factory.mktemp("imagenet96"))
-    make_synthetic_imagenet(source, classes=4, per_class=24, size=16, seed=0, val_per_class=0)
+    # val: the reference of the in-training evaluation (local_runs in tests/test_pretrain.py)
+    make_synthetic_imagenet(source, classes=4, per_class=24, size=16, seed=0, val_per_class=2)
     out = str(tmp_path_factory.mktemp("latents"))
     cfg = load_config(DEMO_CONFIG, [f"run_dir={out}", f"data.source={source}", "encode.image_size=16",
                                     "encode.patch=4", f"encode.output={out}/latents"])

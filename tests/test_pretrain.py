@@ -165,44 +165,48 @@ def test_checkpoints_to_object_storage(tmp_path, raw_latents, s3_bucket):
     assert meta["step"] == 10 and meta["latents"]["token_dim"] == 48
 
 
-def test_small_latents_are_read_by_the_driver_larger_ones_by_ray_data(raw_latents, monkeypatch):
+def test_small_latents_are_read_by_the_driver_larger_ones_streamed_by_the_workers(raw_latents, monkeypatch):
     import numpy as np
 
     from pipelines.data import latents
     from pipelines.train import driver
 
     manifest = latents.read_manifest(raw_latents)
-    loop = SimpleNamespace(token_space={"columns": list(manifest["columns"])}, storage_options={})
+    loop = SimpleNamespace(token_space={"columns": list(manifest["columns"])}, storage_options={}, stream=None)
     dataset = driver.training_dataset(loop, raw_latents, manifest)
     assert dataset.num_blocks() == len(manifest["shards"])  # one block per shard, no read task
     assert dataset.columns() == ["label", "mean", "mean_flip"]  # the training columns only
     rows, expected = dataset.take_batch(1000, batch_format="numpy"), latents.load_arrays(raw_latents)
     assert expected.keys() == rows.keys() and all(np.array_equal(rows[c], expected[c]) for c in expected)
 
-    # Past DRIVER_READ_MAX (and within the object-store budget) Ray Data materializes it; past the budget it streams.
-    class Streaming:
-        def __init__(self):
-            self.calls = []
-
-        def select_columns(self, columns):
-            self.calls.append(("select_columns", columns))
-            return self
-
-        def materialize(self):
-            self.calls.append(("materialize",))
-            return self
-
-    def driver_read(*args):
-        raise AssertionError("read by the driver")
-
-    monkeypatch.setattr(driver, "read_into_object_store", driver_read)
+    # Past DRIVER_READ_MAX, or past a share of the object store, each worker streams its part of the shards
+    # (pipelines/data/stream.py) and the trainer gets no dataset; data.reader forces either way.
+    assert not driver.reads_stream("auto", manifest)
+    assert driver.reads_stream("stream", manifest) and not driver.reads_stream("memory", manifest)
+    monkeypatch.setattr(driver, "OBJECT_STORE_SHARE", 1e-12)
+    assert driver.reads_stream("auto", manifest)
+    monkeypatch.setattr(driver, "OBJECT_STORE_SHARE", 0.25)
     monkeypatch.setattr(driver, "DRIVER_READ_MAX", 0)
-    for share, calls in [(0.25, [("select_columns", ["label", "mean", "mean_flip"]), ("materialize",)]),
-                         (1e-12, [("select_columns", ["label", "mean", "mean_flip"])])]:
-        streaming = Streaming()
-        monkeypatch.setattr(driver, "open_latents", lambda url, so: (streaming, manifest))
-        assert driver.training_dataset(loop, raw_latents, manifest, share=share) is streaming
-        assert streaming.calls == calls
+    assert driver.reads_stream("auto", manifest)
+    assert driver.training_dataset(SimpleNamespace(stream=object()), raw_latents, manifest) is None
+
+
+def test_the_plan_of_a_small_run_is_its_real_figures(local_runs):
+    """`sar plan` on the run above: its rows, bytes, steps per epoch and checkpoint size are the run's."""
+    from pipelines.data import latents
+    from pipelines.train import plan
+
+    cfg = local_runs.cfg
+    p = plan.plan_of(cfg)
+    manifest = latents.read_manifest(cfg.latents_dir)
+    assert p.rows.value == manifest["num_rows"] == 96
+    assert p.latents_bytes.value == sum(os.path.getsize(os.path.join(cfg.latents_dir, s["file"]))
+                                        for s in manifest["shards"])
+    latest = checkpoints.find_latest(cfg.pretrain_dir)
+    state, meta = checkpoints.load_state(latest)
+    assert state["data"]["epoch"] * p.steps_per_epoch("pretrain") + state["data"]["batch_in_epoch"] == meta["step"]
+    assert p.steps["pretrain"] == meta["step"] == 50
+    assert p.checkpoint_bytes <= os.path.getsize(os.path.join(latest, "state.pt")) <= 1.15 * p.checkpoint_bytes
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ run under the folder's writer lease (pipelines/core/lease.py), checked before ev
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -288,6 +289,15 @@ def plan_encode(job: EncodeJob, force: bool = False, listing: SourceListing | No
     return EncodePlan(previous, consumed, rejected, listing, new_items, header)
 
 
+def write_order(items: list[tuple[str, int]], seed: int = 0) -> list[tuple[str, int]]:
+    """The items in a seeded random order. The listing is sorted by key, so class by class, and its
+    shards would each hold one class or two; training shuffles whole shards and a bounded buffer of rows
+    (pipelines/data/stream.py), which cannot mix classes that its shards do not."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = COMMIT_INTERVAL_S,
                on_commit: Callable[[dict], None] | None = None, plan: EncodePlan | None = None,
                lease: WriterLease | None = None) -> EncodeSummary:
@@ -322,7 +332,7 @@ def run_encode(job: EncodeJob, force: bool = False, commit_interval_s: float = C
     manifest = previous if not plan.repair else None
     if plan.new_items:
         progress = Progress(len(plan.new_items), what="images", desc="encode", interval_s=job.progress_interval_s)
-        rows = iter(build_pipeline(job, plan.new_items, run_id).iter_rows())
+        rows = iter(build_pipeline(job, write_order(plan.new_items), run_id).iter_rows())
         for result in rows:
             committer.add(result)
             progress.set(committer.new_rows + committer.new_rejected)  # one writer result: a shard's images

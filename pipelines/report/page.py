@@ -25,6 +25,7 @@ from pipelines.core.rundir import STAGE_RECORD
 from pipelines.data import latents
 from pipelines.evaluate.fidelity import GRID_FILE
 from pipelines.report.collect import STAGE_NAMES, TRAINING, StageFiles, collect, tracking_line
+from pipelines.train.plan import Plan
 
 REPORT_FILE = "report.html"
 # Self-token prediction paper (Table 4): FID on ImageNet 256x256, 31 steps, 50,000 samples.
@@ -490,6 +491,8 @@ table.grid{border-collapse:collapse;width:100%;font-size:13px}
 table.grid th,table.grid td{border-bottom:1px solid var(--line);padding:5px 8px;text-align:left;vertical-align:top}
 table.grid th{background:#f3f5f8;font-weight:600}
 table.metrics{width:auto;min-width:420px}
+table.plan th.sec{background:#fff;padding-top:10px;text-transform:uppercase;font-size:11px;color:var(--muted)}
+table.plan td.num{text-align:right;white-space:nowrap}
 code{font:12px ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 .figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
 figure{margin:0}
@@ -505,8 +508,23 @@ footer{color:var(--muted);font-size:12px;text-align:center;padding:10px}
 """
 
 
-def render(run_dir: str, stages: dict[str, StageFiles], tracking_line: str | None = None) -> str:
-    """The report page."""
+def plan_section(plan: Plan) -> str:
+    """The run's plan (pipelines/train/plan.py), figure by figure with where each comes from."""
+    rows, section = [], None
+    for sec, what, value, source in plan.table():
+        if sec != section:
+            rows.append(f'<tr><th colspan="3" class="sec">{esc(sec)}</th></tr>')
+            section = sec
+        rows.append(f"<tr><td>{esc(what)}</td><td class=num>{esc(value)}</td><td class=muted>{esc(source)}</td></tr>")
+    notes = "".join(f'<p class="muted">{esc(n)}</p>' for n in plan.notes)
+    return (f'<p>{esc(plan.title)}</p><table class="grid plan">{"".join(rows)}</table>{notes}'
+            '<p class="muted">`sar plan` prints the same; measured figures come from docs/benchmarks.md, projected '
+            "ones are arithmetic on them.</p>")
+
+
+def render(run_dir: str, stages: dict[str, StageFiles], tracking_line: str | None = None,
+           plan: Plan | None = None) -> str:
+    """The report page; with `plan`, a section of the run's plan."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     name = storage.redact(run_dir).rstrip("/").rsplit("/", 1)[-1] or run_dir
     chips = "".join(f'<span class="chip{" done" if s.ran else ""}">{esc(s.name)}</span>' for s in stages.values())
@@ -516,6 +534,8 @@ def render(run_dir: str, stages: dict[str, StageFiles], tracking_line: str | Non
         '<p class="missing">no training metrics yet (metrics.jsonl)</p>'
     sections = [("Lineage", lineage(stages)), ("Stages", stage_table(stages)), ("Training curves", fig_html),
                 ("Quality over training", evals_section(stages)), ("Final metrics", final_section(stages))]
+    if plan is not None:
+        sections.append(("Plan", plan_section(plan)))
     problems = [p for s in stages.values() for p in s.problems]
     if problems:
         items = "".join(f"<li>{esc(p)}</li>" for p in problems)
@@ -531,10 +551,11 @@ def render(run_dir: str, stages: dict[str, StageFiles], tracking_line: str | Non
             f"<main>{body}</main><footer>{foot}</footer></body></html>\n")
 
 
-def write_report(run_dir: str, outputs: Mapping[str, str], storage_options: dict[str, Any] | None = None) -> str:
+def write_report(run_dir: str, outputs: Mapping[str, str], storage_options: dict[str, Any] | None = None,
+                 plan: Plan | None = None) -> str:
     """Write `{run_dir}/report.html` from whatever the stages' folders hold (`outputs`: stage name ->
-    its output folder); returns the page's URL."""
+    its output folder) and the run's `plan`; returns the page's URL."""
     stages = collect(outputs, storage_options)
     url = storage.join(run_dir, REPORT_FILE)
-    storage.write_text(url, render(run_dir, stages, tracking_line(run_dir, storage_options)), storage_options)
+    storage.write_text(url, render(run_dir, stages, tracking_line(run_dir, storage_options), plan), storage_options)
     return url

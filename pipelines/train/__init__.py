@@ -7,4 +7,5 @@
     driver.py       runs in the stage's process: checks, the run folder, the Ray Train launch, the record
     worker.py       runs in each Train worker: the loop and its steps
     curves.py       the training curves (loss.png)
+    plan.py         what a run will read, write and take, before it runs (`sar plan`, the report's plan)
 """

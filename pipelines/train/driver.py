@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from models import preset_config
 from pipelines.core import rundir, stop, storage, tracking
@@ -36,10 +36,10 @@ from pipelines.data.latents import (
     check_encode_settings,
     check_shards,
     data_bytes,
-    open_latents,
     read_into_object_store,
     read_manifest,
 )
+from pipelines.data.stream import LatentStream
 from pipelines.train import checkpoints
 from pipelines.train.loop_config import LEASE_LOST, METRICS, PLOT, Evaluation, LoopConfig
 from pipelines.train.worker import train_loop_per_worker
@@ -171,22 +171,24 @@ def claim_run_folder(cfg: Any, stage: str, stage_dir: str, model_config: dict[st
 
 
 def build_loop_config(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any], manifest: dict[str, Any],
-                inputs: dict[str, Any], *, start_step: int, init: tuple[str, str] | None = None,
-                lease: WriterLease | None = None, tracker: tracking.Tracker = tracking.NULL,
-                evaluation: Evaluation | None = None) -> LoopConfig:
+                      inputs: dict[str, Any], *, start_step: int, init: tuple[str, str] | None = None,
+                      lease: WriterLease | None = None, tracker: tracking.Tracker = tracking.NULL,
+                      evaluation: Evaluation | None = None) -> LoopConfig:
     """The LoopConfig of this launch, complete: called once Ray is up (GPUs are counted in the cluster
     when `{stage}.use_gpu` is unset). `tracker` is the stage's run, which rank 0 logs into;
     `evaluation` the in-training evaluation (pipelines/evaluate/during_training.py), or None."""
     train = resolve_length(getattr(cfg, stage), manifest["num_rows"])
+    token_space = checkpoints.token_space(manifest)
+    stream = latent_stream(cfg, stage, manifest, token_space) if reads_stream(cfg.data.reader, manifest) else None
     return LoopConfig(
         stage=stage, stage_dir=stage_dir, train=train, model_config=model_config,
-        token_space=checkpoints.token_space(manifest), inputs=inputs, run_config=cfg.public_dict(),
+        token_space=token_space, inputs=inputs, run_config=cfg.public_dict(),
         use_gpu=cluster_gpus() > 0 if train.use_gpu is None else train.use_gpu,
         accum=train.global_batch // (train.micro_batch * max(train.num_workers, 1)),
         storage_options=cfg.data.storage_options, init=init, hflip=cfg.data.hflip, start_step=start_step,
         failure_drill=failure_drill_from_env(), tracking=tracker.handoff(),
         progress_interval_s=cfg.tracking.progress_interval_s, evaluation=evaluation,
-        lease=lease.token() if lease else None, stop_key=f"stop-{uuid.uuid4().hex}")
+        lease=lease.token() if lease else None, stop_key=f"stop-{uuid.uuid4().hex}", stream=stream)
 
 
 def write_record(loop: LoopConfig, started: str, seconds: float, latest: str | None) -> None:
@@ -222,30 +224,50 @@ def training_status(cfg: Any, stage: str, stage_dir: str, inputs: dict[str, Any]
 # Launch ----------------------------------------------------------------------------------------
 # Bytes of Parquet up to which a stage's driver reads the latents itself (see training_dataset).
 DRIVER_READ_MAX = 256 << 20
+OBJECT_STORE_SHARE = 0.25  # of the object store, at most, that the driver-read latents may take
 
 
-def training_dataset(loop: LoopConfig, latents_url: str, manifest: dict, share: float = 0.25):
-    """The Ray Dataset a stage trains on: the training columns of the committed shards.
-
-    A dataset that fits in `share` of the object store is read into it once instead of from
-    Parquet at every epoch: each epoch re-executes a streaming dataset, and for a few MB of
-    latents that start-up dominated the step (the demo's data-wait fraction fell from ~0.7 to
-    ~0). Up to DRIVER_READ_MAX this process reads the shards itself: for small shards Ray Data's
-    read tasks cost far more than the read (two shards of 128 rows: 9 to 80 s of worker start-up
-    on the loaded 2-core machine, against 0.1 s), and the blocks, owned by the driver, outlive
-    the loss of any other node. Larger datasets that fit are materialized by Ray Data's tasks;
-    the others stream.
-    """
+def reads_stream(reader: str, manifest: dict) -> bool:
+    """Whether the Train workers read the shards themselves (data.reader; `auto` decides by size once Ray
+    is up): past DRIVER_READ_MAX, or past OBJECT_STORE_SHARE of the object store, the dataset streams."""
+    if reader != "auto":
+        return reader == "stream"
     import ray
 
-    columns = [c for c in TRAIN_COLUMNS if c in loop.token_space.get("columns", TRAIN_COLUMNS)]
     size = data_bytes(manifest)
-    budget = ray.available_resources().get("object_store_memory", 0) * share
-    if 0 < size <= min(budget, DRIVER_READ_MAX):
-        return read_into_object_store(latents_url, manifest, columns, loop.storage_options)
-    dataset, _ = open_latents(latents_url, loop.storage_options)
-    dataset = dataset.select_columns(columns)  # the source key and token-order copies stay on disk
-    return dataset.materialize() if 0 < size <= budget else dataset
+    budget = ray.available_resources().get("object_store_memory", 0) * OBJECT_STORE_SHARE
+    return not 0 < size <= min(budget, DRIVER_READ_MAX)
+
+
+def latent_stream(cfg: Any, stage: str, manifest: dict, token_space: dict) -> LatentStream:
+    """The workers' read of the latents (pipelines/data/stream.py), planned for the stage's batch and workers."""
+    train = getattr(cfg, stage)
+    world = max(train.num_workers, 1)
+    columns = [c for c in TRAIN_COLUMNS if c in token_space.get("columns", TRAIN_COLUMNS)]
+    stream = LatentStream.from_manifest(
+        cfg.latents_dir, manifest, columns, micro_batch=train.micro_batch, rows_per_step=train.global_batch // world,
+        world=world, seed=train.seed, buffer_rows=cfg.data.shuffle_buffer_rows,
+        storage_options=cfg.data.storage_options)
+    if stream.steps_per_epoch == 0:
+        raise SarError(f"{stage}.global_batch {train.global_batch} is more than the dataset's {stream.num_rows} rows: "
+                       "an epoch would hold no step")
+    return stream
+
+
+def training_dataset(loop: LoopConfig, latents_url: str, manifest: dict):
+    """The Ray Dataset a stage trains on when the driver reads the latents (`loop.stream` is None): the
+    training columns of the committed shards, in Ray's object store; None when the workers stream them.
+
+    Each epoch re-executes a streaming Ray Dataset, and for a few MB of latents that start-up
+    dominated the step (the demo's data-wait fraction fell from ~0.7 to ~0 with the rows in memory);
+    and for small shards Ray Data's read tasks cost far more than the read (two shards of 128 rows:
+    9 to 80 s of worker start-up on the loaded 2-core machine, against 0.1 s). So this process reads
+    the shards itself, and the blocks, owned by the driver, outlive the loss of any other node.
+    """
+    if loop.stream is not None:
+        return None
+    columns = [c for c in TRAIN_COLUMNS if c in loop.token_space.get("columns", TRAIN_COLUMNS)]
+    return read_into_object_store(latents_url, manifest, columns, loop.storage_options)
 
 
 def failure_drill_from_env() -> tuple[int, str] | None:
@@ -254,16 +276,20 @@ def failure_drill_from_env() -> tuple[int, str] | None:
     return (int(at), marker) if at and marker else None
 
 
-def run_training(loop: LoopConfig, dataset, tracker: tracking.Tracker = tracking.NULL) -> dict[str, Any]:
+def run_training(loop: LoopConfig, dataset, tracker: tracking.Tracker = tracking.NULL,
+                 loop_per_worker: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Launch the loop with Ray Train (in-process when train.num_workers is 0) on `dataset`
-    (`training_dataset`'s); return the last logged metrics (the final row of metrics.jsonl).
+    (`training_dataset`'s; None when the workers stream the shards, `loop.stream`); return the last
+    logged metrics (the final row of metrics.jsonl).
 
     `tracker` is the stage's run (the one whose handoff `loop.tracking` carries): loss.png is added
-    to it when the run ends.
+    to it when the run ends. `loop_per_worker` replaces worker.train_loop_per_worker (a test's or a
+    benchmark's wrapper around it).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    loop_per_worker = loop_per_worker or train_loop_per_worker
 
     train = loop.train
     if train.num_workers == 0:
@@ -272,7 +298,7 @@ def run_training(loop: LoopConfig, dataset, tracker: tracking.Tracker = tracking
         logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)
     fs, path = storage.pyarrow_filesystem(loop.stage_dir, loop.storage_options)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop_per_worker,
         train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
             num_workers=train.num_workers, use_gpu=loop.use_gpu, placement_strategy=train.placement_strategy,
@@ -281,7 +307,7 @@ def run_training(loop: LoopConfig, dataset, tracker: tracking.Tracker = tracking
         run_config=ray.train.RunConfig(
             name="ray", storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures)),
-        datasets={"train": dataset},
+        datasets={"train": dataset} if dataset is not None else None,
     )
     # fit() in a thread: on the main thread it would replace the stop handlers' SIGINT with Ray
     # Train's (an abort without a checkpoint); a stop request is forwarded to the Train workers.

@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from pipelines.core.lease import LeaseToken
+from pipelines.data.stream import LatentStream
 
 METRICS = "metrics.jsonl"   # one row per log step, rewritten with every checkpoint
 EVALS = "evals.jsonl"       # one row per in-training evaluation, rewritten at every evaluation
@@ -57,3 +58,5 @@ class LoopConfig:
     evaluation: Evaluation | None = None  # in-training evaluation, None: none
     lease: LeaseToken | None = None  # the driver's writer-lease token, checked before each write
     stop_key: str | None = None     # where the driver forwards a stop request (core.stop.forward), read by rank 0
+    stream: LatentStream | None = None  # each worker's own read of the shards (large latents); None: the Ray
+                                        # Dataset "train" the driver read (driver.training_dataset)

@@ -51,6 +51,7 @@ from pipelines.core.errors import SarError
 from pipelines.core.lease import LeaseLost
 from pipelines.core.progress import Progress
 from pipelines.data.latents import tokens_from_batch
+from pipelines.data.stream import LatentStream
 from pipelines.train import checkpoints
 from pipelines.train.curves import plot_curves
 from pipelines.train.loop_config import EVALS, LEASE_LOST, METRICS, PLOT, LoopConfig
@@ -189,12 +190,17 @@ def epoch_batches(shard, train: Any, epoch: int, rank: int):
 def step_batches(shard, train: Any, st: LoopState, rank: int, accum: int) -> Iterator[list[dict]]:
     """The `accum` micro-batches of each optimizer step, epoch after epoch, from the position in `st`.
 
-    A resumed epoch skips the batches it already used. The caller advances
-    `st.batch_in_epoch`; this advances the epoch.
+    `shard` is the worker's Ray Dataset shard, or the LatentStream it reads itself. A resumed epoch
+    starts after the batches it already used: the stream at that row of the worker's part (the same
+    rows that would have followed), the Ray Dataset after as many batches of its reshuffled shard.
+    The caller advances `st.batch_in_epoch`; this advances the epoch.
     """
     while True:
-        batches = epoch_batches(shard, train, st.epoch, rank)
-        it = itertools.islice(iter(batches), st.batch_in_epoch * accum, None)  # skip what was used
+        used = st.batch_in_epoch * accum
+        if isinstance(shard, LatentStream):
+            it = shard.batches(st.epoch, rank, start=used * train.micro_batch)
+        else:
+            it = itertools.islice(iter(epoch_batches(shard, train, st.epoch, rank)), used, None)
         while len(micro := list(itertools.islice(it, accum))) == accum:
             yield micro
         if st.batch_in_epoch == 0:
@@ -367,7 +373,8 @@ def train_loop(loop: LoopConfig, shard=None) -> LoopState:
     train = loop.train
     torch.manual_seed(train.seed + rank)
     t, st = prepare(loop, device, rank, world)
-    shard = shard if shard is not None else ray.train.get_dataset_shard("train")
+    if shard is None:
+        shard = loop.stream if loop.stream is not None else ray.train.get_dataset_shard("train")
     gen = torch.Generator().manual_seed(augmentation_seed(train.seed, rank, st.step))
     evaluate = None
     if rank == 0 and loop.evaluation is not None:
