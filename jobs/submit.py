@@ -39,12 +39,14 @@ from typing import Any, Iterator
 from jobs.parser import EX_TEMPFAIL, build_parser
 from jobs.stages import BY_NAME, NAMES
 
-# What never goes to the cluster: environments, outputs, data, caches and history. Ray reads
-# these as .gitignore patterns relative to the working_dir (and also honours .gitignore).
+# What never goes to the cluster: environments, outputs, data (the tests' recorded run folders
+# too), caches and history. Ray reads these as .gitignore patterns relative to the working_dir
+# (and also honours .gitignore).
 WORKING_DIR_EXCLUDES = [
     "/.venv/",
     "/runs/",
     "/data/",
+    "/tests/data/",
     "/scratch/",
     ".git/",
     "__pycache__/",

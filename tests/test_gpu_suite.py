@@ -73,7 +73,7 @@ def test_dry_run_samples_with_the_shipped_settings_and_decodes(dry_run):
     assert not any(r["shipped_sampler"] for r in rows if r["solver"] != config.solver)
     fastest = max(shipped, key=lambda r: r["images_per_s"])
     assert data["images_per_s_50k"] == fastest["images_per_s"]
-    assert data["minutes_50k"] == pytest.approx(50_000 / fastest["images_per_s"] / 60, rel=1e-3)
+    assert data["minutes_50k"] == pytest.approx(50_000 / fastest["images_per_s"] / 60, abs=0.01)  # kept to 0.01 min
     assert data["sampler_50k"]["row"] == fastest["row"]
     text = (out / gpu_suite.TABLE_NAME).read_text()
     assert fastest["row"] in text and "loop (worker.train_step, as shipped)" in text and "DRY RUN" in text
