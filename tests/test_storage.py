@@ -84,6 +84,20 @@ def test_storage_options_reach_s3fs(s3_bucket, s3_server, monkeypatch):
     assert storage.read_json(f"{s3_bucket}/o.json", storage_options=opts) == {"ok": True}
 
 
+def test_a_file_another_process_wrote_is_seen_after_a_listing(s3_bucket, s3_server):
+    """s3fs answers from its cached listing of a folder; a file another process (a Train worker, another
+    node) wrote after that listing must still exist for this one, and be listed."""
+    import boto3
+
+    folder = f"{s3_bucket}/stage"
+    storage.write_json(f"{folder}/a.json", {"n": 1})
+    assert storage.listdir(folder) == ["a.json"] and not storage.exists(f"{folder}/metrics.jsonl")  # cached
+    bucket = s3_bucket.removeprefix("s3://")
+    boto3.client("s3", endpoint_url=s3_server).put_object(Bucket=bucket, Key="stage/metrics.jsonl", Body=b"{}\n")
+    assert storage.exists(f"{folder}/metrics.jsonl")
+    assert storage.listdir(folder) == ["a.json", "metrics.jsonl"]
+
+
 # One-line errors from the object store -------------------------------------------------------
 SECRET = "testing-secret"  # the conftest's AWS_SECRET_ACCESS_KEY
 

@@ -376,8 +376,12 @@ def pyarrow_filesystem(url: str, storage_options: dict[str, Any] | None = None) 
 
 # Reading and writing -----------------------------------------------------------------------
 def exists(url: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether `url` exists now. Other processes write the same folders (Train workers, other nodes),
+    so never from a cached listing: s3fs answers `exists` from its listing of the parent when it has
+    one, and a file written after that listing would stay absent."""
     fs, path = filesystem(url, storage_options)
     with translate_errors(url, storage_options):
+        fs.invalidate_cache(path)
         return fs.exists(path)
 
 
@@ -385,6 +389,7 @@ def listdir(url: str, storage_options: dict[str, Any] | None = None) -> list[str
     """Names (not paths) directly under `url`, sorted; [] when it does not exist."""
     fs, path = filesystem(url, storage_options)
     with translate_errors(url, storage_options):
+        fs.invalidate_cache(path)  # listed afresh, as `exists`
         try:
             found = fs.ls(path, detail=False)
         except FileNotFoundError as err:
