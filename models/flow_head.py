@@ -231,16 +231,21 @@ class FlowHead(MLPHead):
         v1 = self.evaluate(x + dt * v0, t1, cz, kind, w)                # heun: the trapezoid
         return x + dt / 2 * (v0 + v1)
 
-    def nfe(self, steps, solver="euler", mode="ode"):
-        """Velocity evaluations (head calls) of one sample(): 1 for one_step, `steps` for Euler,
-        2 x steps for Heun and midpoint (Heun under x-prediction: 2 x steps - 1, its last step Euler)."""
-        if mode == "one_step":
-            return 1
+    def step_solvers(self, steps, solver="euler"):
+        """The solver of each ODE step: `solver` throughout, except that under x-prediction the Heun
+        step ending at t = 1 is Euler (the module's docstring: a Heun correction with the clipped
+        1 - t there leaves a share of the noise in every sample)."""
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
-        if solver == "euler":
-            return steps
-        return 2 * steps - 1 if self.x_prediction and solver == "heun" else 2 * steps
+        last = "euler" if self.x_prediction and solver == "heun" else solver
+        return [solver] * (steps - 1) + [last]
+
+    def nfe(self, steps, solver="euler", mode="ode"):
+        """Velocity evaluations (head calls) of one sample(): 1 for one_step, one per Euler step and
+        two per Heun or midpoint step (`step_solvers`)."""
+        if mode == "one_step":
+            return 1
+        return sum(1 if s == "euler" else 2 for s in self.step_solvers(steps, solver))
 
     def sample(self, z, noise, steps, guidance=None, mode="ode", *, solver="euler", temperature=1.0,
                compile_head=False, step_noise=None, token_weights=None):
@@ -260,12 +265,9 @@ class FlowHead(MLPHead):
             return (x + self.evaluate(x, t0, cz, guidance.kind, w)).view(B, N, D)
         if mode != "ode":
             raise ValueError(f"unknown sampling mode {mode!r}")
-        self.nfe(steps, solver)                                         # rejects an unknown solver
+        solvers = self.step_solvers(steps, solver)                      # rejects an unknown solver
         ts = self.time_grid(steps, x.device)                            # (steps + 1,)
         step = compiled(FlowHead.ode_step, x.device) if compile_head else FlowHead.ode_step
-        for i in range(steps):                                          # t = 0 -> 1
-            # x-prediction: the step that ends at t = 1 is Euler (the module's docstring). A Heun
-            # correction with the clipped 1 - t there leaves a share of the noise in every sample.
-            last = self.x_prediction and i == steps - 1 and solver == "heun"
-            x = step(self, x, ts[i], ts[i + 1], cz, guidance.kind, w, "euler" if last else solver)
+        for i, step_solver in enumerate(solvers):                       # t = 0 -> 1
+            x = step(self, x, ts[i], ts[i + 1], cz, guidance.kind, w, step_solver)
         return x.view(B, N, D)
