@@ -219,23 +219,33 @@ class Bench:
                 f"fid.domain.path={args.work}/evaluator.pt", *args.overrides]
         self.base = base
         self.cfg = load_config(args.config, base).with_absolute_paths()
-        self.encode()
+        self.encode(self.cfg)
         self.manifest = latents.read_manifest(self.cfg.latents_dir)
         self.data = latents.load_arrays(self.cfg.latents_dir)
         self.codec = codec_from_manifest(checkpoints.token_space(self.manifest)).eval()
         self.protocol = Protocol(self.cfg, args.split, args.per_class)
         self.cache: dict[tuple, Trained] = {}
 
-    def encode(self) -> None:
-        """The config's latents of the source (`sar encode`, once)."""
+    def encode(self, cfg: PipelineConfig) -> None:
+        """`cfg`'s latents of the source (`sar encode`, once)."""
         from jobs import encode
 
-        if encode.status(self.cfg).up_to_date:
+        if encode.status(cfg).up_to_date:
             return
         from pipelines.core.ray_runtime import init_ray
 
-        init_ray(self.cfg.cluster)
-        encode.main(self.cfg)
+        init_ray(cfg.cluster)
+        encode.main(cfg)
+
+    def grouped(self, grouping: str, scale_choices: tuple[int, ...]):
+        """(scales, overrides, config, manifest, rows) of `grouping`, its latents encoded beside the
+        config's; next-scale takes the `scale_choices` below the token grid's side, then the side."""
+        side = self.cfg.encode.image_size // (self.cfg.encode.patch or 1)
+        scales = [s for s in scale_choices if s < side] + [side] if grouping == "next-scale" else None
+        overrides = [f"model.grouping={grouping}", *([f"model.scales=[{','.join(map(str, scales))}]"] if scales else [])]
+        cfg = self.config(*overrides, "encode.output=" + self.cfg.latents_dir + f"-{grouping}")
+        self.encode(cfg)
+        return scales, overrides, cfg, latents.read_manifest(cfg.latents_dir), latents.load_arrays(cfg.latents_dir)
 
     def config(self, *overrides: str) -> PipelineConfig:
         return load_config(self.args.config, [*self.base, *overrides]).with_absolute_paths()
@@ -309,7 +319,6 @@ class Bench:
             print(self.score(model, self.config(*overrides), f"guidance-{name}").markdown(name), flush=True)
 
     def table_grouping(self) -> None:
-        side = self.cfg.encode.image_size // (self.cfg.encode.patch or 1)
         reference = driver.build_model_config(self.cfg.model, self.manifest)
         from models import SARConfig, SARModel
 
@@ -324,12 +333,7 @@ class Bench:
         base_len = seq_len("next-neighbour", None)
         print(f"\n{HEADER.format(what=f'grouping at equal backbone token-forwards, against {self.protocol.split}/', extra=' T | steps | train s |', sep='---|---|---|')}")
         for grouping in ("next-token", "next-row", "next-neighbour", "next-scale"):
-            scales = [s for s in (1, 2, 4, 8, 16, 32) if s < side] + [side] if grouping == "next-scale" else None
-            overrides = [f"model.grouping={grouping}", *([f"model.scales=[{','.join(map(str, scales))}]"] if scales else [])]
-            cfg = self.config(*overrides, "encode.output=" + self.cfg.latents_dir + f"-{grouping}")
-            self.encode_other(cfg)
-            manifest = latents.read_manifest(cfg.latents_dir)
-            data = latents.load_arrays(cfg.latents_dir)
+            scales, overrides, cfg, manifest, data = self.grouped(grouping, (1, 2, 4, 8, 16, 32))
             steps = round(self.steps(self.cfg, "pretrain") * base_len / seq_len(grouping, scales))
             rows = []
             for seed in self.args.train_seeds:
@@ -339,26 +343,12 @@ class Bench:
             groups = model_of(grouping, scales).grouping.num_groups
             print(self.pooled(rows).markdown(grouping, f" {groups} | {steps} | {t.seconds:.0f} |"), flush=True)
 
-    def encode_other(self, cfg: PipelineConfig) -> None:
-        from jobs import encode
-
-        if not encode.status(cfg).up_to_date:
-            from pipelines.core.ray_runtime import init_ray
-
-            init_ray(cfg.cluster)
-            encode.main(cfg)
-
     def table_refine(self) -> None:
         """Refinement vs its control vs its start, per grouping: the refinement paper's protocol (refinement
         replaces the last share of pretraining) at this dataset's scale."""
-        side = self.cfg.encode.image_size // (self.cfg.encode.patch or 1)
         refines = [parse(r) for r in self.args.refine] or [("config", [])]
         for grouping in self.args.refine_groupings:
-            scales = [s for s in (1, 2, 3, 4, 6, 8, 12, 16) if s < side] + [side] if grouping == "next-scale" else None
-            overrides = [f"model.grouping={grouping}", *([f"model.scales=[{','.join(map(str, scales))}]"] if scales else [])]
-            cfg = self.config(*overrides, "encode.output=" + self.cfg.latents_dir + f"-{grouping}")
-            self.encode_other(cfg)
-            manifest, data = latents.read_manifest(cfg.latents_dir), latents.load_arrays(cfg.latents_dir)
+            _, overrides, cfg, manifest, data = self.grouped(grouping, (1, 2, 3, 4, 6, 8, 12, 16))
             total = self.steps(cfg, "pretrain")
             rows: dict[str, list[Row]] = {}
             for seed in self.args.train_seeds:
