@@ -31,7 +31,9 @@ Tables (`--tables`):
   sweep     each `--variant` (training overrides) pretrained (and refined with each `--refine`), sampled
             with each `--sample` setting: how settings are chosen on val
 Models here are trained in this process with the loop's own functions (pipelines/train/worker.py:
-`prepare`, `train_step`) on the latents in memory, no Ray; `--steps-scale` shortens their training
+`prepare`, `train_step`) on the latents in memory, no Ray; their EMA weights are kept under
+`--work`/models, named by their training settings, so a later run that samples them otherwise (another
+`--sample`, another table) loads them instead of training again; `--steps-scale` shortens their training
 (the orderings at less compute) and `--quick` is a development run (one train seed, two sample seeds,
 20 images a class, a fifth of the steps). Prints markdown tables for docs/benchmarks.md.
 """
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import hashlib
 import os
 import statistics
 import sys
@@ -54,6 +57,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from jobs.config import PipelineConfig, load_config  # noqa: E402
+from models import SARConfig, SARModel  # noqa: E402
+from pipelines.core.storage import open_atomic  # noqa: E402
 from pipelines.data import latents  # noqa: E402
 from pipelines.data.codecs import codec_from_manifest  # noqa: E402
 from pipelines.evaluate import domain, domain_training, sampling  # noqa: E402
@@ -268,8 +273,29 @@ class Bench:
     def pretrained(self, cfg: PipelineConfig, seed: int) -> Trained:
         key = ("pretrain", tuple(self.base), cfg.model_dump_json(), seed)
         if key not in self.cache:
-            self.cache[key] = train(cfg, "pretrain", self.manifest, self.data, steps=self.steps(cfg, "pretrain"))
+            steps = self.steps(cfg, "pretrain")
+            self.cache[key] = self.kept(cfg, self.manifest, ("pretrain", seed, steps),
+                                        lambda: train(cfg, "pretrain", self.manifest, self.data, steps=steps))
         return self.cache[key]
+
+    def kept(self, cfg: PipelineConfig, manifest: dict, what: tuple, make) -> Trained:
+        """`make()`'s EMA weights, kept under --work/models by the config and `what`: a later run with
+        the same training settings (other --sample settings, another table) loads them instead."""
+        digest = hashlib.sha256(repr((cfg.model_dump_json(exclude={"sample", "fid", "run_dir"}),
+                                      manifest.get("sources", {}).get("digest"), what)).encode()).hexdigest()[:16]
+        path = os.path.join(self.args.work, "models", f"{'-'.join(map(str, what))}-{digest}.pt")
+        if os.path.exists(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            model = SARModel(SARConfig.from_dict(saved["model_config"])).eval()
+            model.load_state_dict(saved["ema"])
+            print(f"  kept weights: {path}", flush=True)
+            return Trained(model, saved["seconds"], saved["steps"])
+        t = make()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open_atomic(path) as f:
+            torch.save({"ema": t.ema.state_dict(), "model_config": driver.build_model_config(cfg.model, manifest),
+                        "seconds": t.seconds, "steps": t.done}, f)
+        return t
 
     # Tables ---------------------------------------------------------------------------------------
     def table_floor(self) -> None:
@@ -320,7 +346,6 @@ class Bench:
 
     def table_grouping(self) -> None:
         reference = driver.build_model_config(self.cfg.model, self.manifest)
-        from models import SARConfig, SARModel
 
         def model_of(grouping: str, scales) -> SARModel:
             return SARModel(SARConfig.from_dict({**reference, "grouping": grouping, "scales": scales}))
@@ -355,10 +380,17 @@ class Bench:
                 scfg = self.config(*overrides, f"pretrain.seed={seed}", f"refine.seed={seed}")
                 share = self.args.refine_share
                 start_at = round(total * (1 - share))
-                pre = train(scfg, "pretrain", manifest, data, steps=total, until=start_at, keep=True)
+                live: dict[str, Trained] = {}  # the pretraining run to continue, when trained here
+
+                def started() -> Trained:
+                    live["pre"] = train(scfg, "pretrain", manifest, data, steps=total, until=start_at, keep=True)
+                    return live["pre"]
+
+                pre = self.kept(scfg, manifest, ("start", seed, start_at, total), started)
                 start_weights = pre.ema.state_dict()
                 rows.setdefault(f"start (pretrain step {start_at})", []).append(self.score(pre.ema, scfg))
-                plain = resume(pre, total)
+                plain = self.kept(scfg, manifest, ("continued", seed, start_at, total),
+                                  lambda: resume(live["pre"] if "pre" in live else started(), total))
                 rows.setdefault(f"pretraining continued to step {total}", []).append(self.score(plain.ema, scfg))
                 # Refinement replaces the last `share` of pretraining: as many images as the steps it replaces.
                 images = (total - start_at) * scfg.pretrain.global_batch
@@ -367,7 +399,8 @@ class Bench:
                     steps = max(1, images // rcfg.refine.global_batch)
                     rcfg = self.config(*overrides, f"pretrain.seed={seed}", f"refine.seed={seed}", *roverrides,
                                        f"refine.steps={steps}", "refine.epochs=null")
-                    r = train(rcfg, "refine", manifest, data, start=start_weights)
+                    r = self.kept(rcfg, manifest, ("refine", seed, start_at, total),
+                                  lambda: train(rcfg, "refine", manifest, data, start=start_weights))
                     rows.setdefault(name, []).append(self.score(r.ema, rcfg, f"refine-{grouping}-{name}-{seed}"))
                     print(f"  {grouping} seed {seed} {name}: {rows[name][-1].markdown(name)} ({r.seconds:.0f} s)", flush=True)
             what = f"{grouping}: refinement from {1 - self.args.refine_share:g} of pretraining, against {self.protocol.split}/"
