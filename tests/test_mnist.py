@@ -51,5 +51,6 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert capsys.readouterr().err == "sar mnist: error: mnist size 31: must be 28 plus an even number of pixels\n"
     assert main(["mnist", str(tmp_path / "x"), "--split", "400,50,51"]) == 2
     assert "class 0 has 500 images, the split asks for 501" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")  # every class is checked before anything is written
     assert main(["mnist", str(tmp_path / "x"), "--split", "a,b"]) == 2
     assert "three whole numbers" in capsys.readouterr().err

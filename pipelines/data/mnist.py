@@ -54,24 +54,32 @@ def write_mnist(out: str, size: int = 32, split: tuple[int, int, int] = (400, 50
     pad = size - DIGIT
     if pad < 0 or pad % 2:
         raise SarError(f"mnist size {size}: must be {DIGIT} plus an even number of pixels")
-    if len(split) != len(SPLITS) or min(split) < 0:
-        raise SarError(f"mnist split {split}: three counts per class (train, val, test), none negative")
     images, labels = load_digits()
+    return write_digit_folder(out, np.pad(images, ((0, 0), (pad // 2, pad // 2), (pad // 2, pad // 2))), labels,
+                              split, seed, what="mnist")
+
+
+def write_digit_folder(out: str, images: np.ndarray, labels: np.ndarray, split: tuple[int, int, int], seed: int,
+                       what: str) -> MnistSummary:
+    """Grey digit images (N, H, W) uint8 as OUT/{train,val,test}/digit<k>/<k>_<nnnn>.png (grey in three
+    channels), each class shuffled once with `seed` and cut into `split` images per class."""
+    if len(split) != len(SPLITS) or min(split) < 0:
+        raise SarError(f"{what} split {split}: three counts per class (train, val, test), none negative")
     rng = np.random.default_rng(seed)
     counts = dict.fromkeys(SPLITS, 0)
     classes = sorted(int(c) for c in np.unique(labels))
+    for k in classes:  # every class checked before anything is written
+        if sum(split) > (have := int((labels == k).sum())):
+            raise SarError(f"{what} split {split}: class {k} has {have} images, the split asks for {sum(split)}")
     for k in classes:
         idx = np.flatnonzero(labels == k)
         idx = idx[rng.permutation(len(idx))]
-        if sum(split) > len(idx):
-            raise SarError(f"mnist split {split}: class {k} has {len(idx)} images, the split asks for {sum(split)}")
         start = 0
         for name, n in zip(SPLITS, split):
             folder = os.path.join(out, name, f"digit{k}")
             os.makedirs(folder, exist_ok=True)
             for i in idx[start:start + n]:
-                grey = np.pad(images[i], pad // 2)  # background (0) on every side
-                Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2)).save(os.path.join(folder, f"{k}_{int(i):04d}.png"))
+                Image.fromarray(np.repeat(images[i][:, :, None], 3, axis=2)).save(os.path.join(folder, f"{k}_{int(i):04d}.png"))
                 counts[name] += 1
             start += n
     with open(os.path.join(out, "LOC_synset_mapping.txt"), "w") as f:
