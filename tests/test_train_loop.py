@@ -179,16 +179,24 @@ def test_refine_loss_is_tf_plus_gamma_csf_and_teacher_targets_have_no_grad(rollo
     torch.manual_seed(1)
     loss, _, m = obj(x, y, torch.Generator().manual_seed(0))
     assert loss.item() == pytest.approx(m["loss_tf"].item() + 0.37 * m["loss_csf"].item(), rel=1e-6)
-    # CSFL's target is the detached teacher prediction, not the ground truth.
+    # CSFL's target is the detached teacher prediction, not the ground truth (the one-group rollouts:
+    # group k + 1's tokens alone).
     assert not targets[1].requires_grad and targets[1].grad_fn is None
-    assert not torch.allclose(targets[1], x)
+    k = obj.rollout_group(torch.Generator().manual_seed(0))
+    truth = x if k is None else x[:, model.grouping.group_index == k + 1]
+    assert targets[1].shape == truth.shape and not torch.allclose(targets[1], truth)
+
+
+def held(fixed):
+    """A sample step that returns `fixed` (n, L, D) at the positions asked for."""
+    return lambda x, y, z, gen, positions=None: fixed if positions is None else fixed[:, positions]
 
 
 def test_pass_two_sees_ground_truth_only_through_predictions():
     model = tiny().eval()
     obj = RefineObjective(model, refine_cfg(sample_mode="deterministic")).eval()
     fixed = torch.randn(4, 16, 6)
-    obj.rollout_tokens = lambda x, y, z, g: fixed  # the predictions, held fixed
+    obj.rollout_tokens = held(fixed)  # the predictions, held fixed
     outputs = []
     model.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach().clone()))
     x1, y = batch(seed=1)
@@ -264,7 +272,7 @@ def test_one_group_rollout_feeds_its_predictions_to_the_next_group_alone(rollout
     else:
         assert len({obj.rollout_group(torch.Generator().manual_seed(s)) for s in range(40)}) > 3
     fixed = torch.randn(4, 16, 6)
-    obj.rollout_tokens = lambda x, y, z, gen: fixed  # the predictions, held fixed
+    obj.rollout_tokens = held(fixed)  # the predictions, held fixed
     outputs = []
     model.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach().clone()))
     x, y = batch(seed=1)
@@ -279,8 +287,8 @@ def test_one_group_rollout_feeds_its_predictions_to_the_next_group_alone(rollout
     assert torch.equal(student[0][:, nxt], student[1][:, nxt])  # group k's ground truth is not read
     if k > 0:
         assert not torch.allclose(student[0][:, nxt], student[2][:, nxt])  # the groups before k are
-    loss_csf, per_token = csf_of_one_step(obj, x, y)
-    assert loss_csf.item() == pytest.approx(per_token[:, nxt].mean().item(), rel=1e-6)
+    loss_csf, per_token = csf_of_one_step(obj, x, y)  # the head's loss is taken on group k + 1 alone
+    assert per_token.shape == (4, int(nxt.sum())) and loss_csf.item() == pytest.approx(per_token.mean().item(), rel=1e-6)
 
 
 def test_csf_sums_the_groups_means_or_averages_the_tokens():
@@ -455,3 +463,26 @@ def test_named_scale_schedule_resolves_for_the_dataset_grid():
     with pytest.raises(DatasetMismatch, match=r"scales: dataset has \[1, 2, 4, 8, 16\]"):
         check_dataset({**manifest, "scales": [1, 2, 4, 8, 16]}, model_config, "pretrain")
     assert build_model_config(model, {**manifest, "grid": [8, 8]})["scales"] == [1, 2, 3, 4, 5, 7, 8]
+
+
+@pytest.mark.parametrize("rollout", ["second-to-last", "random-one"])
+def test_one_group_rollout_samples_only_the_groups_it_feeds_and_targets(rollout):
+    """The sample step of a one-group rollout runs the head on groups k and k + 1 alone, and gives there
+    what the every-position sample step gives (the head samples each token from its own condition)."""
+    model = tiny().eval()
+    with torch.no_grad():  # a head with an output
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", rollout_groups=rollout)).eval()
+    asked = []
+    sample = obj.rollout_tokens
+    obj.rollout_tokens = lambda *a, positions=None: asked.append(positions) or sample(*a, positions=positions)
+    x, y = batch()
+    obj(x, y, torch.Generator().manual_seed(0))
+    k, gi = obj.rollout_group(torch.Generator().manual_seed(0)), model.grouping.group_index
+    assert asked[0].tolist() == torch.nonzero((gi == k) | (gi == k + 1)).squeeze(1).tolist()
+    with torch.no_grad():
+        z = model(x, y)
+        part, full = sample(x, y, z, None, positions=asked[0]), sample(x, y, z, None)
+    assert part.shape == (4, len(asked[0]), 6)
+    torch.testing.assert_close(part, full[:, asked[0]], atol=1e-6, rtol=0)

@@ -104,8 +104,10 @@ class RefineObjective(Objective):
 
     @torch.no_grad()
     def rollout_tokens(self, x: torch.Tensor, labels: torch.Tensor, z_teacher: torch.Tensor,
-                       generator: torch.Generator | None) -> torch.Tensor:
-        """The sample step: predicted tokens x^T at the teacher-forced conditions (no gradient).
+                       generator: torch.Generator | None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The sample step: predicted tokens x^T at the teacher-forced conditions (no gradient), at every
+        position (n, L, D), or at `positions` (P,) only (n, P, D): the head samples each token from its
+        own condition, so a one-group rollout samples just the groups it feeds and targets.
 
         deterministic: the head's conditional mean, one evaluation from e = 0 (the argmax analogue);
         stochastic: the ODE from fresh noise; cfg: that ODE under classifier-free guidance, with
@@ -113,16 +115,18 @@ class RefineObjective(Objective):
         x_cfg: the ODE under head-only guidance.
         """
         s, head = self.settings, self.model.head
-        shape = (*z_teacher.shape[:2], self.model.config.token_dim)
+        at = slice(None) if positions is None else positions
+        z_cond = z_teacher[:, at]
+        shape = (*z_cond.shape[:2], self.model.config.token_dim)
         if s.sample_mode == "deterministic":
-            return head.sample(z_teacher, torch.zeros(shape, device=z_teacher.device), 1, mode="one_step")
-        z, guidance, weights = z_teacher, Guidance(), None
+            return head.sample(z_cond, torch.zeros(shape, device=z_teacher.device), 1, mode="one_step")
+        z, guidance, weights = z_cond, Guidance(), None
         if s.sample_mode in ("cfg", "cfg_ramped"):
             null = torch.ones_like(labels, dtype=torch.bool)
-            z = torch.cat([z_teacher, self.model(x, labels, drop_labels=null)])  # [cond; uncond]
+            z = torch.cat([z_cond, self.model(x, labels, drop_labels=null)[:, at]])  # [cond; uncond]
             guidance = Guidance("cfg", cfg=s.cfg_scale)
             if s.sample_mode == "cfg_ramped":
-                weights = self.sample_weights(x.shape[0])
+                weights = self.sample_weights(x.shape[0])[:, at]
         elif s.sample_mode == "x_cfg":
             guidance = Guidance("x_cfg", w_x=s.x_cfg_scale)
         noise = gaussian_noise(shape, generator, z_teacher.device)
@@ -140,20 +144,29 @@ class RefineObjective(Objective):
         n = math.ceil(self.settings.rollout_fraction * x.shape[0])
         x_r, labels_r, drop_r, z_t = x[:n], labels[:n], drop[:n], z_teacher[:n].detach()
         # The sample step, then pass 2 on streams rebuilt from the predictions alone (all groups), or
-        # from the ground truth with group k's predictions in place (one group feeding the next).
-        x_teacher = self.rollout_tokens(x_r, labels_r, z_t, generator)  # (n, L, D), no grad
+        # from the ground truth with group k's predictions in place (one group feeding the next: only
+        # groups k and k + 1 are sampled, and the head's CSF loss is taken on group k + 1 alone).
         k = self.rollout_group(generator)
-        mask = self.csf_mask if k is None else self.group_index == k + 1  # (L,) where CSFL is taken
-        x_in = x_teacher if k is None else torch.where((self.group_index == k)[None, :, None], x_teacher, x_r)
+        if k is None:
+            x_teacher = self.rollout_tokens(x_r, labels_r, z_t, generator)  # (n, L, D), no grad
+            x_in, csf_at = x_teacher, self.csf_mask
+        else:
+            feed, csf_at = self.group_index == k, self.group_index == k + 1
+            at = torch.nonzero(feed | csf_at).squeeze(1)
+            x_teacher = x_r.clone()  # predictions at groups k and k + 1, the ground truth elsewhere
+            x_teacher[:, at] = self.rollout_tokens(x_r, labels_r, z_t, generator, positions=at)
+            x_in = torch.where(feed[None, :, None], x_teacher, x_r)
         z_student = self.model(x_in, labels_r, drop_labels=drop_r)  # (n, L, W)
         target = x_teacher if self.settings.target == "teacher" else x_r
-        csf = head.loss(z_student, target)  # (n, L)
         loss_tf = tf.mean()
-        loss_csf = self.reduce_csf(csf, mask)
+        if k is None:
+            loss_csf = self.reduce_csf(head.loss(z_student, target), csf_at)  # per-token (n, L)
+        else:  # one group: the mean of its tokens, which is also eq. 10's sum over one group
+            loss_csf = head.loss(z_student[:, csf_at], target[:, csf_at]).mean()
         loss = loss_tf + self.settings.gamma * loss_csf
         metrics = {"loss_tf": loss_tf.detach(), "loss_csf": loss_csf.detach()}
         if log_metrics:
-            metrics.update(self.exposure_gap(z_student.detach(), z_t, x_teacher))
+            metrics.update(self.exposure_gap(z_student.detach(), z_t, x_teacher if k is None else None))
         return loss, tf, metrics
 
     def reduce_csf(self, csf: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -166,13 +179,14 @@ class RefineObjective(Objective):
 
     @torch.no_grad()
     def exposure_gap(self, z_student: torch.Tensor, z_teacher: torch.Tensor,
-                     x_teacher: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Exposure-bias gap per bucket of groups: student vs teacher one-step clean estimates."""
+                     x_teacher: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Exposure-bias gap per bucket of groups: student vs teacher one-step clean estimates
+        (`x_teacher`: the sample step's tokens at every position, or None when it sampled only some)."""
         head = self.model.head
-        noise = torch.zeros_like(x_teacher)
+        noise = torch.zeros(*z_student.shape[:2], self.model.config.token_dim, device=z_student.device)
         x_s = head.sample(z_student, noise, 1, mode="one_step")
         # The deterministic sample step already is the teacher's one-step estimate.
-        x_t = x_teacher if self.settings.sample_mode == "deterministic" else head.sample(
+        x_t = x_teacher if self.settings.sample_mode == "deterministic" and x_teacher is not None else head.sample(
             z_teacher, noise, 1, mode="one_step")
         gap = (x_s - x_t).pow(2).mean(-1)  # (n, L)
         return {f"gap_{name}": gap[:, mask.to(gap.device)].mean() for name, mask in self.buckets.items()}
