@@ -96,7 +96,7 @@ class EncodeConfig(_Section):
 class ModelConfig(_Section):
     """The self-token-prediction transformer (models/)."""
 
-    preset: str = "sar-b"  # models.PRESETS: tiny, sar-b, sar-l, sar-h
+    preset: str = "sar-b"  # models.PRESETS: tiny, small, sar-b, sar-l, sar-h
     grouping: Literal[GROUPINGS] = "next-neighbour"  # Agg_AVG, 31 steps: paper Table 1 / Table 4
     # next-scale schedule: sides, e.g. [1, 2, 4, 8, 16], or a name resolved for the token grid:
     # 'powers-of-two', or 'var-10' (VAR / FlexVAR's 10 scales, the refinement paper's "Step 10")

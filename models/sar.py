@@ -525,8 +525,11 @@ def train_flops_per_image(model):
 #   sar-l: 24 blocks x 1536 (24 heads of 64), head 4 x 1024  -> ~707.7M
 #   sar-h: 32 blocks x 1792 (28 heads of 64), head 6 x 1536  -> ~1.317B
 #   tiny:  2 blocks x 64 (4 heads), head 2 x 64: tests and CPU demos.
+#   small: 4 blocks x 96 (4 heads), head 2 x 96, one t per token: a small real set at 32 px on a CPU
+#          (configs/mnist.yaml; 0.62M at MNIST's 8x8 grid of 48-dim tokens, ~2.3x tiny's step time).
 PRESETS = {
     "tiny": dict(depth=2, hidden_size=64, num_heads=4, head_depth=2, head_width=64, head_batch_mul=2),
+    "small": dict(depth=4, hidden_size=96, num_heads=4, head_depth=2, head_width=96, head_batch_mul=1),
     "sar-b": dict(depth=16, hidden_size=768, num_heads=12, head_depth=4, head_width=1024),
     "sar-l": dict(depth=24, hidden_size=1536, num_heads=24, head_depth=4, head_width=1024),
     "sar-h": dict(depth=32, hidden_size=1792, num_heads=28, head_depth=6, head_width=1536),

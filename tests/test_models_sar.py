@@ -301,7 +301,7 @@ def test_preset_parameter_counts(preset, target):
 
 
 def test_build_model_rejects_unknown():
-    assert set(PRESETS) >= {"tiny", "sar-b", "sar-l", "sar-h"}
+    assert set(PRESETS) >= {"tiny", "small", "sar-b", "sar-l", "sar-h"}
     with pytest.raises(ValueError):
         build_model("tiny", not_a_field=1)
     with pytest.raises(ValueError):
