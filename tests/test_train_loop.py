@@ -110,14 +110,21 @@ def test_a_setting_added_by_a_later_release_counts_as_its_default(tmp_path):
     """A binding written before a setting existed lacks it: its default is what that run did."""
     from pipelines.core.rundir import first_difference
 
-    cfg, default = load_config(DEMO_CONFIG), load_config(None)
-    ours, defaults = (config_fingerprint(c.public_dict(), "refine") for c in (cfg, default))
+    from pipelines.train.driver import fingerprints
+
+    cfg = load_config(DEMO_CONFIG, ["refine.loss_reduction=sum"])
+    ours, defaults = fingerprints(cfg, "refine")
     old = copy.deepcopy(ours)
+    del old["refine"]["loss_reduction"]  # today's default is what the run did: mean
+    assert first_difference(old, ours, defaults=defaults) == 'refine.loss_reduction: run has "mean", config has "sum"'
+    assert first_difference(old, fingerprints(load_config(DEMO_CONFIG), "refine")[0], defaults=defaults) is None
+    # A default changed since the setting was added: a binding without it ran what the setting replaced.
     del old["refine"]["rollout_groups"]
-    assert first_difference(old, ours, defaults=defaults) is None
-    changed = config_fingerprint(load_config(DEMO_CONFIG, ["refine.rollout_groups=random-one"]).public_dict(), "refine")
-    assert first_difference(old, changed, defaults=defaults) == \
-        'refine.rollout_groups: run has "all", config has "random-one"'
+    assert cfg.refine.rollout_groups == "second-to-last"
+    assert first_difference(old, fingerprints(load_config(DEMO_CONFIG), "refine")[0], defaults=defaults) == \
+        'refine.rollout_groups: run has "all", config has "second-to-last"'
+    all_groups = fingerprints(load_config(DEMO_CONFIG, ["refine.rollout_groups=all"]), "refine")[0]
+    assert first_difference(old, all_groups, defaults=defaults) is None
 
 
 # Refinement ------------------------------------------------------------------------------------
@@ -194,7 +201,7 @@ def held(fixed):
 
 def test_pass_two_sees_ground_truth_only_through_predictions():
     model = tiny().eval()
-    obj = RefineObjective(model, refine_cfg(sample_mode="deterministic")).eval()
+    obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", rollout_groups="all")).eval()
     fixed = torch.randn(4, 16, 6)
     obj.rollout_tokens = held(fixed)  # the predictions, held fixed
     outputs = []
@@ -239,10 +246,10 @@ def test_gamma_zero_gives_the_pretraining_update(rollout):
 
 def test_csf_on_one_group_only():
     model = tiny()
-    obj = RefineObjective(model, refine_cfg(group=3))
+    obj = RefineObjective(model, refine_cfg(group=3, rollout_groups="all"))
     assert obj.csf_mask.sum() == (model.grouping.group_index == 3).sum()
     with pytest.raises(SarError, match="refine.group"):
-        RefineObjective(model, refine_cfg(group=99))
+        RefineObjective(model, refine_cfg(group=99, rollout_groups="all"))
     with pytest.raises(SarError, match="goes with rollout_groups all"):
         RefineObjective(model, refine_cfg(group=3, rollout_groups="random-one"))
 
@@ -296,7 +303,8 @@ def test_csf_sums_the_groups_means_or_averages_the_tokens():
     x, y = batch()
     for reduction in ("mean", "sum"):
         model = tiny().eval()
-        obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", loss_reduction=reduction)).eval()
+        obj = RefineObjective(model, refine_cfg(sample_mode="deterministic", loss_reduction=reduction,
+                                                rollout_groups="all")).eval()
         torch.manual_seed(0)
         loss_csf, per_token = csf_of_one_step(obj, x, y)
         gi = model.grouping.group_index

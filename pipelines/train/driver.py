@@ -144,9 +144,14 @@ def check_inputs(cfg: Any, stage: str, model_config: dict[str, Any], manifest: d
 
 def fingerprints(cfg: Any, stage: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what this config binds a stage folder to, the same of the default config): a setting a folder's
-    binding lacks was added by a later release and counts as its default (rundir.first_difference)."""
-    return (rundir.config_fingerprint(cfg.public_dict(), stage),
-            rundir.config_fingerprint(type(cfg)().public_dict(), stage))
+    binding lacks was added by a later release and counts as its default (rundir.first_difference), or
+    as the value the config class names for it when that default has changed since
+    (`BEFORE_SETTING_EXISTED`)."""
+    defaults = rundir.config_fingerprint(type(cfg)().public_dict(), stage)
+    for section, values in getattr(type(cfg), "BEFORE_SETTING_EXISTED", {}).items():
+        if section in defaults:
+            defaults[section] = {**defaults[section], **values}
+    return rundir.config_fingerprint(cfg.public_dict(), stage), defaults
 
 
 def claim_run_folder(cfg: Any, stage: str, stage_dir: str, model_config: dict[str, Any],
