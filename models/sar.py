@@ -526,7 +526,7 @@ def train_flops_per_image(model):
 #   sar-h: 32 blocks x 1792 (28 heads of 64), head 6 x 1536  -> ~1.317B
 #   tiny:  2 blocks x 64 (4 heads), head 2 x 64: tests and CPU demos.
 #   small: 4 blocks x 96 (4 heads), head 2 x 96, one t per token: a small real set at 32 px on a CPU
-#          (configs/mnist.yaml; 0.62M at MNIST's 8x8 grid of 48-dim tokens, ~2.3x tiny's step time).
+#          (configs/mnist.yaml; 0.62M at MNIST's 8x8 grid of 48-dim tokens, ~2.5x tiny's step time).
 PRESETS = {
     "tiny": dict(depth=2, hidden_size=64, num_heads=4, head_depth=2, head_width=64, head_batch_mul=2),
     "small": dict(depth=4, hidden_size=96, num_heads=4, head_depth=2, head_width=96, head_batch_mul=1),
