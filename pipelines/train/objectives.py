@@ -15,7 +15,8 @@ with gradient (three forwards with the `cfg` sample step, whose unconditional pa
   L = L_TF + gamma * L_CSF (eq. 11).
 `refine.rollout_groups` picks the rolled-out groups: all of them (the paper), or one group k whose
 predictions feed group k + 1 while every other group keeps the ground truth (the released code's
-one scale: k the second-to-last, or k drawn per step), CSFL then on group k + 1 alone.
+one scale: k the second-to-last, the default, or k drawn per step), CSFL then on group k + 1 alone;
+that sample step samples only groups k and k + 1, and the head's CSF loss runs on group k + 1 only.
 `refine.rollout_fraction` < 1 (an approximation, off by default) takes the sample step, pass 2 and
 CSFL on the first share of each micro-batch only.
 """
