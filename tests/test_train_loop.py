@@ -72,16 +72,21 @@ def test_scheduler_warms_up_then_holds():
     assert all(p.ndim >= 2 for p in opt.param_groups[0]["params"])
 
 
-def test_ema_tracks_the_model():
+def test_ema_tracks_the_model_bias_corrected():
+    """After n updates the EMA is sum_k (1 - d) d^(n-k) w_k / (1 - d^n): the first weights weigh what
+    any step of their age does, not the d^n a copy-then-decay average leaves them."""
     model = tiny()
-    ema = make_ema(model, 0.5)
-    ema.update_parameters(model)  # the first update starts the average at the model
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    ema.update_parameters(model)
-    p0, pe = next(iter(model.parameters())), next(iter(ema.module.parameters()))
-    assert torch.allclose(pe, p0 - 0.5)
+    ema, d = make_ema(model, 0.5), 0.5
+    p0 = next(iter(model.parameters())).detach().clone()
+    for _ in range(3):  # the weights w_1 = p0, w_2 = p0 + 1, w_3 = p0 + 2
+        ema.update_parameters(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+    weights = [(1 - d) * d ** (3 - k) for k in (1, 2, 3)]
+    expected = p0 + sum(w * (k - 1) for w, k in zip(weights, (1, 2, 3))) / sum(weights)
+    assert torch.allclose(next(iter(ema.module.parameters())), expected, atol=1e-6)
+    assert not torch.allclose(expected, p0 + (d * d * 0 + d * (1 - d) * 1 + (1 - d) * 2))  # the plain EMA's value
 
 
 def test_group_buckets_partition_the_groups():

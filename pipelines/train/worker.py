@@ -129,7 +129,7 @@ def restore(loop: LoopConfig, model: nn.Module, ema: Any, rank: int = 0) -> tupl
         state, _ = checkpoints.load_state(resume, so)
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
-        ema.n_averaged.fill_(1)  # continue the average (0 would make the next update a copy)
+        ema.n_averaged.fill_(max(1, state["step"]))  # continue the average: the updates it has had (0: a copy)
         st = LoopState(step=state["step"], epoch=state["data"]["epoch"], batch_in_epoch=state["data"]["batch_in_epoch"],
                        history=[h for h in state.get("history", []) if h["step"] <= state["step"]],
                        evals=[e for e in state.get("evals", []) if e["step"] <= state["step"]])
