@@ -60,7 +60,10 @@ def make_ema(model: nn.Module, decay: float, use_buffers: bool = True) -> torch.
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     def bias_corrected(averaged, current, num_averaged):
-        get_ema_multi_avg_fn(ema_decay_at(decay, int(num_averaged) + 1))(averaged, current, num_averaged)
+        # num_averaged None: a caller that updates without the count (benchmarks/gpu_suite.py's captured
+        # step) gets the steady-state decay the correction tends to.
+        d = decay if num_averaged is None else ema_decay_at(decay, int(num_averaged) + 1)
+        get_ema_multi_avg_fn(d)(averaged, current, num_averaged)
 
     return AveragedModel(model, multi_avg_fn=bias_corrected, use_buffers=use_buffers)
 
