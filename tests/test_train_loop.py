@@ -452,6 +452,22 @@ def test_refine_length_and_ema_follow_the_dataset():
     assert resolve_length(load_config(None).pretrain, 10).steps == 250_000
 
 
+def test_a_length_in_epochs_takes_at_least_min_steps():
+    """min_steps lifts a small set's epochs to that many steps, leaves a larger set's epochs alone,
+    and yields to an explicit `steps`; the EMA derived from the length follows the lifted length."""
+    from pipelines.train.driver import EMA_START_SHARE, resolve_length
+
+    pretrain = load_config(None).pretrain.model_copy(update={"steps": None, "epochs": 48, "global_batch": 32,
+                                                             "min_steps": 6000})
+    assert resolve_length(pretrain, 4000).steps == 6000   # MNIST: 48 epochs are 6,000 steps already
+    assert resolve_length(pretrain, 1340).steps == 6000   # UCI digits: 2,010 steps lifted
+    assert resolve_length(pretrain, 8000).steps == 12000  # a larger set keeps its epochs
+    assert resolve_length(pretrain.model_copy(update={"min_steps": None}), 1340).steps == 2010
+    assert resolve_length(pretrain.model_copy(update={"steps": 500}), 1340).steps == 500
+    derived = resolve_length(pretrain.model_copy(update={"ema_decay": None}), 1340)
+    assert derived.ema_decay ** 6000 == pytest.approx(EMA_START_SHARE)
+
+
 @pytest.mark.parametrize("mode", ["deterministic", "stochastic", "cfg"])
 def test_refine_runs_with_the_ddpm_head(mode):
     """The refine objective trains a DDPM head (its loss) and samples it (ancestral steps drawing

@@ -152,7 +152,8 @@ class Plan:
         for name in ("pretrain", "refine"):
             spe = self.steps_per_epoch(name)
             out.append(("training", f"{name} steps", f"{self.steps[name]:,} ({self.steps[name] / max(spe, 1):,.1f} epochs)",
-                        f"{name}.steps or .epochs at global_batch {self.global_batch[name]:,}"))
+                        f"{name}.steps, or .epochs at global_batch {self.global_batch[name]:,} "
+                        f"and at least .min_steps"))
             out.append(("training", f"{name} steps per epoch", f"{spe:,}",
                         f"floor(rows / {self.global_batch[name]:,}): the rows that make no full step sit the epoch out"))
         for s in self.stages:
