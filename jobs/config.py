@@ -252,7 +252,8 @@ class RefineConfig(TrainConfig):
     ema_decay: float | None = Field(None, ge=0, lt=1)
     optim: RefineOptimConfig = Field(default_factory=RefineOptimConfig)
     # L = L_TF + gamma * L_CSF (eq. 11). The authors' released recipe uses 0.01 (on a cross-entropy loss);
-    # benchmarks/quality.py (the refine table) measures it against a control (docs/benchmarks.md).
+    # 0.1 from the refine table (docs/benchmarks.md, MNIST test): gamma 1 collapsed both rollouts at
+    # next-scale and did no better than the control at next-neighbour.
     gamma: float = Field(0.1, ge=0)
     # Where refinement starts: a checkpoint's location; a pretraining step (an int: the pretrain
     # checkpoint of that step); or a fraction of pretraining (a float in (0, 1): the newest pretrain
@@ -279,9 +280,9 @@ class RefineConfig(TrainConfig):
     # second-to-last group alone feeds the last one, CSFL on the last group (the released code's one
     # scale, trainer.py mode csfl); random-one: a group k drawn per step feeds group k + 1.
     # Default second-to-last, from this project's measurement (docs/benchmarks.md, refinement against
-    # its control, MNIST test): it matched the control in both groupings where all groups fell
-    # behind it at next-scale (and collapsed at gamma 1), and its step costs 1.9x a pretraining step
-    # against 3.4x at the MNIST config.
+    # its control, MNIST test, 2 training seeds): it never fell behind the control and beat it at
+    # next-scale on one seed, where all groups fell behind it in every grouping and seed (and
+    # collapsed at gamma 1); its step costs 1.9x a pretraining step against 3.4x at the MNIST config.
     rollout_groups: Literal["all", "second-to-last", "random-one"] = "second-to-last"
     # How CSFL's per-token losses combine: mean over the rolled-out tokens, or sum over the groups of
     # each group's mean (eq. 10 sums over i = 2..N; gamma then weighs T - 1 terms, not one).
