@@ -90,7 +90,7 @@ EMA_START_SHARE = 0.05
 def resolve_length(train: Any, num_rows: int) -> Any:
     """The config section with `steps` (from `epochs` and `min_steps` when unset) and `ema_decay`
     (from the length when unset: EMA_START_SHARE ** (1 / steps)) filled in for a dataset of `num_rows`."""
-    steps = train.steps or max(1, train.min_steps or 1, math.ceil(train.epochs * num_rows / train.global_batch))
+    steps = train.steps or max(train.min_steps or 1, math.ceil(train.epochs * num_rows / train.global_batch))
     decay = train.ema_decay if train.ema_decay is not None else EMA_START_SHARE ** (1 / steps)
     return train.model_copy(update={"steps": steps, "ema_decay": decay})
 
