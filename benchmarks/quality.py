@@ -2,7 +2,7 @@
 
     uv run sar mnist data/mnist                                     # the real set: 400 / 50 / 50 per class
     uv run python -u benchmarks/quality.py --source data/mnist --config configs/mnist.yaml --work W \\
-        [--split test|val] [--tables floor,runs,guidance,grouping,refine,sweep] [--runs RUN_DIR ...] \\
+        [--split test|val] [--tables floor,runs,guidance,grouping,refine,sweep] [--runs RUN_DIR ...] [--weights FILE] \\
         [--train-seeds 0 1] [--sample-seeds 0 1 2] [--per-class 50] [--steps-scale F] [--quick]
         [--variant 'NAME: KEY=VALUE ...'] [--sample 'NAME: KEY=VALUE ...'] [--refine 'NAME: KEY=VALUE ...']
 
@@ -21,7 +21,8 @@ Tables (`--tables`):
   floor     the real floor and noise, the evaluator's own accuracy on the split
   runs      the newest pretrain and refine checkpoints of each `--runs` directory (`sar run` outputs,
             e.g. configs/mnist.yaml with pretrain.seed / refine.seed 0 and 1): the headline rows
-  guidance  guidance kinds and weights on a model trained here (train seed 0) or the first run's refine
+  guidance  guidance kinds and weights (and any --sample setting) on the --weights model, else the first
+            run's refine, else a model trained here (train seed 0)
   grouping  the groupings at equal compute: each pretrained from scratch with the same number of
             backbone token-forwards (steps scaled by next-neighbour's sequence length over its own)
   refine    refinement against a fair control, per grouping (next-neighbour and next-scale) and train
@@ -199,6 +200,14 @@ def resume(trained: Trained, steps: int, keep: bool = False) -> Trained:
     return out
 
 
+def load_kept(path: str) -> Trained:
+    """EMA weights `Bench.kept` saved (their model config, training seconds and steps beside them)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = SARModel(SARConfig.from_dict(saved["model_config"])).eval()
+    model.load_state_dict(saved["ema"])
+    return Trained(model, saved["seconds"], saved["steps"])
+
+
 def images_of(model, codec, cfg: PipelineConfig, per_class: int, seed: int) -> domain.LabelledImages:
     """`per_class` images of every class made with the config's sample settings from noise seed `seed`."""
     plan = sampling.SamplePlan(model.config.num_classes, per_class, seed)
@@ -285,11 +294,8 @@ class Bench:
                                       manifest.get("sources", {}).get("digest"), what)).encode()).hexdigest()[:16]
         path = os.path.join(self.args.work, "models", f"{'-'.join(map(str, what))}-{digest}.pt")
         if os.path.exists(path):
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            model = SARModel(SARConfig.from_dict(saved["model_config"])).eval()
-            model.load_state_dict(saved["ema"])
             print(f"  kept weights: {path}", flush=True)
-            return Trained(model, saved["seconds"], saved["steps"])
+            return load_kept(path)
         t = make()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open_atomic(path) as f:
@@ -323,7 +329,10 @@ class Bench:
                 print(self.pooled(r).markdown(f"{stage} ({len(r)} runs)"))
 
     def reference_model(self):
-        """The model the guidance table samples: the first run's refine (or pretrain), else one trained here."""
+        """The model the guidance table samples: the --weights file, else the first run's refine (or
+        pretrain), else one trained here."""
+        if self.args.weights:
+            return load_kept(self.args.weights).ema, self.args.weights
         for run in self.args.runs:
             for stage in ("refine", "pretrain"):
                 ckpt = checkpoints.find_latest(os.path.join(run, stage))
@@ -438,6 +447,7 @@ def main() -> None:
     p.add_argument("--split", choices=("val", "test"), default="val",
                    help="val to choose settings, test to report (the floor is the other split)")
     p.add_argument("--tables", default="floor,sweep")
+    p.add_argument("--weights", help="a model kept under --work/models: the one the guidance table samples")
     p.add_argument("--runs", nargs="*", default=[], help="`sar run` directories to score (the runs table)")
     p.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--sample-seeds", type=int, nargs="+", default=[0, 1, 2])
