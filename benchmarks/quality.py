@@ -29,6 +29,8 @@ Tables (`--tables`):
             seed: pretraining to the share `1 - refine share`, then from that checkpoint refinement
             (each `--refine` setting) and the control (the same run with gamma 0: the same steps, lr
             schedule, EMA and batches without L_CSF), beside pretraining continued to the end
+  loss      under- or overfitting: the training loss of the --weights model and of each --variant (kept
+            or trained) on train/ rows and on the split's images, the same draws for both
   sweep     each `--variant` (training overrides) pretrained (and refined with each `--refine`), sampled
             with each `--sample` setting: how settings are chosen on val
 Models here are trained in this process with the loop's own functions (pipelines/train/worker.py:
@@ -62,9 +64,11 @@ from models import SARConfig, SARModel  # noqa: E402
 from pipelines.core.storage import open_atomic  # noqa: E402
 from pipelines.data import latents  # noqa: E402
 from pipelines.data.codecs import codec_from_manifest  # noqa: E402
+from pipelines.data.preprocess import hflip, to_model_input  # noqa: E402
 from pipelines.evaluate import domain, domain_training, sampling  # noqa: E402
 from pipelines.train import checkpoints, driver, worker  # noqa: E402
 from pipelines.train.loop_config import LoopConfig  # noqa: E402
+from pipelines.train.objectives import make_objective  # noqa: E402
 
 METRICS = ("fid", "precision", "recall", "accuracy")
 OTHER_SPLIT = {"val": "test", "test": "val"}
@@ -206,6 +210,33 @@ def load_kept(path: str) -> Trained:
     model = SARModel(SARConfig.from_dict(saved["model_config"])).eval()
     model.load_state_dict(saved["ema"])
     return Trained(model, saved["seconds"], saved["steps"])
+
+
+def rows_of(codec, images: domain.LabelledImages) -> dict[str, np.ndarray]:
+    """Latent rows of real images, encoded in this process as `sar encode` writes them (and their flips)."""
+    x = to_model_input(torch.from_numpy(np.ascontiguousarray(images.images)))
+    mean, logvar = codec.encode(torch.cat([x, hflip(x)]))
+    n = len(images)
+    rows = {latents.LABEL: images.labels, latents.MEAN: mean[:n].numpy(), latents.MEAN_FLIP: mean[n:].numpy()}
+    if logvar is not None:
+        rows[latents.LOGVAR], rows[latents.LOGVAR_FLIP] = logvar[:n].numpy(), logvar[n:].numpy()
+    return rows
+
+
+def flow_loss(model: SARModel, rows: dict[str, np.ndarray], draws: int = 8, hflip_rows: bool = False) -> list[float]:
+    """The pretraining loss of `model` on `rows`, once per draw of noise, t and dropped labels (draw k is
+    the same for any rows of the same count): the training objective, with no step taken."""
+    objective = make_objective("pretrain", copy.deepcopy(model), None).train()
+    batch = {k: torch.from_numpy(v) for k, v in rows.items()}
+    losses = []
+    with torch.no_grad():
+        for k in range(draws):
+            gen = torch.Generator().manual_seed(k)
+            torch.manual_seed(k)
+            x, labels = latents.tokens_from_batch(batch, objective.model.grouping, gen, torch.device("cpu"),
+                                                  hflip=hflip_rows)
+            losses.append(float(objective(x, labels, gen, log_metrics=False)[0]))
+    return losses
 
 
 def images_of(model, codec, cfg: PipelineConfig, per_class: int, seed: int) -> domain.LabelledImages:
@@ -416,6 +447,28 @@ class Bench:
             print(f"\n{HEADER.format(what=what, extra='', sep='')}")
             for name, r in rows.items():
                 print(self.pooled(r).markdown(name), flush=True)
+
+    def table_loss(self) -> None:
+        """Under- or overfitting: each model's training loss on as many train/ rows as the split holds
+        images, beside its loss on the split's images, with the same draws of noise, t and labels."""
+        if self.protocol.image_size != self.codec.image_size:
+            raise SystemExit(f"--tables loss: the evaluator's images are {self.protocol.image_size} px, the "
+                             f"tokens' {self.codec.image_size} px (fid.domain.image_size vs encode.image_size)")
+        heldout = rows_of(self.codec, self.protocol.reference)
+        n = len(heldout[latents.LABEL])
+        seen = {k: v[:n] for k, v in self.data.items() if k in heldout}
+        models = [(self.args.weights, load_kept(self.args.weights).ema)] if self.args.weights else []
+        for name, overrides in [parse(v) for v in self.args.variant] or ([] if models else [("config", [])]):
+            for seed in self.args.train_seeds:
+                models.append((f"{name} / seed {seed}", self.pretrained(self.config(*overrides, f"pretrain.seed={seed}"), seed).ema))
+        split = self.protocol.split
+        print(f"\n| model | loss on train/ rows | loss on {split}/ images | {split}/ - train/ (paired) | rows |\n|---|---|---|---|---|")
+        for name, model in models:
+            seen_loss = flow_loss(model, seen, hflip_rows=self.cfg.data.hflip)
+            held_loss = flow_loss(model, heldout, hflip_rows=self.cfg.data.hflip)
+            gap = [h - s for h, s in zip(held_loss, seen_loss)]
+            cells = [f"{statistics.fmean(v):.4f} ± {statistics.stdev(v):.4f}" for v in (seen_loss, held_loss, gap)]
+            print(f"| {name} | {' | '.join(cells)} | {n} vs {n} |", flush=True)
 
     def table_sweep(self) -> None:
         variants = [parse(v) for v in self.args.variant] or [("config", [])]
