@@ -64,7 +64,7 @@ from models import SARConfig, SARModel  # noqa: E402
 from pipelines.core.storage import open_atomic  # noqa: E402
 from pipelines.data import latents  # noqa: E402
 from pipelines.data.codecs import codec_from_manifest  # noqa: E402
-from pipelines.data.preprocess import hflip, to_model_input  # noqa: E402
+from pipelines.data.encode import encode_with_flips  # noqa: E402
 from pipelines.evaluate import domain, domain_training, sampling  # noqa: E402
 from pipelines.train import checkpoints, driver, worker  # noqa: E402
 from pipelines.train.loop_config import LoopConfig  # noqa: E402
@@ -214,12 +214,10 @@ def load_kept(path: str) -> Trained:
 
 def rows_of(codec, images: domain.LabelledImages) -> dict[str, np.ndarray]:
     """Latent rows of real images, encoded in this process as `sar encode` writes them (and their flips)."""
-    x = to_model_input(torch.from_numpy(np.ascontiguousarray(images.images)))
-    mean, logvar = codec.encode(torch.cat([x, hflip(x)]))
-    n = len(images)
-    rows = {latents.LABEL: images.labels, latents.MEAN: mean[:n].numpy(), latents.MEAN_FLIP: mean[n:].numpy()}
+    mean, logvar = encode_with_flips(codec, torch.from_numpy(np.ascontiguousarray(images.images)))
+    rows = {latents.LABEL: images.labels, latents.MEAN: mean[0].numpy(), latents.MEAN_FLIP: mean[1].numpy()}
     if logvar is not None:
-        rows[latents.LOGVAR], rows[latents.LOGVAR_FLIP] = logvar[:n].numpy(), logvar[n:].numpy()
+        rows[latents.LOGVAR], rows[latents.LOGVAR_FLIP] = logvar[0].numpy(), logvar[1].numpy()
     return rows
 
 

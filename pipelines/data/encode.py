@@ -75,6 +75,18 @@ def resolved_scales(scales: list[int] | str | None, side: int) -> list[int] | No
     return list(resolved) if resolved else None
 
 
+def encode_with_flips(codec, pixels: torch.Tensor, amp: torch.dtype | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, S, S, 3) uint8 pixels -> the token grids' mean and logvar (or None), (2, B, h, w, D) float32:
+    each image at [0] and its flip at [1], both in one call of the codec."""
+    x = to_model_input(pixels)
+    x = torch.cat([x, hflip(x)])
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        m, lv = codec.encode(x)
+    shape = (2, -1, *codec.grid, codec.token_dim)
+    return m.float().view(shape), None if lv is None else lv.float().view(shape)
+
+
 class EncodeLatents:
     """Ray Data actor stage: uint8 pixels -> token grids of each image and of its flip.
 
@@ -107,15 +119,11 @@ class EncodeLatents:
         logvar = torch.zeros(2, n, h, w, D) if self.codec.name != "raw" else None
         if ok.any():
             pixels = torch.from_numpy(np.ascontiguousarray(batch[PIXELS][ok])).to(self.device, non_blocking=True)
-            x = to_model_input(pixels)
-            x = torch.cat([x, hflip(x)])  # the image and its flip in one call
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp or torch.float32,
-                                                        enabled=self.amp is not None):
-                m, lv = self.codec.encode(x)
+            m, lv = encode_with_flips(self.codec, pixels, self.amp)
             idx = torch.from_numpy(np.flatnonzero(ok))
-            mean[:, idx] = m.float().cpu().view(2, -1, h, w, D)
+            mean[:, idx] = m.cpu()
             if logvar is not None:
-                logvar[:, idx] = lv.float().cpu().view(2, -1, h, w, D)
+                logvar[:, idx] = lv.cpu()
         out = {KEY: batch[KEY], LABEL: batch[LABEL], ERROR: batch[ERROR],
                MEAN: storage_array(mean[0], self.dtype), MEAN_FLIP: storage_array(mean[1], self.dtype)}
         if logvar is not None:
